@@ -1,0 +1,60 @@
+"""aloader: an asyncio-based streaming data loader for PyTorch.
+
+``aloader.DataLoader`` is a drop-in for ``torch.utils.data.DataLoader`` that also supports ``async for``. The
+dataset, sampler and collate names below are torch's own, re-exported so one import serves both.
+"""
+
+from torch.utils.data import (
+    BatchSampler,
+    ChainDataset,
+    ConcatDataset,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    StackDataset,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+    default_collate,
+    default_convert,
+    get_worker_info,
+    random_split,
+)
+
+from aloader._iterators import AsyncLoaderIterator, LoaderIterator
+from aloader.errors import AloaderError
+from aloader.loader import DEFAULT_CONCURRENCY, DataLoader
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # the loader
+    "DataLoader",
+    "DEFAULT_CONCURRENCY",
+    "LoaderIterator",
+    "AsyncLoaderIterator",
+    "AloaderError",
+    # torch's data names, re-exported
+    "Dataset",
+    "IterableDataset",
+    "TensorDataset",
+    "ConcatDataset",
+    "ChainDataset",
+    "StackDataset",
+    "Subset",
+    "random_split",
+    "Sampler",
+    "SequentialSampler",
+    "RandomSampler",
+    "SubsetRandomSampler",
+    "WeightedRandomSampler",
+    "BatchSampler",
+    "DistributedSampler",
+    "default_collate",
+    "default_convert",
+    "get_worker_info",
+]

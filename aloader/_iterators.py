@@ -1,0 +1,187 @@
+"""The two drivers over one pipeline: ``async for`` in the caller's loop, ``for`` through the sync bridge.
+
+Both follow Python's generator conventions: exhausted or closed iterators raise ``Stop(Async)Iteration``; cancelling
+a pending ``__anext__`` (like cancelling an async generator's) ends the iteration and stops all its work; a failed
+batch raises at its position and iteration may continue with the next one, as torch's iterators allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import sys
+import threading
+import warnings
+import weakref
+from typing import Any
+
+from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
+from aloader._pipeline import END, Failed, Pipeline
+
+__all__ = ["AsyncLoaderIterator", "LoaderIterator"]
+
+# How long interpreter exit waits for a live iterator's in-flight calls before leaving its daemon threads behind.
+_EXIT_JOIN_SECONDS = 10.0
+
+
+class _Consumer:
+    """What both drivers do with an item taken from the pipeline's sink."""
+
+    def __init__(self, pipeline: Pipeline, depth: int, index_sampler: Any, reported_len: int | None) -> None:
+        self._pipeline: Pipeline | None = pipeline
+        self._depth = depth
+        self._index_sampler = index_sampler
+        self._reported_len = reported_len  # len(dataset) seen by len(loader) for an IterableDataset, as torch
+        self._yielded = 0
+        self._closed = False
+
+    def __len__(self) -> int:
+        # As torch's iterator: the number of batches (or samples) the index sampler gives.
+        return len(self._index_sampler)
+
+    def _unwrap(self, item: object) -> Any:
+        if isinstance(item, Failed):
+            raise item.error
+        self._yielded += 1
+        if self._reported_len is not None and self._yielded > self._reported_len:
+            assert self._pipeline is not None
+            # torch's warning, word for word.
+            warnings.warn(
+                f"Length of IterableDataset {self._pipeline.plan.dataset} was reported to be "
+                f"{self._reported_len}(when accessing len(dataloader)), but {self._yielded} samples have been "
+                "fetched. ",
+                stacklevel=3,
+            )
+        return item
+
+
+class AsyncLoaderIterator(_Consumer):
+    """``async for`` over a loader: the pipeline runs as a task in the caller's running loop."""
+
+    def __init__(self, pipeline: Pipeline, depth: int, index_sampler: Any, reported_len: int | None) -> None:
+        super().__init__(pipeline, depth, index_sampler, reported_len)
+        self._channel = LoopChannel(depth)
+        self._task: asyncio.Task[None] | None = None
+
+    def __aiter__(self) -> AsyncLoaderIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._task is None:
+            assert self._pipeline is not None
+            self._task = asyncio.get_running_loop().create_task(
+                self._pipeline.run(self._channel), name="aloader-pipeline"
+            )
+        try:
+            item = await self._channel.get()
+        except asyncio.CancelledError:
+            # As with an async generator: a cancelled __anext__ ends the iteration. Wait for the pipeline to
+            # stop so the consumer's task ends with no thread of ours left running.
+            await self.aclose()
+            raise
+        if item is END:
+            await self.aclose()
+            raise StopAsyncIteration
+        return self._unwrap(item)
+
+    async def aclose(self) -> None:
+        """Stop all work of this iterator and wait until it has stopped. Idempotent."""
+        self._closed = True
+        self._channel.clear()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        self._pipeline = None
+
+    async def __aenter__(self) -> AsyncLoaderIterator:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped without aclose() (e.g. after `break`): cancel the pipeline; its own cleanup releases the threads.
+        task = self._task
+        if task is not None and not task.done():
+            loop = task.get_loop()
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(task.cancel)
+                except RuntimeError:  # the loop closed in between
+                    pass
+
+
+_live: weakref.WeakSet[LoaderIterator] = weakref.WeakSet()
+
+
+class LoaderIterator(_Consumer):
+    """``for`` over a loader: the same pipeline on a background event loop thread, batches handed over a channel."""
+
+    def __init__(self, pipeline: Pipeline, depth: int, index_sampler: Any, reported_len: int | None) -> None:
+        super().__init__(pipeline, depth, index_sampler, reported_len)
+        channel: ThreadChannel | None = None
+
+        def main(loop: asyncio.AbstractEventLoop) -> Any:
+            nonlocal channel
+            channel = ThreadChannel(loop, depth)
+            return pipeline.run(channel)
+
+        self._loop, self._task, self._thread = start_loop_thread(main, name="aloader-loop")
+        assert channel is not None
+        self._channel = channel
+        _live.add(self)
+
+    def __iter__(self) -> LoaderIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        try:
+            item = self._channel.get()
+        except BaseException:
+            # KeyboardInterrupt (or another async exception) while waiting: stop all work, then let it propagate.
+            self.close()
+            raise
+        if item is END:
+            self.close()
+            raise StopIteration
+        return self._unwrap(item)
+
+    def close(self) -> None:
+        """Stop all work of this iterator and wait until its threads have exited. Idempotent."""
+        self._shutdown(join_timeout=None)
+
+    def _shutdown(self, join_timeout: float | None) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:  # the loop has already finished the epoch and closed
+                pass
+        # Joining from the loop thread itself (a GC there) would deadlock; there the loop is about to end anyway.
+        if threading.current_thread() is not self._thread and not sys.is_finalizing():
+            self._thread.join(join_timeout)
+        self._channel.clear()
+        self._pipeline = None
+
+    def __enter__(self) -> LoaderIterator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    # atexit runs while daemon threads still run, so half-consumed iterators can stop cleanly here; a call stuck in
+    # user code gets a bounded wait, after which its daemon thread is left to the interpreter's exit.
+    for iterator in list(_live):
+        iterator._shutdown(join_timeout=_EXIT_JOIN_SECONDS)

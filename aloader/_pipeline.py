@@ -1,0 +1,511 @@
+"""The async core: source -> fetch -> transform -> collate -> reorder window -> sink.
+
+One :class:`Pipeline` serves one iterator. Both drivers run it unchanged: ``async for`` in the caller's loop with an
+:class:`asyncio.Queue` as sink, ``for`` on the bridge's background loop with a cross-thread channel as sink.
+
+Flow of one epoch::
+
+    dispatcher task: pulls units from the source (index lists from the sampler, or raw items from an iterable
+      |              dataset), at most ``window`` units between dispatch and hand-off, one batch task each
+      v
+    batch tasks:     fetch samples (at most ``concurrency`` fetch calls in flight), transform, collate, pin
+      |              -> _complete(seq, outcome): in_order keeps a reorder buffer keyed by seq
+      v
+    emitter task:    done queue -> sink, releasing one window slot per batch handed off
+
+Failures are outcomes, not crashes: a sample that raises becomes a ``Failed`` item at its batch's position, the
+consumer raises it there, and iteration may go on with the next batch, as with torch's DataLoader. Only a timeout
+ends the pipeline early. Memory is bounded by ``window + depth`` batches whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+from torch.utils.data import Subset
+from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
+
+from aloader._threads import ThreadPool
+from aloader.errors import with_context
+
+__all__ = ["END", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink"]
+
+DatasetKind = Literal["map", "iterable", "async-iterable"]
+
+# A run of fast samples is fetched in one thread call of about this many seconds; slow samples get a call each.
+_CHUNK_SECONDS: Final = 0.002
+
+
+class _End:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END: Final = _End()
+"""The last item a pipeline hands to its sink: the epoch is complete."""
+
+
+class Failed:
+    """An outcome that is an exception: the consumer raises ``error`` at this batch's position."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Sink(Protocol):
+    """Where finished batches go; ``put`` waits while the consumer is behind (the prefetch bound)."""
+
+    async def put(self, item: object) -> None: ...
+
+    def put_final(self, item: object) -> None:
+        """Append without waiting for room: only for the last items of a pipeline that cannot go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one epoch needs, captured at ``iter(loader)`` time in the caller's thread."""
+
+    kind: DatasetKind
+    dataset: Any
+    # map: an iterator (sync or async) of index lists (auto-collation) or of single indices; iterable kinds:
+    # the dataset's own iterator.
+    source: Iterator[Any] | AsyncIterator[Any]
+    auto_collation: bool
+    # Set when indices come one by one from an async sampler and we batch them (torch's BatchSampler cannot
+    # iterate an async iterable): (batch_size, drop_last).
+    batch_async_indices: tuple[int, bool] | None
+    batch_size: int | None
+    drop_last: bool
+    collate_fn: Callable[[Any], Any]
+    transform: Callable[[Any], Any] | None
+    concurrency: int
+    window: int  # units between dispatch and hand-off to the sink
+    timeout: float
+    in_order: bool
+    pin_memory_device: str | None  # None: do not pin
+
+
+class _MapAccess:
+    """How samples of a map-style dataset are fetched, resolved once per epoch.
+
+    torch's ``Subset`` (as made by ``random_split``) defines ``__getitems__``, which would turn every batch into a
+    single sequential call; an unmodified ``Subset`` is unwrapped instead, so the samples of a split dataset are
+    fetched concurrently too. The result is the same: ``Subset`` only maps indices.
+    """
+
+    __slots__ = ("getitem", "getitem_is_async", "getitems", "getitems_is_async", "remaps")
+
+    def __init__(self, dataset: Any) -> None:
+        remaps: list[Sequence[Any]] = []
+        while (
+            type(dataset) is Subset
+            or (
+                isinstance(dataset, Subset)
+                and type(dataset).__getitem__ is Subset.__getitem__
+                and type(dataset).__getitems__ is Subset.__getitems__
+            )
+        ) and not callable(getattr(dataset.dataset, "__getitems__", None)):
+            remaps.append(dataset.indices)
+            dataset = dataset.dataset
+        self.remaps = remaps[::-1]  # innermost mapping applied last
+        getitems = getattr(dataset, "__getitems__", None)
+        self.getitems: Callable[[list[Any]], Any] | None = (
+            getitems if callable(getitems) and getitems else None
+        )
+        self.getitems_is_async = self.getitems is not None and inspect.iscoroutinefunction(self.getitems)
+        self.getitem: Callable[[Any], Any] = dataset.__getitem__
+        self.getitem_is_async = inspect.iscoroutinefunction(self.getitem)
+
+    def key(self, index: Any) -> Any:
+        for indices in reversed(self.remaps):
+            index = indices[index]
+        return index
+
+
+def _describe_indices(indices: Sequence[Any]) -> str:
+    shown = ", ".join(map(repr, indices[:8]))
+    return f"[{shown}{', ...' if len(indices) > 8 else ''}] ({len(indices)} samples)"
+
+
+class Pipeline:
+    """One epoch of the async core; ``run(sink)`` drives it to the end (or until cancelled)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._pool = ThreadPool(plan.concurrency + 2)
+        self._slots = asyncio.Semaphore(plan.concurrency)  # fetch calls in flight
+        self._window = asyncio.Semaphore(plan.window)  # units dispatched and not yet handed to the sink
+        self._done: asyncio.Queue[object] = asyncio.Queue()  # bounded by the window
+        self._ready: dict[int, object] = {}  # in_order: finished out of turn, keyed by seq
+        self._next_seq = 0
+        self._outstanding = 0
+        self._source_done = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._access = _MapAccess(plan.dataset) if plan.kind == "map" else None
+        self._seconds_per_sample: float | None = None  # moving average of sync fetch time
+
+    # ----------------------------------------------------------------------------------------------- driving
+    async def run(self, sink: Sink) -> None:
+        """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
+        dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        try:
+            await self._emit(sink)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a defect in the pipeline itself: never leave the consumer waiting
+            sink.put_final(Failed(exc))
+            sink.put_final(END)
+        finally:
+            # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool.
+            pending = [dispatcher, *self._tasks]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self._pool.aclose()
+
+    async def _emit(self, sink: Sink) -> None:
+        timeout = self.plan.timeout
+        while True:
+            if timeout > 0:
+                try:
+                    async with asyncio.timeout(timeout):
+                        item = await self._done.get()
+                except TimeoutError:
+                    # torch's text, so handlers written for torch's DataLoader keep working.
+                    await sink.put(Failed(RuntimeError(f"DataLoader timed out after {timeout} seconds")))
+                    await sink.put(END)
+                    return
+            else:
+                item = await self._done.get()
+            await sink.put(item)
+            if item is END:
+                return
+            self._window.release()
+
+    def _complete(self, seq: int, outcome: object) -> None:
+        if self.plan.in_order:
+            self._ready[seq] = outcome
+            while self._next_seq in self._ready:
+                self._done.put_nowait(self._ready.pop(self._next_seq))
+                self._next_seq += 1
+        else:
+            self._done.put_nowait(outcome)
+        self._outstanding -= 1
+        self._end_if_finished()
+
+    def _end_if_finished(self) -> None:
+        if self._source_done and self._outstanding == 0:
+            self._done.put_nowait(END)
+
+    def _start(self, seq: int, work: Awaitable[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(seq, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, seq: int, work: Awaitable[Any]) -> None:
+        try:
+            outcome: object = await work
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the consumer raises it at this batch
+            outcome = Failed(exc)
+        self._complete(seq, outcome)
+
+    # ------------------------------------------------------------------------------------------- dispatching
+    async def _dispatch(self) -> None:
+        seq = 0
+        try:
+            if self.plan.kind == "map":
+                next_unit = self._index_source()
+                while True:
+                    await self._window.acquire()
+                    try:
+                        unit = await next_unit()
+                    except StopAsyncIteration:
+                        self._window.release()
+                        break
+                    except Exception as exc:
+                        # The sampler failed: raise where its batch would have been, then end the epoch.
+                        self._outstanding += 1
+                        self._complete(seq, Failed(with_context(exc, "in the sampler")))
+                        break
+                    self._outstanding += 1
+                    self._start(seq, self._map_unit(unit))
+                    seq += 1
+            else:
+                await self._dispatch_iterable()
+        finally:
+            self._source_done = True
+            self._end_if_finished()
+
+    def _index_source(self) -> Callable[[], Awaitable[Any]]:
+        """Return a coroutine function giving the next unit of indices, raising StopAsyncIteration at the end."""
+        source = self.plan.source
+        if isinstance(source, AsyncIterator):
+            if self.plan.batch_async_indices is None:
+                return source.__anext__
+            batch_size, drop_last = self.plan.batch_async_indices
+
+            async def next_batch() -> list[Any]:
+                batch: list[Any] = []
+                async for index in source:
+                    batch.append(index)
+                    if len(batch) == batch_size:
+                        return batch
+                if not batch or (drop_last and len(batch) < batch_size):
+                    raise StopAsyncIteration
+                return batch
+
+            return next_batch
+
+        # A torch sampler: iterated on the loop, in the caller's process, as torch does. Samplers are cheap index
+        # generators; one that waits on I/O should be an async iterable instead.
+        async def next_unit() -> Any:
+            try:
+                return next(source)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+        return next_unit
+
+    async def _dispatch_iterable(self) -> None:
+        plan = self.plan
+        wanted = plan.batch_size if plan.auto_collation and plan.batch_size is not None else 1
+        position = 0  # items taken from the dataset's iterator so far
+        seq = 0
+        while True:
+            await self._window.acquire()
+            items, error, ended = await self._pull(wanted)
+            first = position
+            position += len(items)
+            if error is not None:
+                # torch drops the partial batch and raises; the next fetch asks the iterator again.
+                self._outstanding += 1
+                where = f"fetching item {position} of the iterable dataset"
+                self._complete(seq, Failed(with_context(error, where)))
+                seq += 1
+                position += 1
+                continue
+            if not items or (plan.auto_collation and plan.drop_last and len(items) < wanted):
+                self._window.release()
+                return
+            self._outstanding += 1
+            positions = list(range(first, first + len(items)))
+            self._start(seq, self._finish(positions, items, "item"))
+            seq += 1
+            if ended:
+                return
+
+    async def _pull(self, count: int) -> tuple[list[Any], BaseException | None, bool]:
+        """Take up to ``count`` items from the dataset's iterator: (items, error, ended)."""
+        source = self.plan.source
+        if isinstance(source, AsyncIterator):
+            items: list[Any] = []
+            try:
+                for _ in range(count):
+                    items.append(await anext(source))
+            except StopAsyncIteration:
+                return items, None, True
+            except Exception as exc:
+                return items, exc, False
+            return items, None, False
+
+        def pull() -> tuple[list[Any], BaseException | None, bool]:
+            taken: list[Any] = []
+            try:
+                for _ in range(count):
+                    taken.append(next(source))
+            except StopIteration:
+                return taken, None, True
+            except Exception as exc:
+                return taken, exc, False
+            return taken, None, False
+
+        # The dataset's own __next__ is user code: off the loop.
+        return await self._pool.run(pull)
+
+    # ------------------------------------------------------------------------------------------------ fetching
+    async def _map_unit(self, unit: Any) -> Any:
+        access = self._access
+        assert access is not None
+        if not self.plan.auto_collation:
+            indices = [unit]
+        else:
+            indices = list(unit)
+            if access.getitems is not None:
+                return await self._fetch_getitems(indices)
+        if access.getitem_is_async:
+            samples = await self._gather_ordered([self._fetch_async(index) for index in indices])
+            return await self._finish(indices, samples, "sample index")
+        return await self._fetch_sync(indices)
+
+    async def _fetch_getitems(self, indices: list[Any]) -> Any:
+        access = self._access
+        assert access is not None and access.getitems is not None
+        getitems = access.getitems
+        keys = [access.key(index) for index in indices]
+        where = f"fetching the batch of sample indices {_describe_indices(indices)} with __getitems__"
+        async with self._slots:  # one __getitems__ call is one fetch call
+            if access.getitems_is_async:
+                try:
+                    samples = await getitems(keys)
+                except Exception as exc:
+                    raise with_context(exc, where)
+            else:
+
+                def fetch() -> Any:
+                    try:
+                        return getitems(keys)
+                    except Exception as exc:
+                        raise with_context(exc, where)
+
+                samples = await self._pool.run(fetch)
+        return await self._finish(indices, list(samples), "sample index")
+
+    async def _fetch_async(self, index: Any) -> Any:
+        access = self._access
+        assert access is not None
+        async with self._slots:
+            try:
+                return await access.getitem(access.key(index))
+            except Exception as exc:
+                raise with_context(exc, f"fetching sample index {index!r}")
+
+    async def _fetch_sync(self, indices: list[Any]) -> Any:
+        """Fetch with sync ``__getitem__`` in threads, in runs sized so each call takes about 2 ms.
+
+        Slow (I/O-bound) samples get a thread call each, so ``concurrency`` of them wait at once; fast ones are
+        fetched, transformed and collated in a single call, so thread hand-offs do not dominate. The run size
+        follows a moving average of the time per sample; the first batch fetches one sample per call.
+        """
+        access = self._access
+        assert access is not None
+        per_sample = self._seconds_per_sample
+        run = (
+            1
+            if per_sample is None
+            else max(1, min(len(indices), int(_CHUNK_SECONDS / max(per_sample, 1e-9))))
+        )
+        if run >= len(indices) and not inspect.iscoroutinefunction(self.plan.transform):
+            # The common fast case: one thread call does the whole batch.
+            async with self._slots:
+                fetched, batch = await self._pool.run(lambda: self._fetch_run(indices, finish=True))
+            if batch is not _UNFINISHED:
+                return batch
+            return await self._finish(
+                indices, await self._resolve_awaitables(fetched, indices), "sample index"
+            )
+        runs = [indices[i : i + run] for i in range(0, len(indices), run)]
+        parts = await self._gather_ordered([self._fetch_sync_run(part) for part in runs])
+        samples = [sample for part in parts for sample in part]
+        return await self._finish(indices, await self._resolve_awaitables(samples, indices), "sample index")
+
+    async def _fetch_sync_run(self, indices: list[Any]) -> list[Any]:
+        async with self._slots:
+            fetched, _ = await self._pool.run(lambda: self._fetch_run(indices, finish=False))
+        return fetched
+
+    def _fetch_run(self, indices: list[Any], finish: bool) -> tuple[list[Any], Any]:
+        """Thread side: fetch ``indices`` in order; with ``finish``, also transform, collate and pin."""
+        access = self._access
+        assert access is not None
+        started = time.perf_counter()
+        samples = []
+        for index in indices:
+            try:
+                samples.append(access.getitem(access.key(index)))
+            except Exception as exc:
+                raise with_context(exc, f"fetching sample index {index!r}")
+        elapsed = (time.perf_counter() - started) / len(indices)
+        # A benign race: runs in threads update the average without a lock; any recent value is good enough.
+        previous = self._seconds_per_sample
+        self._seconds_per_sample = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
+        if finish and not any(inspect.isawaitable(sample) for sample in samples):
+            return samples, self._finish_sync(indices, samples, "sample index")
+        return samples, _UNFINISHED
+
+    async def _resolve_awaitables(self, samples: list[Any], indices: list[Any]) -> list[Any]:
+        # A sync __getitem__ may return an awaitable, e.g. a ConcatDataset over async datasets: await it here.
+        if not any(inspect.isawaitable(sample) for sample in samples):
+            return samples
+
+        async def settle(sample: Any, index: Any) -> Any:
+            if not inspect.isawaitable(sample):
+                return sample
+            async with self._slots:
+                try:
+                    return await sample
+                except Exception as exc:
+                    raise with_context(exc, f"fetching sample index {index!r}")
+
+        return await self._gather_ordered([settle(s, i) for s, i in zip(samples, indices, strict=True)])
+
+    @staticmethod
+    async def _gather_ordered(coros: list[Awaitable[Any]]) -> list[Any]:
+        """Await all; if any failed, raise the failure of the earliest sample (the others are let finish)."""
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    # -------------------------------------------------------------------------------------- transform/collate
+    async def _finish(self, positions: list[Any], samples: list[Any], label: str) -> Any:
+        """Transform each sample, collate the batch and pin it; sync user code runs in a thread."""
+        transform = self.plan.transform
+        if transform is not None and inspect.iscoroutinefunction(transform):
+
+            async def apply(sample: Any, position: Any) -> Any:
+                try:
+                    return await transform(sample)
+                except Exception as exc:
+                    raise with_context(exc, f"in transform for {label} {position!r}")
+
+            samples = await self._gather_ordered(
+                [apply(s, p) for s, p in zip(samples, positions, strict=True)]
+            )
+            return await self._pool.run(
+                lambda: self._finish_sync(positions, samples, label, transformed=True)
+            )
+        return await self._pool.run(lambda: self._finish_sync(positions, samples, label))
+
+    def _finish_sync(
+        self, positions: list[Any], samples: list[Any], label: str, transformed: bool = False
+    ) -> Any:
+        plan = self.plan
+        transform = plan.transform
+        if transform is not None and not transformed:
+            out = []
+            for sample, position in zip(samples, positions, strict=True):
+                try:
+                    out.append(transform(sample))
+                except Exception as exc:
+                    raise with_context(exc, f"in transform for {label} {position!r}")
+            samples = out
+        try:
+            batch = plan.collate_fn(samples if plan.auto_collation else samples[0])
+        except Exception as exc:
+            what = f"in collate_fn for the batch of {label}s {_describe_indices(positions)}"
+            raise with_context(exc, what)
+        if plan.pin_memory_device is not None:
+            batch = _pin_memory(batch, plan.pin_memory_device)
+        return batch
+
+
+_UNFINISHED: Final = object()
+
+
+def window_for(concurrency: int, batch_size: int | None) -> int:
+    """Units in flight needed to keep ``concurrency`` samples fetching, plus one to overlap batch boundaries."""
+    per_unit = batch_size if batch_size else 1
+    return math.ceil(concurrency / per_unit) + 1

@@ -1,0 +1,228 @@
+"""``aloader.DataLoader``: torch's DataLoader, driven by aloader's async pipeline.
+
+It subclasses ``torch.utils.data.DataLoader`` so that everything torch defines stays torch's own: the signature,
+defaults and positional order, every argument check with its exact message, ``len()``, the attributes users and
+frameworks read (``loader.dataset``, ``loader.batch_sampler``, ...), and ``isinstance(loader, torch DataLoader)``.
+What changes is iteration: ``__iter__`` and ``__aiter__`` run the async core (``_pipeline``), and two keyword-only
+options are added, ``concurrency`` and ``transform``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.utils.data
+from torch.utils.data import BatchSampler, IterableDataset
+from torch.utils.data.dataloader import _DatasetKind
+
+from aloader._iterators import AsyncLoaderIterator, LoaderIterator
+from aloader._pipeline import DatasetKind, Pipeline, Plan, window_for
+
+__all__ = ["DEFAULT_CONCURRENCY", "DataLoader"]
+
+T_co = TypeVar("T_co", covariant=True)
+
+DEFAULT_CONCURRENCY = 64
+"""Samples fetched at once when ``concurrency`` is not given: enough to hide ~30 ms of storage latency behind
+~2000 samples/s, while a fast in-memory dataset still uses only a couple of threads (see ``_fetch_sync``)."""
+
+
+def _is_async_iterable(obj: object) -> bool:
+    return callable(getattr(type(obj), "__aiter__", None))
+
+
+class _AsyncIterableStandIn(IterableDataset[Any]):
+    """Shown to torch's ``__init__`` in place of a plain async iterable, so torch applies its iterable rules."""
+
+    def __init__(self, wrapped: object) -> None:
+        self.wrapped = wrapped
+
+    def __iter__(self) -> Iterator[Any]:
+        raise TypeError(f"{self.wrapped!r} is async-only: iterate the loader with `async for` or `for`")
+
+
+class DataLoader(torch.utils.data.DataLoader[T_co]):
+    """Drop-in for ``torch.utils.data.DataLoader``: same arguments, outputs and errors, plus ``async for``.
+
+    Extra keyword-only options:
+
+    - ``concurrency``: the most samples being fetched at once (default 64): tasks for ``async def __getitem__``,
+      threads for a sync ``__getitem__``. If in doubt, leave it: fast datasets use only the threads they need.
+    - ``transform``: a callable applied to each sample after it is fetched and before ``collate_fn``; sync callables
+      run in a thread, ``async def`` ones on the event loop.
+
+    Datasets may be torch map-style or iterable datasets as they are, classes whose ``__getitem__`` or
+    ``__getitems__`` is ``async def``, or objects with ``__aiter__``. ``sampler`` and ``batch_sampler`` may also be
+    async iterables.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: torch.utils.data.Sampler[Any] | Iterable[Any] | AsyncIterable[Any] | None = None,
+        batch_sampler: torch.utils.data.Sampler[list[Any]]
+        | Iterable[list[Any]]
+        | AsyncIterable[list[Any]]
+        | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[Any], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        concurrency: int | None = None,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        # A plain async iterable has no __getitem__: torch would take it for a map-style dataset. Show torch an
+        # IterableDataset stand-in so its iterable-dataset checks and messages apply, then keep the real object.
+        stand_in = (
+            _AsyncIterableStandIn(dataset)
+            if _is_async_iterable(dataset)
+            and not isinstance(dataset, IterableDataset)
+            and not hasattr(dataset, "__getitem__")
+            else None
+        )
+        super().__init__(
+            dataset if stand_in is None else stand_in,
+            batch_size,
+            shuffle,
+            sampler,  # type: ignore[arg-type]
+            batch_sampler,  # type: ignore[arg-type]
+            num_workers,
+            collate_fn,
+            pin_memory,
+            drop_last,
+            timeout,
+            worker_init_fn,
+            multiprocessing_context,
+            generator,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            pin_memory_device=pin_memory_device,
+            in_order=in_order,
+        )
+        if stand_in is not None:
+            object.__setattr__(
+                self, "dataset", dataset
+            )  # torch forbids setting it after __init__; we are __init__
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise ValueError(
+                f"concurrency option should be a positive integer or None, but got concurrency={concurrency!r}"
+            )
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform option should be a callable or None, but got transform={transform!r}")
+        self.concurrency: int = DEFAULT_CONCURRENCY if concurrency is None else concurrency
+        self.transform = transform
+
+    # ------------------------------------------------------------------------------------------------ iteration
+    def __iter__(self) -> LoaderIterator:  # type: ignore[override]
+        """Iterate in plain (sync) code: the pipeline runs on a background event loop thread."""
+        return LoaderIterator(*self._start())
+
+    def __aiter__(self) -> AsyncLoaderIterator:
+        """Iterate with ``async for`` inside a running event loop: the pipeline runs as a task of that loop."""
+        return AsyncLoaderIterator(*self._start())
+
+    def _start(self) -> tuple[Pipeline, int, Any, int | None]:
+        plan = self._plan()
+        depth = 2 if self.num_workers == 0 else max(1, (self.prefetch_factor or 2) * self.num_workers)
+        reported = self._IterableDataset_len_called if self._dataset_kind == _DatasetKind.Iterable else None
+        return Pipeline(plan), depth, self._index_sampler, reported
+
+    def _plan(self) -> Plan:
+        """Capture one epoch, making torch's draws in torch's order so orders match bit for bit.
+
+        torch's iterator calls ``iter(index_sampler)`` (lazy: a sampler draws on its first ``next``), then draws a
+        64-bit base seed from ``generator`` (or the global RNG), and only then does the sampler draw its
+        permutation. Here the first ``next`` happens in the pipeline, after this method returns.
+        """
+        pin_memory_device = self._pin_memory_device()
+        kind: DatasetKind
+        batch_async_indices: tuple[int, bool] | None = None
+        source: Iterator[Any] | AsyncIterator[Any]
+        if self._dataset_kind == _DatasetKind.Map:
+            kind = "map"
+            index_sampler = self._index_sampler
+            inner = getattr(index_sampler, "sampler", None)
+            if (
+                isinstance(index_sampler, BatchSampler)
+                and type(index_sampler).__iter__ is BatchSampler.__iter__
+                and _is_async_iterable(inner)
+            ):
+                # torch's BatchSampler cannot iterate an async sampler; batch its indices ourselves.
+                source = aiter(inner)  # type: ignore[arg-type]
+                batch_async_indices = (index_sampler.batch_size, index_sampler.drop_last)
+            elif _is_async_iterable(index_sampler):
+                source = aiter(index_sampler)  # type: ignore[arg-type]
+            else:
+                source = iter(index_sampler)
+        self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        if self._dataset_kind == _DatasetKind.Iterable:
+            # torch creates the dataset's iterator when it creates its own, after the base seed.
+            if _is_async_iterable(self.dataset):
+                kind, source = "async-iterable", aiter(self.dataset)
+            else:
+                kind, source = "iterable", iter(self.dataset)
+        batch_size = self.batch_size
+        if batch_size is None and self._auto_collation:  # a user batch_sampler: its size, if it tells
+            batch_size = getattr(self.batch_sampler, "batch_size", None)
+            batch_size = batch_size if isinstance(batch_size, int) and batch_size > 0 else None
+        return Plan(
+            kind=kind,
+            dataset=self.dataset,
+            source=source,
+            auto_collation=self._auto_collation,
+            batch_async_indices=batch_async_indices,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            collate_fn=self.collate_fn,  # type: ignore[arg-type]
+            transform=self.transform,
+            concurrency=self.concurrency,
+            window=window_for(self.concurrency, batch_size if self._auto_collation else 1),
+            timeout=float(self.timeout),
+            in_order=self.in_order,
+            pin_memory_device=pin_memory_device,
+        )
+
+    def _pin_memory_device(self) -> str | None:
+        """The device to pin batches for, or None; warns exactly as torch's iterator does."""
+        if self.pin_memory and self.pin_memory_device:
+            warnings.warn(
+                "pin_memory_device is deprecated, the current accelerator will be used as the device,"
+                f"ignore pin_memory_device='{self.pin_memory_device}'.",
+                stacklevel=4,
+            )
+        if not self.pin_memory:
+            return None
+        if not torch.accelerator.is_available():
+            warnings.warn(
+                "'pin_memory' argument is set as true but no accelerator is found, "
+                "then device pinned memory won't be used.",
+                stacklevel=4,
+            )
+            return None
+        accelerator = torch.accelerator.current_accelerator()
+        if accelerator is None:
+            return None
+        if accelerator.type == "mps":
+            warnings.warn(
+                "'pin_memory' argument is set as true but not supported on MPS now, "
+                "device pinned memory won't be used.",
+                stacklevel=4,
+            )
+            return None
+        return accelerator.type
