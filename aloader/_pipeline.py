@@ -166,12 +166,25 @@ class Pipeline:
             sink.put_final(Failed(exc))
             sink.put_final(END)
         finally:
-            # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool.
-            pending = [dispatcher, *self._tasks]
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            await self._pool.aclose()
+            # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool. The
+            # cleanup is shielded and awaited to the end even if we are cancelled again meanwhile (the consumer's
+            # close() may cancel us while we are already finishing), then the cancellation is passed on.
+            cleanup = asyncio.ensure_future(self._shut_down(dispatcher))
+            cancelled = False
+            while not cleanup.done():
+                try:
+                    await asyncio.shield(cleanup)
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
+
+    async def _shut_down(self, dispatcher: asyncio.Task[None]) -> None:
+        pending = [dispatcher, *self._tasks]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self._pool.aclose()
 
     async def _emit(self, sink: Sink) -> None:
         timeout = self.plan.timeout

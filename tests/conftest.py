@@ -1,0 +1,136 @@
+"""Shared fixtures: every behaviour test runs through both drivers, and no test may leak a thread or a file."""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import uvloop
+
+import aloader
+
+DRIVER_NAMES = ["for", "async-asyncio", "async-uvloop"]
+
+
+class Driver:
+    """Consumes a loader with one of the two drivers: ``for`` (the sync bridge) or ``async for`` (in a loop)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.is_async = name.startswith("async")
+
+    def __repr__(self) -> str:
+        return f"Driver({self.name})"
+
+    def run_async(self, coro_fn: Callable[[], Any]) -> Any:
+        factory = uvloop.new_event_loop if self.name == "async-uvloop" else None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro_fn())
+
+    def collect(self, loader: aloader.DataLoader, limit: int | None = None) -> list[Any]:
+        """All batches (or the first ``limit``, then break); exceptions propagate."""
+        if not self.is_async:
+            out = []
+            for batch in loader:
+                out.append(batch)
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+        async def consume() -> list[Any]:
+            out = []
+            async for batch in loader:
+                out.append(batch)
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+        return self.run_async(consume)
+
+    def outcomes(self, loader: aloader.DataLoader) -> list[tuple[str, Any]]:
+        """("ok", batch) or ("err", exception) per step, going on after errors as torch's iterators allow."""
+        out: list[tuple[str, Any]] = []
+        if not self.is_async:
+            it = iter(loader)
+            while True:
+                try:
+                    out.append(("ok", next(it)))
+                except StopIteration:
+                    return out
+                except Exception as exc:
+                    out.append(("err", exc))
+
+        async def consume() -> list[tuple[str, Any]]:
+            it = aiter(loader)
+            while True:
+                try:
+                    out.append(("ok", await anext(it)))
+                except StopAsyncIteration:
+                    return out
+                except Exception as exc:
+                    out.append(("err", exc))
+
+        return self.run_async(consume)
+
+
+@pytest.fixture(params=DRIVER_NAMES)
+def driver(request: pytest.FixtureRequest) -> Driver:
+    return Driver(request.param)
+
+
+def _warm_up_uvloop() -> None:
+    # uvloop keeps one process-wide pipe from its first loop on (libuv's global state): open it before any test
+    # counts descriptors, so that only what a test itself leaves open is reported.
+    loop = uvloop.new_event_loop()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+
+
+_warm_up_uvloop()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Any:
+    """Fail a test that leaves a thread running or a file descriptor open."""
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
+    yield
+    leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert not leaked, f"threads left running: {leaked}"
+    # Listing /proc/self/fd opens one descriptor itself; compare the sets, ignoring ones that closed.
+    new_fds = {fd for fd in _open_fds() - fds_before if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not new_fds, f"file descriptors left open: {[os.readlink(f'/proc/self/fd/{fd}') for fd in new_fds]}"
+
+
+def assert_same(ours: Any, theirs: Any, path: str = "batch") -> None:
+    """Equal values, types, dtypes and structure, bit for bit."""
+    assert type(ours) is type(theirs), f"{path}: {type(ours)} != {type(theirs)}"
+    if isinstance(theirs, torch.Tensor):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, path
+        assert torch.equal(ours, theirs), f"{path}: {ours} != {theirs}"
+    elif isinstance(theirs, np.ndarray):
+        assert ours.dtype == theirs.dtype, path
+        np.testing.assert_array_equal(ours, theirs)
+    elif isinstance(theirs, (str, bytes, int, float, bool, type(None))):
+        assert ours == theirs, f"{path}: {ours!r} != {theirs!r}"
+    elif isinstance(theirs, collections.abc.Mapping):
+        assert list(ours) == list(theirs), path
+        for key in theirs:
+            assert_same(ours[key], theirs[key], f"{path}[{key!r}]")
+    elif isinstance(theirs, collections.abc.Sequence):
+        assert len(ours) == len(theirs), f"{path}: length {len(ours)} != {len(theirs)}"
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert_same(a, b, f"{path}[{i}]")
+    else:
+        assert ours == theirs, f"{path}: {ours!r} != {theirs!r}"
