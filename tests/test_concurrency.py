@@ -1,0 +1,252 @@
+"""Concurrency is real, prefetching is bounded, and the caller's loop is never blocked.
+
+No test here synchronises by sleeping or asserts on timing: each proves a property by construction (a fetch that
+can only complete once N fetches are in flight together; a counter that can only stay low if the bound holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import aloader
+from tests.conftest import Driver
+from tests.datasets import Rendezvous
+
+
+class SyncRendezvous(Dataset[Any]):
+    def __init__(self, n: int, parties: int) -> None:
+        self.n = n
+        self.rendezvous = Rendezvous(parties)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        self.rendezvous.arrive_and_wait()
+        return i
+
+
+class AsyncRendezvous:
+    """Async __getitem__ whose calls each wait until ``parties`` calls are in flight together."""
+
+    def __init__(self, n: int, parties: int) -> None:
+        self.n, self.parties = n, parties
+        self.inside = 0
+        self.max_inside = 0
+        self.event: asyncio.Event | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, i: int) -> Any:
+        if self.event is None:
+            self.event = asyncio.Event()
+        self.inside += 1
+        self.max_inside = max(self.max_inside, self.inside)
+        if self.inside >= self.parties:
+            self.event.set()
+        try:
+            async with asyncio.timeout(60):  # a bound so a broken loader fails instead of hanging
+                await self.event.wait()
+        finally:
+            self.inside -= 1
+        return i
+
+
+@pytest.mark.parametrize("batch_size", [1, 8, 32])
+def test_sync_dataset_fetches_concurrently_in_threads(driver: Driver, batch_size: int) -> None:
+    dataset = SyncRendezvous(32, parties=32)
+    batches = driver.collect(aloader.DataLoader(dataset, batch_size=batch_size, concurrency=32))
+    assert torch.cat([torch.atleast_1d(b) for b in batches]).tolist() == list(range(32))
+    assert dataset.rendezvous.max_inside == 32
+
+
+@pytest.mark.parametrize("batch_size", [1, 8, 32])
+def test_async_dataset_fetches_concurrently_as_tasks(driver: Driver, batch_size: int) -> None:
+    dataset = AsyncRendezvous(32, parties=32)
+    batches = driver.collect(aloader.DataLoader(dataset, batch_size=batch_size, concurrency=32))
+    assert torch.cat([torch.atleast_1d(b) for b in batches]).tolist() == list(range(32))
+    assert dataset.max_inside == 32
+
+
+def test_concurrency_is_an_upper_bound(driver: Driver) -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.inside = 0
+            self.max_inside = 0
+
+        def __len__(self) -> int:
+            return 200
+
+        async def __getitem__(self, i: int) -> int:
+            self.inside += 1
+            self.max_inside = max(self.max_inside, self.inside)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            self.inside -= 1
+            return i
+
+    dataset = Counting()
+    driver.collect(aloader.DataLoader(dataset, batch_size=10, concurrency=7))
+    assert 1 <= dataset.max_inside <= 7
+
+
+def test_prefetch_is_bounded_while_the_consumer_waits(driver: Driver) -> None:
+    """With the consumer holding one batch, the pipeline prefetches exactly up to its bound and no further.
+
+    The bound is the reorder window (concurrency / batch_size + 1 batches), the prefetch depth (2 batches) and the
+    batch the consumer holds. The test waits until the last sample within the bound has been fetched (so the
+    bound is tight), then closes the iterator and checks that nothing beyond it was fetched.
+    """
+    concurrency, batch_size = 8, 4
+    bound = (concurrency // batch_size + 1 + 2 + 1) * batch_size
+    fetched: list[int] = []
+    lock = threading.Lock()
+    reached = threading.Event()
+
+    class Counted(Dataset[Any]):
+        def __len__(self) -> int:
+            return 10_000
+
+        def __getitem__(self, i: int) -> int:
+            with lock:
+                fetched.append(i)
+            if i == bound - 1:
+                reached.set()
+            return i
+
+    loader = aloader.DataLoader(Counted(), batch_size=batch_size, concurrency=concurrency)
+    if driver.is_async:
+
+        async def consume() -> None:
+            it = aiter(loader)
+            await anext(it)
+            assert await asyncio.to_thread(reached.wait, 60), "the pipeline stopped prefetching below its bound"
+            await it.aclose()
+
+        driver.run_async(consume)
+    else:
+        it = iter(loader)
+        next(it)
+        assert reached.wait(timeout=60), "the pipeline stopped prefetching below its bound"
+        it.close()
+    assert sorted(fetched) == list(range(bound)), f"fetched {len(fetched)} samples, bound {bound}"
+
+
+def test_in_order_false_yields_batches_as_they_complete(driver: Driver) -> None:
+    """Sample 0 blocks until the consumer has received a batch: only out-of-order delivery can get there."""
+    released = threading.Event()
+
+    class FirstWaits(Dataset[Any]):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> int:
+            if i == 0 and not released.wait(timeout=60):
+                raise TimeoutError("the consumer never received a batch while sample 0 waited")
+            return i
+
+    loader = aloader.DataLoader(FirstWaits(), batch_size=2, in_order=False, concurrency=4)
+    order: list[int] = []
+    if driver.is_async:
+
+        async def consume() -> None:
+            async for batch in loader:
+                order.append(int(batch[0]))
+                released.set()
+
+        driver.run_async(consume)
+    else:
+        for batch in loader:
+            order.append(int(batch[0]))
+            released.set()
+    assert order[0] != 0 and sorted(order) == [0, 2, 4, 6]
+
+
+def test_in_order_true_keeps_order_while_a_slow_sample_waits(driver: Driver) -> None:
+    """Sample 0 completes only after samples 2..7 have been fetched; batches still come out in sampler order."""
+    others = Rendezvous(6)
+
+    class FirstIsLast(Dataset[Any]):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> int:
+            if i == 0:
+                if not others.all_here.wait(timeout=60):
+                    raise TimeoutError("later samples were not fetched while sample 0 waited")
+            elif i >= 2:
+                with others.lock:
+                    others.arrived += 1
+                    if others.arrived >= others.parties:
+                        others.all_here.set()
+            return i
+
+    loader = aloader.DataLoader(FirstIsLast(), batch_size=2, concurrency=8)
+    assert [b.tolist() for b in driver.collect(loader)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_the_callers_loop_is_never_blocked() -> None:
+    """Sync fetches wait for an event that only a coroutine on the caller's loop sets: a blocked loop deadlocks."""
+    ticks = 0
+
+    async def main() -> None:
+        nonlocal ticks
+        loop_ran = threading.Event()
+
+        class NeedsTheLoop(Dataset[Any]):
+            def __len__(self) -> int:
+                return 6
+
+            def __getitem__(self, i: int) -> int:
+                if not loop_ran.wait(timeout=60):
+                    raise TimeoutError("the event loop was blocked while fetching")
+                return i
+
+        async def ticker() -> None:
+            nonlocal ticks
+            ticks += 1
+            loop_ran.set()
+
+        tick = asyncio.get_running_loop().create_task(ticker())
+        got = [int(b) async for b in aloader.DataLoader(NeedsTheLoop(), batch_size=None)]
+        await tick
+        assert got == list(range(6))
+
+    asyncio.run(main())
+    assert ticks == 1
+
+
+def test_several_loaders_at_once_in_one_loop() -> None:
+    async def drain(loader: aloader.DataLoader) -> list[int]:
+        return [int(b) async for b in loader]
+
+    async def main() -> list[list[int]]:
+        # Each needs all its 8 fetches in flight together, and all three run at once.
+        loaders = [aloader.DataLoader(AsyncRendezvous(8, 8), batch_size=None, concurrency=8) for _ in range(3)]
+        return list(await asyncio.gather(*(drain(loader) for loader in loaders)))
+
+    assert asyncio.run(main()) == [list(range(8))] * 3
+
+
+def test_works_under_anyio() -> None:
+    anyio = pytest.importorskip("anyio")
+
+    async def main() -> list[int]:
+        out: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def consume() -> None:
+                async for batch in aloader.DataLoader(AsyncRendezvous(6, 6), batch_size=3, concurrency=6):
+                    out.extend(batch.tolist())
+
+            tg.start_soon(consume)
+        return out
+
+    assert anyio.run(main, backend="asyncio") == list(range(6))
