@@ -39,9 +39,7 @@ class _Consumer:
         # As torch's iterator: the number of batches (or samples) the index sampler gives.
         return len(self._index_sampler)
 
-    def _unwrap(self, item: object) -> Any:
-        if isinstance(item, Failed):
-            raise item.error
+    def _count(self, item: object) -> Any:
         self._yielded += 1
         if self._reported_len is not None and self._yielded > self._reported_len:
             assert self._pipeline is not None
@@ -84,7 +82,12 @@ class AsyncLoaderIterator(_Consumer):
         if item is END:
             await self.aclose()
             raise StopAsyncIteration
-        return self._unwrap(item)
+        if isinstance(item, Failed):
+            error = item.error
+            # The traceback keeps this frame alive; it must not keep the iterator (and its pipeline) alive too.
+            del self, item
+            raise error
+        return self._count(item)
 
     async def aclose(self) -> None:
         """Stop all work of this iterator and wait until it has stopped. Idempotent."""
@@ -149,7 +152,12 @@ class LoaderIterator(_Consumer):
         if item is END:
             self.close()
             raise StopIteration
-        return self._unwrap(item)
+        if isinstance(item, Failed):
+            error = item.error
+            # The traceback keeps this frame alive; it must not keep the iterator (and its threads) alive too.
+            del self, item
+            raise error
+        return self._count(item)
 
     def close(self) -> None:
         """Stop all work of this iterator and wait until its threads have exited. Idempotent."""

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal, Protocol
 from torch.utils.data import Subset
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
-from aloader._threads import ThreadPool
+from aloader._threads import ThreadPool, finish_through_cancellation
 from aloader.errors import with_context
 
 __all__ = ["END", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink"]
@@ -166,25 +166,17 @@ class Pipeline:
             sink.put_final(Failed(exc))
             sink.put_final(END)
         finally:
-            # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool. The
-            # cleanup is shielded and awaited to the end even if we are cancelled again meanwhile (the consumer's
-            # close() may cancel us while we are already finishing), then the cancellation is passed on.
-            cleanup = asyncio.ensure_future(self._shut_down(dispatcher))
-            cancelled = False
-            while not cleanup.done():
-                try:
-                    await asyncio.shield(cleanup)
-                except asyncio.CancelledError:
-                    cancelled = True
-            if cancelled:
-                raise asyncio.CancelledError
-
-    async def _shut_down(self, dispatcher: asyncio.Task[None]) -> None:
-        pending = [dispatcher, *self._tasks]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await self._pool.aclose()
+            # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool. Both waits
+            # go on through cancellation (the consumer's close() may cancel us while we are already finishing,
+            # and a closing loop cancels every task), then the cancellation is passed on.
+            pending = [dispatcher, *self._tasks]
+            for task in pending:
+                task.cancel()
+            try:
+                await finish_through_cancellation(asyncio.gather(*pending, return_exceptions=True))
+            finally:
+                await finish_through_cancellation(self._pool.close())
+                self._pool.join()
 
     async def _emit(self, sink: Sink) -> None:
         timeout = self.plan.timeout
@@ -508,7 +500,8 @@ class Pipeline:
         try:
             batch = plan.collate_fn(samples if plan.auto_collation else samples[0])
         except Exception as exc:
-            what = f"in collate_fn for the batch of {label}s {_describe_indices(positions)}"
+            plural = "sample indices" if label == "sample index" else f"{label}s"
+            what = f"in collate_fn for the batch of {plural} {_describe_indices(positions)}"
             raise with_context(exc, what)
         if plan.pin_memory_device is not None:
             batch = _pin_memory(batch, plan.pin_memory_device)

@@ -51,7 +51,7 @@ class ThreadPool:
         self._queued = 0  # items put and not yet taken
         self._alive = 0
         self._closing = False
-        self._all_exited: asyncio.Future[None] | None = None
+        self._all_exited: asyncio.Future[None] | None = None  # set by close()
 
     @property
     def thread_count(self) -> int:
@@ -110,29 +110,44 @@ class ThreadPool:
             except RuntimeError:
                 pass
 
-    async def aclose(self) -> None:
-        """Stop the threads after their current call and wait until every one has exited.
+    def close(self) -> asyncio.Future[None]:
+        """Tell the threads to exit after their current call; the future resolves when all have exited.
 
-        A call that is already running cannot be interrupted (Python threads cannot be killed), so this waits for
-        it; calls still queued are skipped.
+        A call that is already running cannot be interrupted (Python threads cannot be killed), so the future waits
+        for it; calls still queued are skipped. It is a plain future, not a task, so that a loop shutting down
+        (which cancels every task) cannot cancel the wait: see ``finish_through_cancellation``. Call ``join()``
+        after it resolves.
         """
-        loop = asyncio.get_running_loop()
         with self._lock:
-            if self._closing:
-                threads = list(self._threads)
-                done = self._all_exited
-            else:
+            if self._all_exited is None:
                 self._closing = True
-                threads = list(self._threads)
-                done = self._all_exited = loop.create_future()
+                done = self._all_exited = asyncio.get_running_loop().create_future()
                 if self._alive == 0:
                     done.set_result(None)
-                self._queued += len(threads)
-                for _ in threads:
+                self._queued += len(self._threads)
+                for _ in self._threads:
                     self._work.put(None)
-        if done is not None and not done.done():
-            # Shielded: a second cancellation of the pipeline's cleanup must not drop the wait's bookkeeping.
-            await asyncio.shield(done)
-        # Every worker has left its loop; join returns at once and makes "no thread left" exact.
-        for thread in threads:
+            return self._all_exited
+
+    def join(self) -> None:
+        """Join the exited threads: immediate once ``close()``'s future has resolved, and makes "no thread left"
+        exact (a thread that signalled its exit may still be returning)."""
+        for thread in self._threads:
             thread.join()
+
+
+async def finish_through_cancellation(future: asyncio.Future[T]) -> T:
+    """Await ``future`` to its end even if the awaiting task is cancelled meanwhile, then pass the cancellation on.
+
+    For cleanup that must complete (threads joined, tasks finished) although the consumer's close() or a loop
+    shutting down cancels the task doing it.
+    """
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return future.result()
