@@ -21,6 +21,7 @@ ends the pipeline early. Memory is bounded by ``window + depth`` batches whateve
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import time
@@ -212,14 +213,16 @@ class Pipeline:
         if self._source_done and self._outstanding == 0:
             self._done.put_nowait(END)
 
-    def _start(self, seq: int, work: Awaitable[Any]) -> None:
+    def _start(self, seq: int, work: Callable[[], Awaitable[Any]]) -> None:
         task = asyncio.get_running_loop().create_task(self._settle(seq, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, seq: int, work: Awaitable[Any]) -> None:
+    async def _settle(self, seq: int, work: Callable[[], Awaitable[Any]]) -> None:
+        # ``work`` is called here, not by _start: a task cancelled before it first runs then leaves no coroutine
+        # that was never awaited.
         try:
-            outcome: object = await work
+            outcome: object = await work()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the consumer raises it at this batch
@@ -245,7 +248,7 @@ class Pipeline:
                         self._complete(seq, Failed(with_context(exc, "in the sampler")))
                         break
                     self._outstanding += 1
-                    self._start(seq, self._map_unit(unit))
+                    self._start(seq, functools.partial(self._map_unit, unit))
                     seq += 1
             else:
                 await self._dispatch_iterable()
@@ -306,7 +309,7 @@ class Pipeline:
                 return
             self._outstanding += 1
             positions = list(range(first, first + len(items)))
-            self._start(seq, self._finish(positions, items, "item"))
+            self._start(seq, functools.partial(self._finish, positions, items, "item"))
             seq += 1
             if ended:
                 return

@@ -193,7 +193,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             transform=self.transform,
             concurrency=self.concurrency,
             window=window_for(self.concurrency, batch_size if self._auto_collation else 1),
-            timeout=float(self.timeout),
+            timeout=self.timeout,  # as given: the error text shows it as torch does (5, not 5.0)
             in_order=self.in_order,
             pin_memory_device=pin_memory_device,
         )

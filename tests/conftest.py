@@ -54,8 +54,13 @@ class Driver:
 
         return self.run_async(consume)
 
-    def outcomes(self, loader: aloader.DataLoader) -> list[tuple[str, Any]]:
-        """("ok", batch) or ("err", exception) per step, going on after errors as torch's iterators allow."""
+    def outcomes(
+        self, loader: aloader.DataLoader, on_error: Callable[[Exception], None] | None = None
+    ) -> list[tuple[str, Any]]:
+        """("ok", batch) or ("err", exception) per step, going on after errors as torch's iterators allow.
+
+        ``on_error`` runs in the consumer as each error is caught, before iteration goes on.
+        """
         out: list[tuple[str, Any]] = []
         if not self.is_async:
             it = iter(loader)
@@ -66,6 +71,8 @@ class Driver:
                     return out
                 except Exception as exc:
                     out.append(("err", exc))
+                    if on_error is not None:
+                        on_error(exc)
 
         async def consume() -> list[tuple[str, Any]]:
             it = aiter(loader)
@@ -76,6 +83,8 @@ class Driver:
                     return out
                 except Exception as exc:
                     out.append(("err", exc))
+                    if on_error is not None:
+                        on_error(exc)
 
         return self.run_async(consume)
 
