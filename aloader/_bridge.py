@@ -129,9 +129,7 @@ def start_loop_thread(
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(task)
-        except (
-            BaseException
-        ):  # the outcome reached the consumer through the channel; cancellation is expected
+        except BaseException:  # the outcome reached the consumer through the channel; cancellation is expected
             pass
         finally:
             try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from torch.utils.data import Subset
-from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
+from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
 from aloader._threads import ThreadPool, finish_through_cancellation
 from aloader.errors import with_context
@@ -120,9 +120,7 @@ class _MapAccess:
             dataset = dataset.dataset
         self.remaps = remaps[::-1]  # innermost mapping applied last
         getitems = getattr(dataset, "__getitems__", None)
-        self.getitems: Callable[[list[Any]], Any] | None = (
-            getitems if callable(getitems) and getitems else None
-        )
+        self.getitems: Callable[[list[Any]], Any] | None = getitems if callable(getitems) and getitems else None
         self.getitems_is_async = self.getitems is not None and inspect.iscoroutinefunction(self.getitems)
         self.getitem: Callable[[Any], Any] = dataset.__getitem__
         self.getitem_is_async = inspect.iscoroutinefunction(self.getitem)
@@ -359,7 +357,8 @@ class Pipeline:
 
     async def _fetch_getitems(self, indices: list[Any]) -> Any:
         access = self._access
-        assert access is not None and access.getitems is not None
+        assert access is not None
+        assert access.getitems is not None
         getitems = access.getitems
         keys = [access.key(index) for index in indices]
         where = f"fetching the batch of sample indices {_describe_indices(indices)} with __getitems__"
@@ -399,20 +398,14 @@ class Pipeline:
         access = self._access
         assert access is not None
         per_sample = self._seconds_per_sample
-        run = (
-            1
-            if per_sample is None
-            else max(1, min(len(indices), int(_CHUNK_SECONDS / max(per_sample, 1e-9))))
-        )
+        run = 1 if per_sample is None else max(1, min(len(indices), int(_CHUNK_SECONDS / max(per_sample, 1e-9))))
         if run >= len(indices) and not inspect.iscoroutinefunction(self.plan.transform):
             # The common fast case: one thread call does the whole batch.
             async with self._slots:
                 fetched, batch = await self._pool.run(lambda: self._fetch_run(indices, finish=True))
             if batch is not _UNFINISHED:
                 return batch
-            return await self._finish(
-                indices, await self._resolve_awaitables(fetched, indices), "sample index"
-            )
+            return await self._finish(indices, await self._resolve_awaitables(fetched, indices), "sample index")
         runs = [indices[i : i + run] for i in range(0, len(indices), run)]
         parts = await self._gather_ordered([self._fetch_sync_run(part) for part in runs])
         samples = [sample for part in parts for sample in part]
@@ -479,17 +472,11 @@ class Pipeline:
                 except Exception as exc:
                     raise with_context(exc, f"in transform for {label} {position!r}")
 
-            samples = await self._gather_ordered(
-                [apply(s, p) for s, p in zip(samples, positions, strict=True)]
-            )
-            return await self._pool.run(
-                lambda: self._finish_sync(positions, samples, label, transformed=True)
-            )
+            samples = await self._gather_ordered([apply(s, p) for s, p in zip(samples, positions, strict=True)])
+            return await self._pool.run(lambda: self._finish_sync(positions, samples, label, transformed=True))
         return await self._pool.run(lambda: self._finish_sync(positions, samples, label))
 
-    def _finish_sync(
-        self, positions: list[Any], samples: list[Any], label: str, transformed: bool = False
-    ) -> Any:
+    def _finish_sync(self, positions: list[Any], samples: list[Any], label: str, transformed: bool = False) -> Any:
         plan = self.plan
         transform = plan.transform
         if transform is not None and not transformed:
@@ -512,6 +499,8 @@ class Pipeline:
 
 
 _UNFINISHED: Final = object()
+
+_pin_memory: Callable[[Any, str], Any] = _torch_pin_memory  # torch's helper (untyped), as its iterator calls it
 
 
 def window_for(concurrency: int, batch_size: int | None) -> int:

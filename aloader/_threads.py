@@ -69,9 +69,7 @@ class ThreadPool:
             spawn = self._queued > self._idle and len(self._threads) < self._max
             if spawn:
                 self._alive += 1
-                thread = threading.Thread(
-                    target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
+                thread = threading.Thread(target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
         self._work.put((fn, loop, future))
         if spawn:

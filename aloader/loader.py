@@ -114,9 +114,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             in_order=in_order,
         )
         if stand_in is not None:
-            object.__setattr__(
-                self, "dataset", dataset
-            )  # torch forbids setting it after __init__; we are __init__
+            object.__setattr__(self, "dataset", dataset)  # torch forbids setting it after __init__; we are __init__
         if concurrency is not None and (
             isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
         ):
@@ -156,27 +154,28 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         source: Iterator[Any] | AsyncIterator[Any]
         if self._dataset_kind == _DatasetKind.Map:
             kind = "map"
-            index_sampler = self._index_sampler
-            inner = getattr(index_sampler, "sampler", None)
+            index_sampler: Any = self._index_sampler
+            inner: Any = getattr(index_sampler, "sampler", None)
             if (
                 isinstance(index_sampler, BatchSampler)
                 and type(index_sampler).__iter__ is BatchSampler.__iter__
                 and _is_async_iterable(inner)
             ):
                 # torch's BatchSampler cannot iterate an async sampler; batch its indices ourselves.
-                source = aiter(inner)  # type: ignore[arg-type]
+                source = aiter(inner)
                 batch_async_indices = (index_sampler.batch_size, index_sampler.drop_last)
             elif _is_async_iterable(index_sampler):
-                source = aiter(index_sampler)  # type: ignore[arg-type]
+                source = aiter(index_sampler)
             else:
                 source = iter(index_sampler)
         self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
         if self._dataset_kind == _DatasetKind.Iterable:
             # torch creates the dataset's iterator when it creates its own, after the base seed.
-            if _is_async_iterable(self.dataset):
-                kind, source = "async-iterable", aiter(self.dataset)
+            dataset: Any = self.dataset
+            if _is_async_iterable(dataset):
+                kind, source = "async-iterable", aiter(dataset)
             else:
-                kind, source = "iterable", iter(self.dataset)
+                kind, source = "iterable", iter(dataset)
         batch_size = self.batch_size
         if batch_size is None and self._auto_collation:  # a user batch_sampler: its size, if it tells
             batch_size = getattr(self.batch_sampler, "batch_size", None)
@@ -189,7 +188,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             batch_async_indices=batch_async_indices,
             batch_size=self.batch_size,
             drop_last=self.drop_last,
-            collate_fn=self.collate_fn,  # type: ignore[arg-type]
+            collate_fn=self.collate_fn,
             transform=self.transform,
             concurrency=self.concurrency,
             window=window_for(self.concurrency, batch_size if self._auto_collation else 1),

@@ -27,8 +27,12 @@ def test_async_getitem(driver: Driver, concurrency: int) -> None:
 
 
 def test_async_getitem_shuffled_matches_torch_order(driver: Driver) -> None:
-    order = list(torch.utils.data.DataLoader(range(23), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3)))
-    loader = aloader.DataLoader(AsyncSquares(23), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3))
+    order = list(
+        torch.utils.data.DataLoader(range(23), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3))
+    )
+    loader = aloader.DataLoader(
+        AsyncSquares(23), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
     assert_same(driver.collect(loader), [expected_squares(batch.tolist()) for batch in order])
 
 
@@ -46,7 +50,9 @@ def test_sync_getitems_called_once_per_batch(driver: Driver) -> None:
 
 def test_subset_of_async_dataset(driver: Driver) -> None:
     subset = Subset(AsyncSquares(10), [9, 2, 4])
-    assert_same(driver.collect(aloader.DataLoader(subset, batch_size=2)), [expected_squares([9, 2]), expected_squares([4])])
+    assert_same(
+        driver.collect(aloader.DataLoader(subset, batch_size=2)), [expected_squares([9, 2]), expected_squares([4])]
+    )
 
 
 def test_concat_of_async_datasets_awaits_what_getitem_returns(driver: Driver) -> None:
@@ -92,7 +98,10 @@ def test_async_sampler(driver: Driver) -> None:
     assert len(loader) == 3
     assert_same(driver.collect(loader), list(torch.utils.data.DataLoader(dataset, batch_size=2, sampler=indices)))
     loader = aloader.DataLoader(dataset, batch_size=2, drop_last=True, sampler=AsyncIndexSampler(indices))
-    assert_same(driver.collect(loader), list(torch.utils.data.DataLoader(dataset, batch_size=2, drop_last=True, sampler=indices)))
+    assert_same(
+        driver.collect(loader),
+        list(torch.utils.data.DataLoader(dataset, batch_size=2, drop_last=True, sampler=indices)),
+    )
     loader = aloader.DataLoader(dataset, batch_size=None, sampler=AsyncIndexSampler(indices))
     assert_same(driver.collect(loader), list(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=indices)))
 
@@ -121,7 +130,9 @@ def test_async_transform(driver: Driver) -> None:
         return sample * 2
 
     loader = aloader.DataLoader(AsyncSquares(5), batch_size=2, transform=double)
-    assert_same(driver.collect(loader), [2 * expected_squares([0, 1]), 2 * expected_squares([2, 3]), 2 * expected_squares([4])])
+    assert_same(
+        driver.collect(loader), [2 * expected_squares([0, 1]), 2 * expected_squares([2, 3]), 2 * expected_squares([4])]
+    )
 
 
 def test_transform_runs_off_the_event_loop(driver: Driver) -> None:

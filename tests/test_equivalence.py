@@ -71,7 +71,10 @@ CASES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
         random_split(SquaresDataset(), [0.6, 0.4], generator=gen(6))[0],
         {"batch_size": 3, "shuffle": True, "generator": gen(8)},
     ),
-    "concat": lambda: (ConcatDataset([tensors(5), tensors(7)]), {"batch_size": 4, "sampler": SequentialSampler(range(12))}),
+    "concat": lambda: (
+        ConcatDataset([tensors(5), tensors(7)]),
+        {"batch_size": 4, "sampler": SequentialSampler(range(12))},
+    ),
     "iterable": lambda: (CountingIterable(), {"batch_size": 4}),
     "iterable-drop-last": lambda: (CountingIterable(), {"batch_size": 4, "drop_last": True}),
     "iterable-no-batching": lambda: (CountingIterable(5), {"batch_size": None}),
@@ -129,7 +132,10 @@ def test_is_a_torch_dataloader() -> None:
 
 def test_iterator_len_matches_torch() -> None:
     dataset = tensors()
-    ours, theirs = iter(aloader.DataLoader(dataset, batch_size=4)), iter(torch.utils.data.DataLoader(dataset, batch_size=4))
+    ours, theirs = (
+        iter(aloader.DataLoader(dataset, batch_size=4)),
+        iter(torch.utils.data.DataLoader(dataset, batch_size=4)),
+    )
     try:
         assert len(ours) == len(theirs)
     finally:
