@@ -25,6 +25,7 @@ import functools
 import inspect
 import math
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
@@ -393,14 +394,15 @@ class Pipeline:
 
         Slow (I/O-bound) samples get a thread call each, so ``concurrency`` of them wait at once; fast ones are
         fetched, transformed and collated in a single call, so thread hand-offs do not dominate. The run size
-        follows a moving average of the time per sample; the first batch fetches one sample per call.
+        follows a moving average of the time per sample. User code never runs on the event loop itself: a sample
+        that is usually fast can still block (a cache miss), and the loop must keep the other fetches going.
         """
-        access = self._access
-        assert access is not None
         per_sample = self._seconds_per_sample
+        # Unknown speed (the first batches): a call per sample, so slow samples are fetched concurrently from the
+        # start. Fast datasets pay this once: a few short-lived calls, then whole-batch runs.
         run = 1 if per_sample is None else max(1, min(len(indices), int(_CHUNK_SECONDS / max(per_sample, 1e-9))))
         if run >= len(indices) and not inspect.iscoroutinefunction(self.plan.transform):
-            # The common fast case: one thread call does the whole batch.
+            # The common fast case: one call does the whole batch, fetch to pinned batch.
             async with self._slots:
                 fetched, batch = await self._pool.run(lambda: self._fetch_run(indices, finish=True))
             if batch is not _UNFINISHED:
@@ -422,22 +424,24 @@ class Pipeline:
         assert access is not None
         started = time.perf_counter()
         samples = []
-        for index in indices:
+        getitem = access.getitem
+        keys = [access.key(index) for index in indices] if access.remaps else indices
+        for index, key in zip(indices, keys, strict=True):
             try:
-                samples.append(access.getitem(access.key(index)))
+                samples.append(getitem(key))
             except Exception as exc:
                 raise with_context(exc, f"fetching sample index {index!r}")
         elapsed = (time.perf_counter() - started) / len(indices)
         # A benign race: runs in threads update the average without a lock; any recent value is good enough.
         previous = self._seconds_per_sample
         self._seconds_per_sample = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
-        if finish and not any(inspect.isawaitable(sample) for sample in samples):
+        if finish and not _any_awaitable(samples):
             return samples, self._finish_sync(indices, samples, "sample index")
         return samples, _UNFINISHED
 
     async def _resolve_awaitables(self, samples: list[Any], indices: list[Any]) -> list[Any]:
         # A sync __getitem__ may return an awaitable, e.g. a ConcatDataset over async datasets: await it here.
-        if not any(inspect.isawaitable(sample) for sample in samples):
+        if not _any_awaitable(samples):
             return samples
 
         async def settle(sample: Any, index: Any) -> Any:
@@ -501,6 +505,24 @@ class Pipeline:
 _UNFINISHED: Final = object()
 
 _pin_memory: Callable[[Any, str], Any] = _torch_pin_memory  # torch's helper (untyped), as its iterator calls it
+
+
+# Sample types seen not to be awaitable. Awaitability is a property of the type, except for generators (a
+# generator-based coroutine is a generator whose code has a flag), which are never cached.
+_plain_types: set[type] = set()
+
+
+def _any_awaitable(samples: list[Any]) -> bool:
+    """Whether a sync fetch returned awaitables (e.g. a ConcatDataset over async datasets); cheap per sample."""
+    for sample in samples:
+        kind = type(sample)
+        if kind in _plain_types:
+            continue
+        if inspect.isawaitable(sample):
+            return True
+        if kind is not types.GeneratorType:
+            _plain_types.add(kind)
+    return False
 
 
 def window_for(concurrency: int, batch_size: int | None) -> int:
