@@ -1,0 +1,198 @@
+"""Core benchmark: aloader against torch's DataLoader, side by side in one run.
+
+Workloads:
+
+- ``latency``: a dataset whose samples each wait 30 ms (simulated storage latency), async ``__getitem__`` through
+  aloader at concurrency 1 and 64, and the same as an unchanged sync torch Dataset (``time.sleep``) through
+  aloader and through torch's DataLoader with ``num_workers=0``.
+- ``in-memory``: a ``TensorDataset`` of tiny samples, batch 64: aloader (``for`` and ``async for``) against torch's
+  DataLoader with ``num_workers=0``, the fastest torch setting for in-memory data.
+
+Run ``python -m benchmarks.core`` (``--quick`` for a smoke run). Results go to ``docs/benchmarks.md``; ratios are
+what to compare, since absolute figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+import aloader
+
+LATENCY_SECONDS = 0.03
+
+
+class AsyncLatency:
+    """Each sample waits ``latency`` seconds on the event loop, as an object-store GET would."""
+
+    def __init__(self, n: int, latency: float = LATENCY_SECONDS) -> None:
+        self.n, self.latency = n, latency
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, i: int) -> torch.Tensor:
+        await asyncio.sleep(self.latency)
+        return torch.full((16,), i, dtype=torch.float32)
+
+
+class BlockingLatency(Dataset[torch.Tensor]):
+    """An unchanged torch Dataset that blocks ``latency`` seconds per sample (a blocking GET in __getitem__)."""
+
+    def __init__(self, n: int, latency: float = LATENCY_SECONDS) -> None:
+        self.n, self.latency = n, latency
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(self.latency)
+        return torch.full((16,), i, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Result:
+    workload: str
+    system: str
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds
+
+
+def count_samples(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(first.shape[0])
+
+
+def time_sync(loader: Any) -> tuple[int, float]:
+    started = time.perf_counter()
+    samples = sum(count_samples(batch) for batch in loader)
+    return samples, time.perf_counter() - started
+
+
+def time_async(loader: aloader.DataLoader) -> tuple[int, float]:
+    async def run() -> tuple[int, float]:
+        started = time.perf_counter()
+        samples = 0
+        async for batch in loader:
+            samples += count_samples(batch)
+        return samples, time.perf_counter() - started
+
+    return asyncio.run(run())
+
+
+def best_of(repeats: int, fn: Callable[[], tuple[int, float]]) -> tuple[int, float]:
+    runs = [fn() for _ in range(repeats)]
+    return runs[0][0], min(seconds for _, seconds in runs)
+
+
+def latency_workload(n_async: int, n_torch: int) -> list[Result]:
+    results = []
+    for concurrency in (1, 64):
+        n = n_async if concurrency > 1 else max(16, n_async // 32)
+        loader = aloader.DataLoader(AsyncLatency(n), batch_size=16, concurrency=concurrency)
+        results.append(Result("latency", f"aloader async dataset, concurrency={concurrency}", *time_async(loader)))
+    loader = aloader.DataLoader(BlockingLatency(n_async), batch_size=16, concurrency=64)
+    results.append(Result("latency", "aloader unchanged sync dataset, concurrency=64", *time_sync(loader)))
+    reference = torch.utils.data.DataLoader(BlockingLatency(n_torch), batch_size=16)
+    results.append(Result("latency", "torch DataLoader, num_workers=0", *time_sync(reference)))
+    return results
+
+
+def in_memory_workload(n: int, repeats: int) -> list[Result]:
+    dataset = TensorDataset(torch.randn(n, 32), torch.randint(0, 10, (n,)))
+    kwargs: dict[str, Any] = {"batch_size": 64, "shuffle": True}
+    reference = torch.utils.data.DataLoader(dataset, **kwargs)
+    ours = aloader.DataLoader(dataset, **kwargs)
+    rows = [
+        ("torch DataLoader, num_workers=0", lambda: time_sync(reference)),
+        ("aloader, for", lambda: time_sync(ours)),
+        ("aloader, async for", lambda: time_async(ours)),
+    ]
+    # Interleave the systems' repeats so that machine noise hits all of them alike.
+    timings: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in rows}
+    for _ in range(repeats):
+        for name, fn in rows:
+            timings[name].append(fn())
+    return [
+        Result("in-memory", name, runs[0][0], statistics.median(s for _, s in runs)) for name, runs in timings.items()
+    ]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, aloader {aloader.__version__}"
+    )
+
+
+def render(results: list[Result]) -> str:
+    lines = []
+    for workload, baseline_name in (("latency", "torch DataLoader, num_workers=0"), ("in-memory", None)):
+        rows = [r for r in results if r.workload == workload]
+        if not rows:
+            continue
+        baseline = next(r for r in rows if r.system.startswith("torch"))
+        del baseline_name
+        lines += [f"### {workload}", "", "| system | samples | samples/s | vs torch |", "|---|---:|---:|---:|"]
+        for r in rows:
+            ratio = r.samples_per_second / baseline.samples_per_second
+            lines.append(f"| {r.system} | {r.samples} | {r.samples_per_second:,.0f} | {ratio:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
+    parser.add_argument("--write", type=Path, help="write the Markdown table into this file's core section")
+    args = parser.parse_args(argv)
+    if args.quick:
+        results = latency_workload(n_async=64, n_torch=16) + in_memory_workload(n=2_000, repeats=1)
+    else:
+        results = latency_workload(n_async=4_096, n_torch=160) + in_memory_workload(n=200_000, repeats=5)
+    table = render(results)
+    print(f"Machine: {machine()}\n")
+    print(table)
+    if args.write:
+        write_section(args.write, f"Machine: {machine()}\n\n{table}")
+    return results
+
+
+BEGIN, END = "<!-- core:begin -->", "<!-- core:end -->"
+
+
+def write_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text + ("\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
