@@ -1,0 +1,7 @@
+"""``python -m aloader``: the same as the ``aloader`` command."""
+
+import sys
+
+from aloader.cli import main
+
+sys.exit(main())

@@ -1,0 +1,623 @@
+"""``aloader bench``: stream one dataset through aloader and torch's DataLoader, side by side, and measure.
+
+Each system runs in a child process of its own (started with ``forkserver``), so that its peak memory is its own
+process tree's and a system's threads or workers cannot slow the next one. The child reports every batch over a
+pipe as an event (arrival time, samples, bytes, per-sample fetch latencies); the parent draws the progress bars,
+samples the child tree's RSS, and computes every figure from the events. Events carry the measurements, so an
+interrupted run (Ctrl-C) still reports what it measured up to that point.
+
+Sample latency is measured inside the dataset: the time one ``__getitem__`` takes to read and decode its object,
+the same wrapper for every system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import signal
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import psutil
+import torch
+import torch.utils.data
+
+import aloader
+
+__all__ = [
+    "SYSTEMS",
+    "BenchConfig",
+    "BenchReport",
+    "SystemName",
+    "SystemResult",
+    "render_table",
+    "run_bench",
+]
+
+SystemName = Literal["ceiling", "aloader", "aloader-sync", "torch", "spdl"]
+SYSTEMS: tuple[SystemName, ...] = ("ceiling", "aloader", "aloader-sync", "torch", "spdl")
+SYSTEM_TITLES: dict[SystemName, str] = {
+    "ceiling": "ceiling: bare concurrent reads, no loader",
+    "aloader": "aloader, async dataset",
+    "aloader-sync": "aloader, unchanged torch Dataset",
+    "torch": "torch DataLoader, unchanged torch Dataset",
+    "spdl": "SPDL pipeline, async dataset",
+}
+
+
+def default_systems() -> tuple[SystemName, ...]:
+    """Every system whose library is installed (SPDL is optional: the ``bench`` extra)."""
+    try:
+        import spdl.pipeline  # noqa: F401
+    except ImportError:
+        return ("ceiling", "aloader", "aloader-sync", "torch")
+    return SYSTEMS
+
+
+# RSS of the system's process tree is sampled this often. A measurement, not a synchronisation.
+_RSS_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to stream and how; one config is shared by every system of a run."""
+
+    urls: tuple[str, ...]
+    batch_size: int = 32
+    concurrency: int = 64
+    num_workers: int = 2  # torch's DataLoader; aloader's pool when its own num_workers is set
+    aloader_workers: int = 0
+    epochs: int = 1
+    systems: tuple[SystemName, ...] = ("ceiling", "aloader", "aloader-sync", "torch")
+
+
+@dataclass(frozen=True)
+class SystemResult:
+    """The figures of one system, computed from its events."""
+
+    system: SystemName
+    title: str
+    samples: int
+    bytes: int
+    seconds: float
+    first_batch_seconds: float | None
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    peak_rss_mb: float
+    interrupted: bool
+    error: str | None = None
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, samples so far)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    machine: str
+    source: str
+    config: BenchConfig
+    results: list[SystemResult]
+    interrupted: bool
+
+    def speedup(self, result: SystemResult) -> float | None:
+        """Throughput over torch's DataLoader in the same run, when it ran."""
+        torch_result = next((r for r in self.results if r.system == "torch" and r.samples), None)
+        if torch_result is None or torch_result.samples_per_second == 0:
+            return None
+        return result.samples_per_second / torch_result.samples_per_second
+
+    def to_json(self) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["urls"] = len(self.config.urls)
+        return {
+            "machine": self.machine,
+            "source": self.source,
+            "config": config,
+            "interrupted": self.interrupted,
+            "systems": [
+                {
+                    **{k: v for k, v in asdict(r).items() if k != "timeline"},
+                    "samples_per_second": r.samples_per_second,
+                    "megabytes_per_second": r.megabytes_per_second,
+                    "speedup_over_torch": self.speedup(r),
+                }
+                for r in self.results
+            ],
+        }
+
+
+# ------------------------------------------------------------------------------------------------ the datasets
+def read_blocking(url: str) -> bytes:
+    """A blocking read, as an unchanged torch Dataset does it: urllib for http(s), open() for local files."""
+    if url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data: bytes = response.read()
+            return data
+    path = url.removeprefix("file://")
+    return Path(path).read_bytes()
+
+
+def decode_array(data: bytes) -> torch.Tensor:
+    """Decode one sample: ``.npy`` bytes (the synthetic dataset's format) to a tensor; other bytes as uint8."""
+    if data[:6] == b"\x93NUMPY":
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class BlockingObjects(torch.utils.data.Dataset[dict[str, Any]]):
+    """An unchanged torch Dataset: a blocking GET in ``__getitem__``, timed."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = list(urls)
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        data = decode_array(read_blocking(self.urls[index]))
+        return {"data": data, "latency": time.perf_counter() - started}
+
+
+class AsyncObjects:
+    """The same objects read with ``async def __getitem__``: aloader keeps ``concurrency`` reads in flight."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = list(urls)
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    async def __getitem__(self, index: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        data = decode_array(await read_async(self.urls[index]))
+        return {"data": data, "latency": time.perf_counter() - started}
+
+
+async def read_async(url: str) -> bytes:
+    """Read one object without blocking the loop."""
+    import asyncio
+
+    return await asyncio.to_thread(read_blocking, url)
+
+
+def _make_loader(system: SystemName, config: BenchConfig) -> Any:
+    if system == "aloader":
+        return aloader.DataLoader(
+            AsyncObjects(config.urls),
+            batch_size=config.batch_size,
+            concurrency=config.concurrency,
+            num_workers=config.aloader_workers,
+        )
+    if system == "aloader-sync":
+        return aloader.DataLoader(
+            BlockingObjects(config.urls),
+            batch_size=config.batch_size,
+            concurrency=config.concurrency,
+            num_workers=config.aloader_workers,
+        )
+    if system == "torch":
+        return torch.utils.data.DataLoader(
+            BlockingObjects(config.urls), batch_size=config.batch_size, num_workers=config.num_workers
+        )
+    if system == "ceiling":
+        return _Ceiling(config)
+    return _SpdlLoader(config)
+
+
+class _Ceiling:
+    """The most this machine can do: the same async reads and decoding, ``concurrency`` at once, batched and
+    collated, with no loader in between (one event loop, a semaphore and a reorder buffer)."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.dataset = AsyncObjects(config.urls)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        import asyncio
+
+        limit = asyncio.Semaphore(self.config.concurrency)
+
+        async def one(index: int) -> dict[str, Any]:
+            async with limit:
+                return await self.dataset[index]
+
+        # Tasks are created a window at a time so that memory stays bounded, as in a loader.
+        size, total = self.config.batch_size, len(self.dataset)
+        window = (math.ceil(self.config.concurrency / size) + 1) * size
+        pending: list[asyncio.Task[dict[str, Any]]] = []
+        try:
+            for start in range(0, total, size):
+                stop = min(start + size, total)
+                pending.extend(asyncio.ensure_future(one(i)) for i in range(start, stop))
+                while len(pending) >= window or (stop == total and pending):
+                    samples = [await task for task in pending[:size]]
+                    del pending[:size]
+                    yield torch.utils.data.default_collate(samples)
+        finally:
+            for task in pending:
+                task.cancel()
+
+
+class _SpdlLoader:
+    """SPDL's pipeline over the same async reads as aloader's: fetch (``concurrency`` at once), batch, collate."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.dataset = AsyncObjects(config.urls)
+
+    def __iter__(self) -> Iterator[Any]:
+        from spdl.pipeline import PipelineBuilder
+
+        builder: Any = PipelineBuilder()  # SPDL's generics do not infer through the chain
+        pipeline = (
+            builder.add_source(range(len(self.dataset)))
+            .pipe(self.dataset.__getitem__, concurrency=self.config.concurrency, output_order="input")
+            .aggregate(self.config.batch_size)
+            .pipe(torch.utils.data.default_collate)
+            .add_sink(3)
+            .build(num_threads=2)
+        )
+        with pipeline.auto_stop():
+            yield from pipeline.get_iterator()
+
+
+# ----------------------------------------------------------------------------------------- the child process
+def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connection.Connection) -> None:
+    """Run one system to the end, sending ("batch", seconds, samples, bytes, latencies) per batch."""
+    # Ctrl-C goes to the whole process group; the parent decides what happens (it stops this child).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    try:
+        loader = _make_loader(system, config)
+        conn.send(("ready",))
+        started = time.perf_counter()
+
+        def report(batch: Any) -> None:
+            data, latency = batch["data"], batch["latency"]
+            now = time.perf_counter() - started
+            conn.send(("batch", now, int(data.shape[0]), int(data.nbytes), latency.tolist()))
+
+        if isinstance(loader, _Ceiling):
+            import asyncio
+
+            async def consume() -> None:
+                for _ in range(config.epochs):
+                    async for batch in loader:
+                        report(batch)
+
+            asyncio.run(consume())
+        else:
+            for _ in range(config.epochs):
+                for batch in loader:
+                    report(batch)
+        conn.send(("done", time.perf_counter() - started))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    total = 0
+    with contextlib.suppress(psutil.Error):
+        for p in [process, *process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+    return total
+
+
+class _PeakRss:
+    """Samples the RSS of a process tree in a thread until stopped; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, name="aloader-bench-rss", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, _tree_rss(self._process))
+            if self._stop.wait(_RSS_INTERVAL):
+                return
+
+    def stop(self) -> int:
+        self.peak = max(self.peak, _tree_rss(self._process))
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _kill_tree(process: multiprocessing.process.BaseProcess) -> None:
+    if process.pid is None:
+        return
+    with contextlib.suppress(psutil.Error):
+        children = psutil.Process(process.pid).children(recursive=True)
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(children, timeout=10)
+    if process.is_alive():
+        process.kill()
+    process.join()
+
+
+Progress = Callable[[SystemName, int], None]
+
+
+def run_system(
+    system: SystemName, config: BenchConfig, progress: Progress | None = None, total: int | None = None
+) -> SystemResult:
+    """Run ``system`` in a child process and measure it; Ctrl-C stops it and returns what was measured."""
+    context = multiprocessing.get_context("forkserver")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(system, config, sender), name=f"aloader-bench-{system}")
+    process.start()
+    sender.close()
+    rss = _PeakRss(process.pid) if process.pid is not None else None
+    samples = nbytes = 0
+    latencies: list[float] = []
+    timeline: list[tuple[float, int]] = []
+    first: float | None = None
+    seconds = 0.0
+    interrupted = False
+    error: str | None = None
+    try:
+        while True:
+            try:
+                event = receiver.recv()
+            except EOFError:
+                error = error or f"the {system} process exited with code {process.exitcode} before finishing"
+                break
+            kind = event[0]
+            if kind == "batch":
+                _, at, count, size, lat = event
+                first = at if first is None else first
+                samples += count
+                nbytes += size
+                latencies.extend(lat)
+                seconds = at
+                timeline.append((at, samples))
+                if progress is not None:
+                    progress(system, count)
+            elif kind == "done":
+                seconds = event[1]
+                break
+            elif kind == "error":
+                error = event[1]
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        peak = rss.stop() if rss is not None else 0
+        receiver.close()
+        if not interrupted and error is None:
+            process.join(30)  # finished: let it exit by itself (a bound, in case its teardown hangs)
+        _kill_tree(process)
+    p50, p99 = _percentiles(latencies)
+    return SystemResult(
+        system=system,
+        title=SYSTEM_TITLES[system],
+        samples=samples,
+        bytes=nbytes,
+        seconds=seconds,
+        first_batch_seconds=first,
+        latency_p50_ms=p50,
+        latency_p99_ms=p99,
+        peak_rss_mb=peak / 2**20,
+        interrupted=interrupted,
+        error=error,
+        timeline=timeline,
+    )
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] * 1e3
+
+    return at(0.50), at(0.99)
+
+
+def run_bench(config: BenchConfig, source: str, show_progress: bool = True) -> BenchReport:
+    """Run every system of ``config`` one after the other; Ctrl-C ends the run with what was measured."""
+    results: list[SystemResult] = []
+    total = len(config.urls) * config.epochs
+    interrupted = False
+    with _one_keyboard_interrupt():
+        for system in config.systems:
+            result = _run_with_bar(system, config, total, show_progress)
+            results.append(result)
+            if result.interrupted:
+                interrupted = True
+                break
+    return BenchReport(machine=machine(), source=source, config=config, results=results, interrupted=interrupted)
+
+
+@contextlib.contextmanager
+def _one_keyboard_interrupt() -> Iterator[None]:
+    """The first Ctrl-C raises KeyboardInterrupt; later ones are ignored until the block ends, so that stopping the
+    child processes and printing the figures cannot be interrupted half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal pressed
+        if not pressed:
+            pressed = True
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_with_bar(system: SystemName, config: BenchConfig, total: int, show_progress: bool) -> SystemResult:
+    bar: Any = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"{system:>12}", unit="sample", dynamic_ncols=True, leave=True)
+    try:
+        return run_system(system, config, progress=(lambda _s, n: bar.update(n)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# --------------------------------------------------------------------------------------------------- output
+def machine() -> str:
+    """One line naming this machine: cores, CPU model, OS, Python, torch and aloader versions."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, aloader {aloader.__version__}"
+    )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(report: BenchReport) -> str:
+    """The Markdown table of a run: one row per system."""
+    lines = [
+        "| system | samples | samples/s | MB/s | first batch (s) | p50 latency (ms) | p99 latency (ms) "
+        "| peak RSS (MiB) | vs torch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report.results:
+        note = " (interrupted)" if r.interrupted else " (failed)" if r.error else ""
+        speedup = report.speedup(r)
+        lines.append(
+            f"| {r.title}{note} | {r.samples} | {r.samples_per_second:,.0f} | {r.megabytes_per_second:,.1f} "
+            f"| {_fmt(r.first_batch_seconds, '.2f')} | {_fmt(r.latency_p50_ms, '.1f')} "
+            f"| {_fmt(r.latency_p99_ms, '.1f')} | {r.peak_rss_mb:,.0f} | {_fmt(speedup, '.1f')}x |"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(report: BenchReport, path: Path) -> None:
+    """Throughput over time, one line per system (samples/s in about 40 bins of the longest run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    longest = max((r.timeline[-1][0] for r in report.results if r.timeline), default=1.0)
+    width = max(longest / 40, 0.01)
+    for r in report.results:
+        if not r.timeline:
+            continue
+        xs, ys = zip(*_rates(r.timeline, width), strict=True)
+        axes.plot(xs, ys, label=r.title, marker="." if len(xs) < 20 else None)
+    axes.set_xlabel("seconds since the first batch was requested")
+    axes.set_ylabel("samples/s")
+    axes.set_title("aloader bench: throughput over time")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _rates(timeline: list[tuple[float, int]], width: float) -> Iterator[tuple[float, float]]:
+    end = timeline[-1][0]
+    bins = max(1, math.ceil(end / width))
+    counts = [0] * bins
+    previous = 0
+    for at, total in timeline:
+        counts[min(bins - 1, int(at / width))] += total - previous
+        previous = total
+    for i, count in enumerate(counts):
+        yield (i + 0.5) * width, count / width
+
+
+def dump_json(report: BenchReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------- sources
+SYNTHETIC_SAMPLES = 2000
+SYNTHETIC_SHAPE = (3, 64, 64)  # an image-like uint8 sample: 12 KiB of pixels
+
+
+def synthetic_images(count: int, seed: int = 0) -> dict[str, bytes]:
+    """``count`` image-like samples as ``.npy`` objects, named ``train/{index:06d}.npy``."""
+    rng = np.random.default_rng(seed)
+    objects = {}
+    for index in range(count):
+        buffer = io.BytesIO()
+        np.save(buffer, rng.integers(0, 256, size=SYNTHETIC_SHAPE, dtype=np.uint8), allow_pickle=False)
+        objects[f"train/{index:06d}.npy"] = buffer.getvalue()
+    return objects
+
+
+def _local_files(root: Path) -> list[str]:
+    if root.is_file():
+        return [str(root)]
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such file or directory: {root}")
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def open_source(source: str | None, samples: int | None, latency: float) -> Iterator[tuple[str, list[str]]]:
+    """Yield (a label, the sample URLs) for ``source``; for None, serve a synthetic dataset while in the block."""
+    if source is None:
+        count = samples or SYNTHETIC_SAMPLES
+        from aloader._objectserver import ObjectServer
+
+        objects = synthetic_images(count)
+        with ObjectServer(objects, latency=latency) as server:
+            urls = [server.url(key) for key in sorted(objects)]
+            label = (
+                f"synthetic: {count} image-like samples ({'x'.join(map(str, SYNTHETIC_SHAPE))} uint8, .npy) "
+                f"served from {server.base_url} with {latency * 1e3:.0f} ms per GET"
+            )
+            yield label, urls
+        return
+    if "://" not in source or source.startswith("file://"):
+        urls = _local_files(Path(source.removeprefix("file://")))
+    else:
+        raise ValueError(f"unsupported source {source!r}: give a local path or an http(s):// URL")
+    if samples is not None:
+        urls = urls[:samples]
+    if not urls:
+        raise ValueError(f"no objects found under {source}")
+    yield source, urls

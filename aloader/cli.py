@@ -1,0 +1,96 @@
+"""The ``aloader`` command: ``aloader bench [URL_OR_PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import get_args
+
+__all__ = ["main"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"should be a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from aloader._bench import SystemName, default_systems
+
+    parser = argparse.ArgumentParser(prog="aloader", description="aloader: an asyncio streaming data loader")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="measure how fast a dataset loads through aloader and torch's DataLoader",
+        description=(
+            "Stream a dataset through aloader and torch's DataLoader side by side and report samples/s, MB/s, "
+            "time to first batch, sample latency and peak memory. With no URL_OR_PATH, a synthetic image-like "
+            "dataset is served from an object server on 127.0.0.1 with --latency per request."
+        ),
+    )
+    bench.add_argument("source", nargs="?", metavar="URL_OR_PATH", help="objects under a prefix or a local dir")
+    bench.add_argument("--samples", type=_positive, help="how many samples to stream (default: all, or 2000)")
+    bench.add_argument("--batch-size", type=_positive, default=32)
+    bench.add_argument("--concurrency", type=_positive, default=64, help="aloader's samples in flight")
+    bench.add_argument("--num-workers", type=int, default=2, help="torch DataLoader's workers (default 2)")
+    bench.add_argument("--aloader-workers", type=int, default=0, help="aloader's process pool (default 0)")
+    bench.add_argument("--epochs", type=_positive, default=1)
+    bench.add_argument("--latency", type=float, default=0.03, help="seconds per GET of the embedded server")
+    bench.add_argument(
+        "--systems",
+        default=",".join(default_systems()),
+        help=f"comma-separated, from {', '.join(get_args(SystemName))} (default: all installed)",
+    )
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+    bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw throughput over time")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aloader`` console script and ``python -m aloader``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from aloader import _bench
+
+    systems = tuple(name.strip() for name in args.systems.split(",") if name.strip())
+    unknown = [name for name in systems if name not in _bench.SYSTEMS]
+    if unknown or not systems:
+        parser.error(f"--systems: unknown {unknown}; choose from {', '.join(_bench.SYSTEMS)}")
+    with _bench.open_source(args.source, samples=args.samples, latency=args.latency) as (label, urls):
+        config = _bench.BenchConfig(
+            urls=tuple(urls),
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            num_workers=args.num_workers,
+            aloader_workers=args.aloader_workers,
+            epochs=args.epochs,
+            systems=systems,
+        )
+        print(f"aloader bench: {label}, {len(urls)} samples x {args.epochs} epoch(s)", flush=True)
+        report = _bench.run_bench(config, label, show_progress=not args.no_progress)
+    print()
+    print(f"Machine: {report.machine}")
+    print(f"Source: {report.source}")
+    print()
+    print(_bench.render_table(report))
+    if report.interrupted:
+        print("\nInterrupted: the figures above cover what was measured until Ctrl-C.")
+    if args.json:
+        _bench.dump_json(report, args.json)
+        print(f"\nJSON written to {args.json}")
+    if args.plot:
+        _bench.write_plot(report, args.plot)
+        print(f"Plot written to {args.plot}")
+    failed = [r for r in report.results if r.error]
+    for r in failed:
+        print(f"\n{r.title} failed:\n{r.error}", file=sys.stderr)
+    return 130 if report.interrupted else 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

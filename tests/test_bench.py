@@ -1,0 +1,99 @@
+"""``aloader bench`` end to end: the embedded default on a tiny dataset, a local directory, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aloader._bench import synthetic_images
+
+BENCH = [sys.executable, "-m", "aloader", "bench"]
+
+
+def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_embedded_default_end_to_end(tmp_path: Path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = run_bench(
+        "--samples", "96", "--batch-size", "8", "--latency", "0.005", "--json", str(out), "--plot", str(plot)
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is False
+    assert report["config"]["urls"] == 96
+    assert [s["system"] for s in report["systems"]] == ["aloader", "aloader-sync", "torch"]
+    for system in report["systems"]:
+        assert system["samples"] == 96, system
+        assert system["bytes"] == 96 * 3 * 64 * 64, system
+        assert system["error"] is None
+        assert system["first_batch_seconds"] is not None
+        assert system["latency_p50_ms"] <= system["latency_p99_ms"]
+        assert system["peak_rss_mb"] > 0
+    assert report["systems"][2]["speedup_over_torch"] == pytest.approx(1.0)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| system | samples | samples/s | MB/s |" in result.stdout
+    assert "127.0.0.1" in result.stdout  # the embedded server is local
+
+
+@pytest.mark.slow
+def test_local_directory_and_system_choice(tmp_path: Path) -> None:
+    for key, data in synthetic_images(40).items():
+        path = tmp_path / "data" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    out = tmp_path / "bench.json"
+    result = run_bench(str(tmp_path / "data"), "--systems", "aloader,torch", "--epochs", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [(s["system"], s["samples"]) for s in report["systems"]] == [("aloader", 80), ("torch", 80)]
+
+
+def test_bad_arguments_exit_with_usage() -> None:
+    result = run_bench("--systems", "nope")
+    assert result.returncode == 2
+    assert "unknown ['nope']" in result.stderr
+    missing = run_bench("/no/such/dir")
+    assert missing.returncode != 0
+    assert "/no/such/dir" in missing.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_and_prints_what_was_measured(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # Slow enough that the run is still going when the first samples have arrived.
+    process = subprocess.Popen(
+        [*BENCH, "--samples", "4000", "--latency", "0.05", "--systems", "torch", "--json", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert process.stderr is not None
+        seen = b""
+        # The progress bar (stderr) shows a non-zero count once samples were measured: then press Ctrl-C.
+        while not re.search(rb"\| *[1-9]\d*/4000", seen):
+            chunk = os.read(process.stderr.fileno(), 4096)
+            assert chunk, f"bench ended before any progress: {seen.decode(errors='replace')}"
+            seen += chunk
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    text = stdout.decode()
+    assert "(interrupted)" in text and "Interrupted" in text
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True
+    assert 0 < report["systems"][0]["samples"] < 4000
