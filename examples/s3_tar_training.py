@@ -20,7 +20,7 @@ from torch import nn
 import aloader
 from aloader.datasets import TarShardDataset
 
-N_SHARDS, PER_SHARD, N_FEATURES, N_CLASSES = 8, 64, 16, 4
+N_SHARDS, PER_SHARD, N_FEATURES, N_CLASSES = 8, 32, 16, 4
 BUCKET = "training-data"
 
 
