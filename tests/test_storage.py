@@ -23,6 +23,7 @@ from aloader.storage import (
     TransientStorageError,
     UnsupportedURLError,
 )
+from tests.servers import KEYS
 
 # The servers start before any test's leak snapshot (some tests pick a server by parameter, inside the test).
 pytestmark = pytest.mark.usefixtures("object_server", "s3")
@@ -243,3 +244,20 @@ def test_store_pickles_without_its_clients(s3_objects: Any) -> None:
 def test_public_names() -> None:
     for name in storage.__all__:
         assert hasattr(storage, name), name
+
+
+def test_credentials_from_an_aws_config_file(s3_objects: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from obstore.auth.boto3 import Boto3CredentialProvider
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[training]\naws_access_key_id = {KEYS['access_key_id']}\n"
+        f"aws_secret_access_key = {KEYS['secret_access_key']}\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    store = Store({"endpoint": s3_objects.endpoint, "region": "us-east-1", "profile": "training"}, retry=FAST)
+    assert run(store.read("s3://storage-tests/data/other.txt")) == b"hello"
+    assert isinstance(store._clients["s3://storage-tests"].credential_provider, Boto3CredentialProvider)

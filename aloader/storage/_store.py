@@ -68,7 +68,7 @@ class Store:
     ``storage_options`` are passed to obstore as the store's configuration (``endpoint``, ``region``,
     ``access_key_id``, ``secret_access_key``, ``skip_signature``, ... see docs/storage.md) or, for HTTP client
     settings (``timeout``, ``allow_http``, ...), as its client options. ``anonymous=True`` is short for
-    ``skip_signature=True``. Anything not given comes from the environment and config files as the clouds'
+    ``skip_signature=True``; ``profile`` names an AWS CLI profile (read with boto3, when installed). Anything not given comes from the environment and config files as the clouds'
     own tools read them. The module-level functions of ``aloader.storage`` use a shared default ``Store``.
     """
 
@@ -121,8 +121,14 @@ class Store:
         endpoint = config.get("endpoint") or config.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL", "")
         if location.scheme == "http" or str(endpoint).startswith("http://"):
             client_options.setdefault("allow_http", True)
+        profile = config.pop("profile", None)
+        extra: dict[str, Any] = {}
         if location.scheme in ("http", "https"):
             config = {}  # an HTTP store has no configuration of its own
+        elif location.scheme == "s3":
+            provider = _aws_config_file_credentials(config, profile)
+            if provider is not None:
+                extra["credential_provider"] = provider
         try:
             from_url: Any = obstore.store.from_url  # its overloads want a TypedDict per store kind
             return from_url(
@@ -130,6 +136,7 @@ class Store:
                 config=config or None,
                 client_options=client_options or None,
                 retry_config={"max_retries": 0},  # retries are ours: see _retry
+                **extra,
             )
         except Exception as exc:
             raise UnsupportedURLError(
@@ -256,6 +263,36 @@ class Store:
                 if classify(exc) != "transient" or failures >= self.retry.max_attempts:
                     raise translate(exc, url, "reading", self._secrets, failures) from None
             await asyncio.sleep(self.retry.delay(failures - 1))
+
+
+_AWS_ENV_CREDENTIALS: Final = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_SKIP_SIGNATURE",
+)
+_AWS_OPTION_CREDENTIALS: Final = ("access_key_id", "aws_access_key_id", "skip_signature", "aws_skip_signature")
+
+
+def _aws_config_file_credentials(config: Mapping[str, Any], profile: str | None) -> Any:
+    """A credential provider reading ~/.aws/credentials and ~/.aws/config (through boto3), when they are the only
+    source: obstore itself reads the environment and instance metadata, but not the AWS CLI's files."""
+    if any(key in config for key in _AWS_OPTION_CREDENTIALS) or any(k in os.environ for k in _AWS_ENV_CREDENTIALS):
+        return None
+    home = os.path.expanduser("~")
+    files = (
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", os.path.join(home, ".aws", "credentials")),
+        os.environ.get("AWS_CONFIG_FILE", os.path.join(home, ".aws", "config")),
+    )
+    if profile is None and "AWS_PROFILE" not in os.environ and not any(os.path.exists(f) for f in files):
+        return None
+    try:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:  # boto3 is optional: without it, config files are not read
+        return None
+    return Boto3CredentialProvider(boto3.Session(profile_name=profile))
 
 
 def _pread(path: str, offset: int, size: int) -> bytes:
