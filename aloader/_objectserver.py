@@ -159,7 +159,9 @@ class ObjectServer:
         self.stop()
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        from aloader._bridge import new_event_loop  # uvloop when installed: the server should not be the limit
+
+        loop = new_event_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())
