@@ -5,7 +5,8 @@ An object server (``aloader._objectserver``, in a process of its own) serves ``-
 system then reads every object once, in a fresh process, while the parent samples the resident memory of that
 process and all its children (torch's workers included):
 
-- ``bare concurrent GETs``: obstore GETs with ``CONCURRENCY`` in flight and nothing else: the ceiling here;
+- ``bare concurrent GETs``: obstore GETs with ``CONCURRENCY`` in flight and nothing else, on the event loop
+  aloader's ``for`` uses (uvloop when installed): the ceiling here;
 - ``aloader ObjectDataset``: ``aloader.DataLoader(ObjectDataset(urls), concurrency=CONCURRENCY)``;
 - ``aloader, unchanged torch Dataset``: a torch ``Dataset`` doing a blocking GET (``urllib``) in ``__getitem__``,
   through ``aloader.DataLoader(concurrency=CONCURRENCY)``;
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 import aloader
+from aloader._bridge import new_event_loop
 from benchmarks.core import machine, write_section
 
 CONCURRENCY = 64
@@ -90,18 +92,21 @@ def run_system(system: str, urls: list[str]) -> tuple[int, float]:
         paths = [url[len(base) + 1 :] for url in urls]
 
         async def bare() -> tuple[int, float]:
-            slots = asyncio.Semaphore(CONCURRENCY)
+            # CONCURRENCY workers share one queue of paths: always CONCURRENCY GETs in flight, nothing else.
+            todo = iter(paths)
+            sizes: list[int] = []
 
-            async def get(path: str) -> int:
-                async with slots:
+            async def worker() -> None:
+                for path in todo:
                     result = await obstore.get_async(store, path)
-                    return len(await result.bytes_async())
+                    sizes.append(len(await result.bytes_async()))
 
             started = time.perf_counter()
-            sizes = await asyncio.gather(*(get(path) for path in paths))
+            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
             return len(sizes), time.perf_counter() - started
 
-        return asyncio.run(bare())
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the loop aloader's `for` runs on
+            return runner.run(bare())
     loader: Any
     if system == "aloader-objects":
         from aloader.datasets import ObjectDataset
