@@ -261,3 +261,26 @@ def test_credentials_from_an_aws_config_file(s3_objects: Any, tmp_path: Path, mo
     store = Store({"endpoint": s3_objects.endpoint, "region": "us-east-1", "profile": "training"}, retry=FAST)
     assert run(store.read("s3://storage-tests/data/other.txt")) == b"hello"
     assert isinstance(store._clients["s3://storage-tests"].credential_provider, Boto3CredentialProvider)
+
+
+def _read_in_child(url: str, results: Any) -> None:
+    try:
+        results.put(("ok", run(Store(retry=FAST).read(url))))
+    except StorageError as exc:
+        results.put(("err", str(exc)))
+
+
+def test_a_forked_child_gets_a_clear_error_not_a_hang(http_objects: ObjectServer) -> None:
+    import multiprocessing
+
+    url = http_objects.url("data/other.txt")
+    assert run(Store(retry=FAST).read(url)) == b"hello"  # obstore's runtime now runs in this process
+    context = multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+    child = context.Process(target=_read_in_child, args=(url, results))
+    child.start()
+    child.join()
+    kind, message = results.get()
+    results.close()
+    child.close()
+    assert kind == "err" and "forked after object-store reads began" in message and "'spawn'" in message

@@ -52,6 +52,10 @@ _CLIENT_KEYS: Final = frozenset(
 )
 
 
+_OBSTORE_PID: int | None = None
+"""The process whose object-store clients started obstore's runtime (None: none yet)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """What ``stat`` tells about one object."""
@@ -68,8 +72,12 @@ class Store:
     ``storage_options`` are passed to obstore as the store's configuration (``endpoint``, ``region``,
     ``access_key_id``, ``secret_access_key``, ``skip_signature``, ... see docs/storage.md) or, for HTTP client
     settings (``timeout``, ``allow_http``, ...), as its client options. ``anonymous=True`` is short for
-    ``skip_signature=True``; ``profile`` names an AWS CLI profile (read with boto3, when installed). Anything not given comes from the environment and config files as the clouds'
-    own tools read them. The module-level functions of ``aloader.storage`` use a shared default ``Store``.
+    ``skip_signature=True``; ``profile`` names an AWS CLI profile (read with boto3, when installed). Anything not
+    given comes from the environment and config files as the clouds' own tools read them. The module-level
+    functions of ``aloader.storage`` use a shared default ``Store`` per set of options.
+
+    Object-store clients cannot cross a ``fork()`` (obstore's runtime does not survive it): a forked child of a
+    process that has read from an object store gets a ``StorageError`` saying so, rather than a hang.
     """
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None, *, retry: RetryPolicy | None = None) -> None:
@@ -99,6 +107,17 @@ class Store:
 
     # ------------------------------------------------------------------------------------------------ clients
     def _client(self, location: Location) -> Any:
+        global _OBSTORE_PID
+        if _OBSTORE_PID is None:
+            _OBSTORE_PID = os.getpid()
+        elif os.getpid() != _OBSTORE_PID:
+            # obstore's async runtime (tokio) does not survive fork(): a forked child that used it would hang.
+            raise StorageError(
+                f"cannot read {redact(location.url, self._secrets)} in a process forked after object-store reads "
+                "began in its parent: start worker processes with the 'spawn' or 'forkserver' method "
+                "(aloader's default), or make the first read in the child",
+                location.url,
+            )
         if os.getpid() != self._pid:  # inherited across a fork: the parent's clients are not ours to use
             self._clients, self._pid, self._lock = {}, os.getpid(), threading.Lock()
         with self._lock:
