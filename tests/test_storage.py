@@ -55,6 +55,7 @@ def http_objects(object_server: ObjectServer) -> Any:
     yield object_server
     object_server.objects = {}
     object_server.faults = Faults()
+    object_server.latency = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,14 @@ def test_permanent_errors_are_not_retried(http_objects: ObjectServer) -> None:
     with pytest.raises(ObjectNotFoundError):
         run(Store(retry=FAST).read(http_objects.url("nope")))
     assert http_objects.requests == 1
+
+
+def test_timeouts_are_transient(http_objects: ObjectServer) -> None:
+    http_objects.latency = 2.0  # longer than the client's timeout below
+    store = Store({"timeout": "100ms"}, retry=RetryPolicy(max_attempts=2, base_delay=0.0))
+    with pytest.raises(TransientStorageError, match="after 2 attempts") as info:
+        run(store.read(http_objects.url("data/other.txt")))
+    assert "timed out" in str(info.value) or "timeout" in str(info.value).lower()
 
 
 def test_connection_refused_is_transient() -> None:

@@ -284,3 +284,10 @@ def test_shard_split_is_disjoint_and_complete(shards: int, world: int, workers: 
                 dataset.set_epoch(epoch)
                 taken += dataset.shards_for_this_reader()
     assert sorted(taken) == sorted(urls)
+
+
+def test_public_names() -> None:
+    import aloader.datasets
+
+    for name in aloader.datasets.__all__:
+        assert hasattr(aloader.datasets, name), name

@@ -60,6 +60,8 @@ class RetryPolicy:
 
 _STATUS = re.compile(r"status code: (\d{3})")
 _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+_HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
+_HTTP_KINDS = {"Timeout": "timed out", "Connect": "could not connect", "Interrupted": "connection interrupted"}
 _DURATION = re.compile(r" in [0-9.]+[a-zµ]+s?\b")
 _TRANSIENT_ERRNOS = frozenset({4, 5, 11, 104, 110, 111})  # EINTR, EIO, EAGAIN, ECONNRESET, ETIMEDOUT, ECONNREFUSED
 
@@ -79,8 +81,11 @@ def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     code = _S3_CODE.search(text)
     if status:
         return f"HTTP {status.group(1)}" + (f" {code.group(1)}" if code else "")
-    first = text.split("\n", 1)[0].split("\n\nDebug source", 1)[0]
-    return redact(_DURATION.sub("", first), secrets)[:300]
+    first = redact(_DURATION.sub("", text.split("\n", 1)[0]), secrets)[:300]
+    kind = _HTTP_KIND.search(text)  # obstore's debug text says what kind of connection failure it was
+    if kind and kind.group(1) != "Request":
+        first += f" ({_HTTP_KINDS.get(kind.group(1), kind.group(1))})"
+    return first
 
 
 def classify(exc: BaseException) -> Kind:
