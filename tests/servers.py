@@ -61,13 +61,13 @@ class MotoServer:
             region_name="us-east-1",
         )
 
-    def put(self, bucket: str, objects: dict[str, bytes]) -> None:
+    def put(self, bucket: str, objects: dict[str, bytes], *, acl: str = "private") -> None:
         client = self.client()
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         if bucket not in existing:
             client.create_bucket(Bucket=bucket)
         for key, data in objects.items():
-            client.put_object(Bucket=bucket, Key=key, Body=data)
+            client.put_object(Bucket=bucket, Key=key, Body=data, ACL=acl)
         client.close()
 
     def stop(self) -> None:

@@ -293,3 +293,34 @@ def test_a_forked_child_gets_a_clear_error_not_a_hang(http_objects: ObjectServer
     results.close()
     child.close()
     assert kind == "err" and "forked after object-store reads began" in message and "'spawn'" in message
+
+
+def test_credentials_and_endpoint_from_the_environment(s3_objects: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_objects.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEYS["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEYS["secret_access_key"])
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    assert run(Store(retry=FAST).read("s3://storage-tests/data/other.txt")) == b"hello"
+
+
+def test_anonymous_access(s3_objects: Any) -> None:
+    s3_objects.put("public-data", {"data/other.txt": b"hello"}, acl="public-read")
+    anonymous = Store({"endpoint": s3_objects.endpoint, "region": "us-east-1", "anonymous": True}, retry=FAST)
+    assert run(anonymous.read("s3://public-data/data/other.txt")) == b"hello"
+    with pytest.raises(AccessDeniedError):  # moto checks the ACL of unsigned requests: this bucket is private
+        run(anonymous.read("s3://storage-tests/data/other.txt"))
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "store_type"),
+    [
+        ("gs://a-bucket/key", {"skip_signature": True}, "GCSStore"),
+        ("az://a-container/key", {"account_name": "account", "skip_signature": True}, "AzureStore"),
+        ("https://example.invalid/key", {}, "HTTPStore"),
+    ],
+)
+def test_clients_for_other_stores_are_made_without_network(url: str, options: dict[str, Any], store_type: str) -> None:
+    from aloader.storage import parse_url
+
+    client = Store(options)._client(parse_url(url))  # making a client sends no request
+    assert type(client).__name__ == store_type

@@ -137,7 +137,11 @@ class Store:
                 client_options[key] = value
             else:
                 config[key] = value
-        endpoint = config.get("endpoint") or config.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL", "")
+        endpoint = (
+            config.get("endpoint")
+            or config.get("aws_endpoint")
+            or os.environ.get("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT", ""))
+        )
         if location.scheme == "http" or str(endpoint).startswith("http://"):
             client_options.setdefault("allow_http", True)
         profile = config.pop("profile", None)
