@@ -52,6 +52,8 @@ _CLIENT_KEYS: Final = frozenset(
 )
 
 
+_SECRET_WORDS: Final = ("secret", "key", "token", "password", "sas", "credential", "signature", "auth")
+
 _OBSTORE_PID: int | None = None
 """The process whose object-store clients started obstore's runtime (None: none yet)."""
 
@@ -103,7 +105,12 @@ class Store:
 
     @property
     def _secrets(self) -> list[str]:
-        return [value for value in self._options.values() if isinstance(value, str)]
+        # Values of options whose names suggest a secret; the endpoint and region stay readable in messages.
+        return [
+            value
+            for key, value in self._options.items()
+            if isinstance(value, str) and any(word in key.lower() for word in _SECRET_WORDS)
+        ]
 
     # ------------------------------------------------------------------------------------------------ clients
     def _client(self, location: Location) -> Any:
@@ -163,7 +170,8 @@ class Store:
             )
         except Exception as exc:
             raise UnsupportedURLError(
-                f"cannot make a client for {redact(location.url, self._secrets)}: {redact(str(exc), self._secrets)}",
+                f"cannot make a client for {redact(location.url, self._secrets)}: "
+                f"{redact(str(exc).split(chr(10), 1)[0], self._secrets)}",
                 location.url,
             ) from None
 
