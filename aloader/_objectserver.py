@@ -1,7 +1,8 @@
 """A small HTTP object server on 127.0.0.1 with injected latency and faults, for tests and benchmarks.
 
-It serves a mapping of keys to bytes over HTTP/1.1 (keep-alive, ``GET`` with ``Range``, ``HEAD``) from an asyncio
-loop in one background thread, so thousands of connections cost no thread each. It stands in for an object store:
+It serves a mapping of keys to bytes over HTTP/1.1 (keep-alive, ``GET`` with ``Range`` and ``If-Match``, ``HEAD``,
+``ETag``) from an asyncio loop in one background thread, so thousands of connections cost no thread each. It
+stands in for an object store:
 
 - ``latency``: seconds each ``GET``/``HEAD`` waits before it is answered (a remote store's time to first byte);
 - ``faults``: a deterministic share of keys whose first requests fail, with a 503, a 429, a connection dropped
@@ -37,6 +38,7 @@ _REASONS: Final = {
     206: "Partial Content",
     404: "Not Found",
     405: "Method Not Allowed",
+    412: "Precondition Failed",
     416: "Range Not Satisfiable",
     429: "Too Many Requests",
     503: "Service Unavailable",
@@ -241,7 +243,12 @@ class ObjectServer:
             await self._respond(writer, 404, f"no object {key}\n".encode(), method)
             return keep_alive
         data = found
-        status, extra, body = 200, {"Accept-Ranges": "bytes"}, data
+        etag = f'"{zlib.crc32(data):08x}-{len(data)}"'
+        wanted_etag = headers.get("if-match")
+        if wanted_etag and wanted_etag not in ("*", etag):  # the object changed since the client's first read
+            await self._respond(writer, 412, b"", method, {"ETag": etag})
+            return keep_alive
+        status, extra, body = 200, {"Accept-Ranges": "bytes", "ETag": etag}, data
         wanted = headers.get("range")
         if wanted:
             match = _RANGE.match(wanted.strip())

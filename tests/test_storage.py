@@ -324,3 +324,19 @@ def test_clients_for_other_stores_are_made_without_network(url: str, options: di
 
     client = Store(options)._client(parse_url(url))  # making a client sends no request
     assert type(client).__name__ == store_type
+
+
+def test_a_stream_is_not_resumed_into_a_changed_object(http_objects: ObjectServer) -> None:
+    key = "data/part-011.bin"
+    http_objects.faults = Faults(every=1, times=1, kinds=("cut",))
+    store = Store(retry=FAST)
+
+    async def main() -> None:
+        chunks = store.stream(http_objects.url(key), chunk_size=8)
+        await anext(chunks)  # the first bytes of the old version...
+        http_objects.objects[key] = b"a new version"  # ... then the object is replaced before the cut is resumed
+        with pytest.raises(StorageError, match=r"changed while it was being read \(HTTP 412\)"):
+            async for _ in chunks:
+                pass
+
+    run(main())

@@ -151,6 +151,8 @@ def translate(exc: BaseException, url: str, action: str, secrets: Iterable[str],
             "overloaded or unreachable (raise RetryPolicy.max_attempts to wait longer)",
             url,
         )
+    if reason.startswith("HTTP 412"):
+        return StorageError(f"{shown} changed while it was being read ({reason}): read it again", url)
     return StorageError(f"{action} {shown} failed: {reason}", url)
 
 

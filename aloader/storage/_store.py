@@ -267,6 +267,7 @@ class Store:
         location = parse_url(url)
         offset = 0
         failures = 0
+        etag: str | None = None
         while True:
             try:
                 if location.scheme == "file":
@@ -279,8 +280,15 @@ class Store:
                         yield chunk
                 else:
                     client = self._client(location)
-                    options: Any = {"range": {"offset": offset}} if offset else None
+                    options: Any = None
+                    if offset:
+                        # Resume where the broken stream stopped, and only if the object is still the same one.
+                        options = {"range": {"offset": offset}}
+                        if etag:
+                            options["if_match"] = etag
                     result = await obstore.get_async(client, location.path, options=options)
+                    if not offset:
+                        etag = result.meta.get("e_tag")
                     async for part in result.stream(min_chunk_size=chunk_size):
                         data = bytes(part)
                         offset += len(data)
