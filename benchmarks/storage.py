@@ -244,10 +244,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
         server.wait()
         server.stdout.close()
     table = render(results, objects, args.size, args.latency)
-    print(f"Machine: {machine()}\n")
+    # The machine may be shared: say how busy it was, since every figure here depends on it.
+    load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    header = f"Machine: {machine()}; {load}"
+    print(f"{header}\n")
     print(table)
     if args.write:
-        write_section(args.write, f"Machine: {machine()}\n\n{table}", section="storage")
+        write_section(args.write, f"{header}\n\n{table}", section="storage")
     return results
 
 
