@@ -2,6 +2,9 @@
 
 ``aloader.DataLoader`` is a drop-in for ``torch.utils.data.DataLoader`` that also supports ``async for``. The
 dataset, sampler and collate names below are torch's own, re-exported so one import serves both.
+
+``aloader.storage`` reads by URL (local files, S3, GCS, Azure, HTTP) without blocking the loop, and
+``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards.
 """
 
 from torch.utils.data import (

@@ -134,6 +134,9 @@ def start_loop_thread(
         finally:
             try:
                 loop.run_until_complete(loop.shutdown_asyncgens())
+                # Dataset code may use asyncio.to_thread (the loop's default executor): join those threads too,
+                # as asyncio.run does.
+                loop.run_until_complete(loop.shutdown_default_executor())
             finally:
                 asyncio.set_event_loop(None)
                 loop.close()

@@ -174,9 +174,21 @@ class Pipeline:
                 task.cancel()
             try:
                 await finish_through_cancellation(asyncio.gather(*pending, return_exceptions=True))
+                # An async dataset's iterator (e.g. an async generator reading shards) may hold tasks and
+                # connections of its own: close it now rather than whenever it is garbage collected.
+                await finish_through_cancellation(asyncio.ensure_future(self._close_source()))
             finally:
                 await finish_through_cancellation(self._pool.close())
                 self._pool.join()
+
+    async def _close_source(self) -> None:
+        aclose = getattr(self.plan.source, "aclose", None) if self.plan.kind == "async-iterable" else None
+        if aclose is None:
+            return
+        try:
+            await aclose()
+        except Exception:
+            pass  # the iterator failed while closing; the epoch's own outcome has already been reported
 
     async def _emit(self, sink: Sink) -> None:
         timeout = self.plan.timeout

@@ -3,7 +3,14 @@
 Hierarchy::
 
     Exception
-     +-- AloaderError            base of the conditions aloader itself detects (later: storage, worker errors)
+     +-- AloaderError            base of the conditions aloader itself detects
+          +-- StorageError       reading from a store failed; the message names the URL (never a secret)
+               +-- ObjectNotFoundError     (also FileNotFoundError) no object at the URL
+               +-- BucketNotFoundError     (also FileNotFoundError) the bucket or container does not exist
+               +-- AccessDeniedError       (also PermissionError) credentials missing, wrong, or not allowed
+               +-- TransientStorageError   a retryable fault (5xx, throttling, timeout, reset) outlasted the retries
+               +-- UnsupportedURLError     (also ValueError) a URL aloader cannot read, or bad storage options
+               +-- ShardFormatError        (also ValueError) a tar shard is malformed or truncated
 
 A failing sample does not get an aloader exception type: the consumer sees an exception of the *original* type
 (a ``KeyError`` stays a ``KeyError``), whose message names the sample index and whose ``__cause__`` is the original
@@ -14,11 +21,53 @@ Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's 
 
 from __future__ import annotations
 
-__all__ = ["AloaderError", "with_context"]
+__all__ = [
+    "AccessDeniedError",
+    "AloaderError",
+    "BucketNotFoundError",
+    "ObjectNotFoundError",
+    "ShardFormatError",
+    "StorageError",
+    "TransientStorageError",
+    "UnsupportedURLError",
+    "with_context",
+]
 
 
 class AloaderError(Exception):
     """Base class of the conditions aloader itself detects."""
+
+
+class StorageError(AloaderError):
+    """Reading from local or object storage failed. ``url`` is the object (or prefix) concerned."""
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """No object exists at the URL: a missing key or file. Not retried."""
+
+
+class BucketNotFoundError(StorageError, FileNotFoundError):
+    """The bucket (or container) named in the URL does not exist. Not retried."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The store refused the request: missing or wrong credentials, or no permission. Not retried."""
+
+
+class TransientStorageError(StorageError):
+    """A retryable fault (5xx, throttling, timeout, dropped connection) persisted through every retry."""
+
+
+class UnsupportedURLError(StorageError, ValueError):
+    """The URL's scheme is not supported, the URL is malformed, or a storage option is not understood."""
+
+
+class ShardFormatError(StorageError, ValueError):
+    """A tar shard is not a valid (or is a truncated) tar stream."""
 
 
 class _KeyErrorMessage(str):

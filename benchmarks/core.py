@@ -184,11 +184,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
 BEGIN, END = "<!-- core:begin -->", "<!-- core:end -->"
 
 
-def write_section(path: Path, body: str) -> None:
+def write_section(path: Path, body: str, section: str = "core") -> None:
+    """Replace the text between ``<!-- {section}:begin -->`` and ``<!-- {section}:end -->`` (appended if absent)."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text + ("\n" if text else "") + block + "\n"
     path.write_text(text)

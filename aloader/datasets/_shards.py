@@ -1,0 +1,196 @@
+"""``TarShardDataset``: WebDataset-style tar shards streamed from any store, several shards at once."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Final
+
+import torch
+import torch.utils.data
+
+from aloader.datasets._objects import apply_decode
+from aloader.datasets._tar import TarStreamParser, expand_braces, split_key
+from aloader.errors import ShardFormatError
+from aloader.storage import DEFAULT_CHUNK_SIZE, RetryPolicy, Store
+
+__all__ = ["TarShardDataset", "rank_and_world_size"]
+
+_SHARD_END: Final = object()
+
+
+class _ShardFailed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks: from ``torch.distributed`` once it is initialised, else from
+    the ``RANK`` and ``WORLD_SIZE`` environment variables (as ``torchrun`` sets them), else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class TarShardDataset:
+    """Samples from WebDataset-compatible tar shards, streamed: no shard is downloaded whole before use.
+
+    ``urls`` is one URL pattern or a list of them; braces expand (``s3://bkt/train-{000000..000099}.tar``). Files
+    sharing a key (the path up to the first dot of the file name) form one sample, a dict keyed by extension with
+    the file's bytes, plus ``"__key__"`` and ``"__url__"`` (the shard): ``{"__key__": "00042", "jpg": b"...",
+    "cls": b"3", ...}``. ``decode`` (sync: in a thread; or ``async def``) maps each sample dict to what is yielded.
+
+    - ``shard_concurrency`` shards are read at once; samples are taken from them in turn (round-robin), so the
+      order is the same in every run whatever the network does.
+    - ``shuffle=True`` shuffles the shard order with ``seed`` and the epoch (call ``set_epoch(epoch)`` before each
+      epoch, as with ``DistributedSampler``) and then samples through a buffer of ``shuffle_buffer`` samples.
+    - Shards are split across ranks (``torch.distributed``, or the ``RANK``/``WORLD_SIZE`` environment) and across
+      DataLoader worker processes, so no sample is read twice. ``split_by_rank=False`` / ``split_by_worker=False``
+      turn that off (e.g. when each rank is given its own URL list). With fewer shards than ranks times workers,
+      some get none: make at least that many shards.
+
+    It is an async iterable (``__aiter__``): give it to ``aloader.DataLoader`` as the dataset.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        shard_concurrency: int = 4,
+        decode: Callable[[dict[str, Any]], Any] | None = None,
+        split_by_rank: bool = True,
+        split_by_worker: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        prefetch_per_shard: int = 64,
+    ) -> None:
+        patterns = [urls] if isinstance(urls, str) else list(urls)
+        self.shards: list[str] = [url for pattern in patterns for url in expand_braces(pattern)]
+        if not self.shards:
+            raise ValueError("TarShardDataset needs at least one shard URL")
+        for name, value in (
+            ("shard_concurrency", shard_concurrency),
+            ("chunk_size", chunk_size),
+            ("prefetch_per_shard", prefetch_per_shard),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} should be a positive integer, but got {name}={value!r}")
+        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer should be a non-negative integer, but got {shuffle_buffer!r}")
+        if decode is not None and not callable(decode):
+            raise TypeError(f"decode should be a callable or None, but got {decode!r}")
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.shard_concurrency = shard_concurrency
+        self.decode = decode
+        self.split_by_rank = split_by_rank
+        self.split_by_worker = split_by_worker
+        self.store = Store(storage_options, retry=retry)
+        self.chunk_size = chunk_size
+        self.prefetch_per_shard = prefetch_per_shard
+        self.epoch = 0
+
+    def __repr__(self) -> str:
+        return f"TarShardDataset({len(self.shards)} shards, shuffle={self.shuffle}, store={self.store!r})"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with ``seed``, orders the shards and samples when ``shuffle=True``."""
+        self.epoch = epoch
+
+    def _split(self) -> tuple[int, int]:
+        """(this reader's slot, number of slots) over ranks times workers."""
+        rank, world = rank_and_world_size() if self.split_by_rank else (0, 1)
+        info = torch.utils.data.get_worker_info() if self.split_by_worker else None
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * workers + worker, world * workers
+
+    def shards_for_this_reader(self) -> list[str]:
+        """The shards this process (and worker) reads this epoch, in the order it reads them."""
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)  # the same on every rank: a split, no overlap
+        slot, slots = self._split()
+        return shards[slot::slots]
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._samples()
+
+    async def _samples(self) -> AsyncIterator[Any]:
+        pending = collections.deque(self.shards_for_this_reader())
+        slot, _ = self._split()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{slot}")
+        use_buffer = self.shuffle and self.shuffle_buffer > 1
+        active: collections.deque[tuple[asyncio.Queue[Any], asyncio.Task[None]]] = collections.deque()
+        tasks: list[asyncio.Task[None]] = []
+
+        def start_next() -> None:
+            url = pending.popleft()
+            queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.prefetch_per_shard)
+            task = asyncio.get_running_loop().create_task(self._read_shard(url, queue))
+            tasks.append(task)
+            active.append((queue, task))
+
+        buffer: list[Any] = []
+        try:
+            while pending and len(active) < self.shard_concurrency:
+                start_next()
+            while active:
+                queue, _ = active[0]
+                item = await queue.get()
+                if item is _SHARD_END:
+                    active.popleft()
+                    if pending:
+                        start_next()
+                    continue
+                if isinstance(item, _ShardFailed):
+                    raise item.error
+                active.rotate(-1)  # the next sample comes from the next shard: a fixed, timing-free order
+                if use_buffer:
+                    buffer.append(item)
+                    if len(buffer) < self.shuffle_buffer:
+                        continue
+                    chosen = rng.randrange(len(buffer))
+                    buffer[chosen], buffer[-1] = buffer[-1], buffer[chosen]
+                    item = buffer.pop()
+                yield await apply_decode(self.decode, item)
+            rng.shuffle(buffer)
+            while buffer:
+                yield await apply_decode(self.decode, buffer.pop())
+        finally:
+            # Readers still running (a `break`, an error, a cancelled epoch) stop with the iteration.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read_shard(self, url: str, queue: asyncio.Queue[Any]) -> None:
+        """Stream one shard into ``queue``: sample dicts, then ``_SHARD_END`` (or a ``_ShardFailed``)."""
+        parser = TarStreamParser(url)
+        current: dict[str, Any] | None = None
+        try:
+            async for chunk in self.store.stream(url, chunk_size=self.chunk_size):
+                for name, data in parser.feed(chunk):
+                    key, extension = split_key(name)
+                    if current is not None and current["__key__"] != key:
+                        await queue.put(current)
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                    if extension in current:
+                        raise ShardFormatError(f"{url}: sample {key!r} has two files ending in .{extension}", url)
+                    current[extension] = data
+            parser.close()
+            if current is not None:
+                await queue.put(current)
+            await queue.put(_SHARD_END)
+        except Exception as exc:
+            await queue.put(_ShardFailed(exc))
