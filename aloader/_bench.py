@@ -12,6 +12,7 @@ the same wrapper for every system.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -36,6 +37,8 @@ import torch
 import torch.utils.data
 
 import aloader
+from aloader import storage
+from aloader.datasets import ObjectDataset
 
 __all__ = [
     "SYSTEMS",
@@ -147,13 +150,15 @@ class BenchReport:
 
 # ------------------------------------------------------------------------------------------------ the datasets
 def read_blocking(url: str) -> bytes:
-    """A blocking read, as an unchanged torch Dataset does it: urllib for http(s), open() for local files."""
+    """A blocking read, as an unchanged torch Dataset does it: urllib for http(s), ``open()`` for local files, and
+    for object stores one blocking call per object (obstore's client, as a ``boto3`` ``get_object`` would be)."""
     if url.startswith(("http://", "https://")):
         with urllib.request.urlopen(url, timeout=60) as response:
             data: bytes = response.read()
             return data
-    path = url.removeprefix("file://")
-    return Path(path).read_bytes()
+    if "://" not in url or url.startswith("file://"):
+        return Path(url.removeprefix("file://")).read_bytes()
+    return asyncio.run(storage.read(url))
 
 
 def decode_array(data: bytes) -> torch.Tensor:
@@ -161,6 +166,19 @@ def decode_array(data: bytes) -> torch.Tensor:
     if data[:6] == b"\x93NUMPY":
         return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same collate for every system: stacks the tensors when they have one shape (else keeps a list, e.g. for
+    images of different sizes), and carries what the figures need."""
+    tensors = [sample["data"] for sample in samples]
+    same_shape = all(t.shape == tensors[0].shape for t in tensors)
+    return {
+        "data": torch.stack(tensors) if same_shape else tensors,
+        "count": len(tensors),
+        "nbytes": sum(t.nbytes for t in tensors),
+        "latency": [sample["latency"] for sample in samples],
+    }
 
 
 class BlockingObjects(torch.utils.data.Dataset[dict[str, Any]]):
@@ -178,8 +196,23 @@ class BlockingObjects(torch.utils.data.Dataset[dict[str, Any]]):
         return {"data": data, "latency": time.perf_counter() - started}
 
 
-class AsyncObjects:
-    """The same objects read with ``async def __getitem__``: aloader keeps ``concurrency`` reads in flight."""
+class TimedObjects:
+    """aloader's bucket dataset (``ObjectDataset``, ``async def __getitem__``), each sample timed."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.objects = ObjectDataset(urls, decode=decode_array)
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    async def __getitem__(self, index: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        data = await self.objects[index]
+        return {"data": data, "latency": time.perf_counter() - started}
+
+
+class BareReads:
+    """The ceiling's reads: ``aloader.storage.read`` and the decoding, nothing else."""
 
     def __init__(self, urls: Sequence[str]) -> None:
         self.urls = list(urls)
@@ -189,22 +222,16 @@ class AsyncObjects:
 
     async def __getitem__(self, index: int) -> dict[str, Any]:
         started = time.perf_counter()
-        data = decode_array(await read_async(self.urls[index]))
+        data = decode_array(await storage.read(self.urls[index]))
         return {"data": data, "latency": time.perf_counter() - started}
-
-
-async def read_async(url: str) -> bytes:
-    """Read one object without blocking the loop."""
-    import asyncio
-
-    return await asyncio.to_thread(read_blocking, url)
 
 
 def _make_loader(system: SystemName, config: BenchConfig) -> Any:
     if system == "aloader":
         return aloader.DataLoader(
-            AsyncObjects(config.urls),
+            TimedObjects(config.urls),
             batch_size=config.batch_size,
+            collate_fn=collate,
             concurrency=config.concurrency,
             num_workers=config.aloader_workers,
         )
@@ -212,12 +239,16 @@ def _make_loader(system: SystemName, config: BenchConfig) -> Any:
         return aloader.DataLoader(
             BlockingObjects(config.urls),
             batch_size=config.batch_size,
+            collate_fn=collate,
             concurrency=config.concurrency,
             num_workers=config.aloader_workers,
         )
     if system == "torch":
         return torch.utils.data.DataLoader(
-            BlockingObjects(config.urls), batch_size=config.batch_size, num_workers=config.num_workers
+            BlockingObjects(config.urls),
+            batch_size=config.batch_size,
+            collate_fn=collate,
+            num_workers=config.num_workers,
         )
     if system == "ceiling":
         return _Ceiling(config)
@@ -230,11 +261,9 @@ class _Ceiling:
 
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
-        self.dataset = AsyncObjects(config.urls)
+        self.dataset = BareReads(config.urls)
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        import asyncio
-
         limit = asyncio.Semaphore(self.config.concurrency)
 
         async def one(index: int) -> dict[str, Any]:
@@ -252,7 +281,7 @@ class _Ceiling:
                 while len(pending) >= window or (stop == total and pending):
                     samples = [await task for task in pending[:size]]
                     del pending[:size]
-                    yield torch.utils.data.default_collate(samples)
+                    yield collate(samples)
         finally:
             for task in pending:
                 task.cancel()
@@ -263,7 +292,7 @@ class _SpdlLoader:
 
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
-        self.dataset = AsyncObjects(config.urls)
+        self.dataset = TimedObjects(config.urls)
 
     def __iter__(self) -> Iterator[Any]:
         from spdl.pipeline import PipelineBuilder
@@ -273,7 +302,7 @@ class _SpdlLoader:
             builder.add_source(range(len(self.dataset)))
             .pipe(self.dataset.__getitem__, concurrency=self.config.concurrency, output_order="input")
             .aggregate(self.config.batch_size)
-            .pipe(torch.utils.data.default_collate)
+            .pipe(collate)
             .add_sink(3)
             .build(num_threads=2)
         )
@@ -293,12 +322,10 @@ def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connec
         started = time.perf_counter()
 
         def report(batch: Any) -> None:
-            data, latency = batch["data"], batch["latency"]
             now = time.perf_counter() - started
-            conn.send(("batch", now, int(data.shape[0]), int(data.nbytes), latency.tolist()))
+            conn.send(("batch", now, batch["count"], batch["nbytes"], batch["latency"]))
 
         if isinstance(loader, _Ceiling):
-            import asyncio
 
             async def consume() -> None:
                 for _ in range(config.epochs):
@@ -588,14 +615,6 @@ def synthetic_images(count: int, seed: int = 0) -> dict[str, bytes]:
     return objects
 
 
-def _local_files(root: Path) -> list[str]:
-    if root.is_file():
-        return [str(root)]
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such file or directory: {root}")
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
-
-
 @contextlib.contextmanager
 def open_source(source: str | None, samples: int | None, latency: float) -> Iterator[tuple[str, list[str]]]:
     """Yield (a label, the sample URLs) for ``source``; for None, serve a synthetic dataset while in the block."""
@@ -612,10 +631,8 @@ def open_source(source: str | None, samples: int | None, latency: float) -> Iter
             )
             yield label, urls
         return
-    if "://" not in source or source.startswith("file://"):
-        urls = _local_files(Path(source.removeprefix("file://")))
-    else:
-        raise ValueError(f"unsupported source {source!r}: give a local path or an http(s):// URL")
+    # Listed once, sorted, as ObjectDataset lists a prefix; credentials come from the environment.
+    urls = asyncio.run(storage.list_prefix(source))
     if samples is not None:
         urls = urls[:samples]
     if not urls:
