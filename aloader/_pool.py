@@ -1,0 +1,573 @@
+"""The process pool: CPU-heavy user code in worker processes, results back through shared memory.
+
+Parent side, one :class:`WorkerPool` per iterator (or per loader with ``persistent_workers=True``)::
+
+    pipeline batch task --submit(worker, op)--> pipe to worker w  (a pool thread sends: a full pipe must not block
+          ^                                                         the event loop)
+          |  asyncio future, resolved with call_soon_threadsafe
+    reader thread: multiprocessing.connection.wait() on every worker's result pipe *and* process sentinel, so a
+                   worker that dies fails the futures it held at once, naming the worker and its samples.
+
+Worker side (``_worker_main``): seeds ``random``, ``torch`` and numpy exactly as torch's worker loop does, sets
+torch's own ``_worker_info`` (so ``torch.utils.data.get_worker_info()`` works in user code), runs
+``worker_init_fn``, then answers tasks in the order they come: fetch (sync map-style datasets), next batch (iterable
+datasets: each worker iterates its own copy), transform, collate.
+
+Transfer. Work goes to the worker as plain pickles (small: indices, or samples of async datasets). Results come back
+pickled with ``ForkingPickler`` and torch's reductions: a tensor's storage goes as a file descriptor of an unlinked
+shared-memory segment (torch's ``file_descriptor`` strategy), so only metadata crosses the pipe and no named
+``/dev/shm`` entry exists that a killed process could leave behind. ``default_collate`` already allocates its output
+in shared memory inside a worker (it checks ``get_worker_info()``), so a collated batch is not copied again. numpy
+arrays of ``_SHARE_MIN_BYTES`` or more travel as shared tensors and are rebuilt as arrays of the same dtype.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.context
+import pickle
+import queue
+import random
+import signal
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Final, Literal
+
+import numpy as np
+import torch
+import torch.multiprocessing  # registers torch's shared-memory reductions with ForkingPickler
+import torch.utils.data._utils.worker as torch_worker
+
+from aloader._threads import _deliver
+from aloader.errors import WorkerDiedError, with_context
+
+__all__ = ["IterStop", "WorkerPool", "WorkerSetup", "default_context", "describe_indices"]
+
+# Arrays smaller than this are pickled inline: a shared segment costs a file descriptor round trip (~100 us).
+_SHARE_MIN_BYTES: Final = 64 * 1024
+# How long close() lets an idle worker exit by itself (it sees end-of-file at once) before terminating it.
+_EXIT_GRACE_SECONDS: Final = 5.0
+_HEADER = struct.Struct("<q")  # task id in front of each result message
+
+Op = Literal["map", "items", "reset", "next"]
+
+
+def default_context() -> multiprocessing.context.BaseContext:
+    """``forkserver``: safe with the loader's threads (a fork would copy locks held by them); torch is preloaded
+    in the server once, so each worker starts in tens of milliseconds instead of re-importing torch."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows, macOS without it: spawn
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "numpy", "aloader._pool"])
+    return context
+
+
+def describe_indices(indices: Sequence[Any]) -> str:
+    shown = ", ".join(map(repr, indices[:8]))
+    return f"[{shown}{', ...' if len(indices) > 8 else ''}] ({len(indices)} samples)"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """What every worker gets once, at start (pickled: the dataset is copied into each worker)."""
+
+    kind: Literal["map", "iterable", "items"]  # items: samples come from the parent (async datasets)
+    dataset: Any
+    auto_collation: bool
+    batch_size: int | None
+    drop_last: bool
+    collate_fn: Callable[[Any], Any]
+    transform: Callable[[Any], Any] | None
+    worker_init_fn: Callable[[int], None] | None
+    num_workers: int
+    base_seed: int
+
+
+class _IterStop:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "IterStop"
+
+    def __reduce__(self) -> str:
+        return "IterStop"
+
+
+IterStop: Final = _IterStop()
+"""A worker's answer to ``next`` when its copy of an iterable dataset is exhausted for this epoch."""
+
+
+# ----------------------------------------------------------------------------------------------- worker process
+def _rebuild_array(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
+    return tensor.numpy()
+
+
+def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
+    if type(array) is np.ndarray and array.nbytes >= _SHARE_MIN_BYTES and not array.dtype.hasobject:
+        try:
+            tensor = torch.from_numpy(np.array(array, order="C", copy=True))
+        except (TypeError, ValueError):  # a dtype torch has no tensor for (strings, non-native byte order)
+            pass
+        else:
+            return _rebuild_array, (tensor.share_memory_(),)  # type: ignore[no-untyped-call]
+    return array.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
+def _dumps_shared(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    pickler = ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table[np.ndarray] = _reduce_array
+    pickler.dump(obj)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class _Error:
+    """An exception raised in a worker, sent as data: its type may not survive pickling, its text always does."""
+
+    where: str
+    pickled: bytes | None
+    type_name: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def capture(cls, exc: BaseException, where: str) -> _Error:
+        text = "".join(traceback.format_exception(exc))
+        pickled: bytes | None
+        try:
+            pickled = pickle.dumps(exc)
+            pickle.loads(pickled)  # an exception whose __init__ takes other arguments cannot be rebuilt
+        except Exception:
+            pickled = None
+        return cls(where, pickled, type(exc).__qualname__, str(exc), text)
+
+    def rebuild(self, worker_id: int, pid: int | None) -> BaseException:
+        original: BaseException
+        try:
+            original = pickle.loads(self.pickled) if self.pickled is not None else RuntimeError(self.message)
+        except Exception:
+            original = RuntimeError(f"{self.type_name}: {self.message}")
+        original.add_note(f"Traceback in DataLoader worker process {worker_id} (pid {pid}):\n{self.traceback}")
+        return with_context(original, f"{self.where} in DataLoader worker process {worker_id}")
+
+
+class _Worker:
+    """The state of one worker process: its dataset copy, and the iterator of an iterable dataset."""
+
+    def __init__(self, setup: WorkerSetup, worker_id: int) -> None:
+        self.setup = setup
+        self.worker_id = worker_id
+        self.iterator: Any = None
+        self.ended = False
+
+    def run(self, op: Op, payload: Any) -> Any:
+        setup = self.setup
+        if op == "map":
+            return self.collate(payload, self.fetch(payload), "sample index")
+        if op == "items":
+            positions, samples, label = payload
+            return self.collate(positions, samples, label)
+        if op == "reset":
+            self.iterator, self.ended = iter(setup.dataset), False
+            return None
+        return self.next_batch()
+
+    def fetch(self, indices: list[Any]) -> list[Any]:
+        # As torch's _MapDatasetFetcher: __getitems__ for a batch when the dataset has it, else one by one.
+        dataset = self.setup.dataset
+        if not self.setup.auto_collation:
+            return [self.getitem(dataset, indices[0])]
+        getitems = getattr(dataset, "__getitems__", None)
+        if getitems:
+            try:
+                return list(getitems(indices))
+            except Exception as exc:
+                raise _Failure(exc, f"fetching the batch of sample indices {describe_indices(indices)}")
+        return [self.getitem(dataset, index) for index in indices]
+
+    @staticmethod
+    def getitem(dataset: Any, index: Any) -> Any:
+        try:
+            return dataset[index]
+        except Exception as exc:
+            raise _Failure(exc, f"fetching sample index {index!r}")
+
+    def next_batch(self) -> Any:
+        # As torch's _IterableDatasetFetcher: a short last batch unless drop_last; then the worker is exhausted.
+        setup = self.setup
+        if self.ended or self.iterator is None:
+            return IterStop
+        if not setup.auto_collation:
+            try:
+                item = next(self.iterator)
+            except StopIteration:
+                self.ended = True
+                return IterStop
+            except Exception as exc:
+                raise _Failure(exc, "fetching an item of the iterable dataset")
+            return self.collate(["item"], [item], "item")
+        items: list[Any] = []
+        assert setup.batch_size is not None
+        try:
+            for _ in range(setup.batch_size):
+                items.append(next(self.iterator))
+        except StopIteration:
+            self.ended = True
+        except Exception as exc:
+            raise _Failure(exc, "fetching items of the iterable dataset")
+        if not items or (setup.drop_last and len(items) < setup.batch_size):
+            self.ended = True
+            return IterStop
+        return self.collate(["item"] * len(items), items, "item")
+
+    def collate(self, positions: list[Any], samples: list[Any], label: str) -> Any:
+        setup = self.setup
+        if setup.transform is not None:
+            out = []
+            for sample, position in zip(samples, positions, strict=True):
+                try:
+                    out.append(setup.transform(sample))
+                except Exception as exc:
+                    raise _Failure(exc, f"in transform for {label} {position!r}")
+            samples = out
+        try:
+            return setup.collate_fn(samples if setup.auto_collation else samples[0])
+        except Exception as exc:
+            plural = "sample indices" if label == "sample index" else f"{label}s"
+            raise _Failure(exc, f"in collate_fn for the batch of {plural} {describe_indices(positions)}")
+
+
+class _Failure(Exception):
+    def __init__(self, error: Exception, where: str) -> None:
+        super().__init__(where)
+        self.error, self.where = error, where
+
+
+def _seed_worker(base_seed: int, worker_id: int) -> int:
+    # Exactly torch's worker loop: the same seeds give the same random draws inside __getitem__.
+    seed = base_seed + worker_id
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(torch_worker._generate_state(base_seed, worker_id))  # type: ignore[no-untyped-call]
+    return seed
+
+
+def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, setup_bytes: bytes) -> None:
+    """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``."""
+    # SIGTERM (the pool's close() for a busy worker) unwinds through Python, so multiprocessing's exit hooks run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    init_error: _Error | None = None
+    worker: _Worker | None = None
+    try:
+        torch.set_num_threads(1)  # as torch: workers must not oversubscribe the cores with intra-op threads
+        setup: WorkerSetup = pickle.loads(setup_bytes)
+        seed = _seed_worker(setup.base_seed, worker_id)
+        torch_worker._worker_info = torch_worker.WorkerInfo(
+            id=worker_id, num_workers=setup.num_workers, seed=seed, dataset=setup.dataset
+        )
+        worker = _Worker(setup, worker_id)
+        if setup.worker_init_fn is not None:
+            setup.worker_init_fn(worker_id)
+    except Exception as exc:
+        init_error = _Error.capture(exc, "in worker_init_fn" if worker is not None else "starting the worker")
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        task = pickle.loads(message)
+        if task is None:
+            return
+        task_id, op, payload = task
+        result: object
+        if init_error is not None:
+            result = init_error  # every task of a worker that failed to start fails with that error
+        else:
+            assert worker is not None
+            try:
+                result = worker.run(op, payload)
+            except _Failure as failure:
+                result = _Error.capture(failure.error, failure.where)
+            except Exception as exc:
+                result = _Error.capture(exc, f"running {op!r}")
+        try:
+            data = _dumps_shared(result)
+        except Exception as exc:
+            data = _dumps_shared(_Error.capture(exc, "sending the result to the main process"))
+        del result, task, payload
+        try:
+            conn.send_bytes(_HEADER.pack(task_id) + data)
+        except (BrokenPipeError, OSError):
+            return
+
+
+# ----------------------------------------------------------------------------------------------- parent process
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A task whose batch was abandoned may still fail later; that is not an unretrieved error worth logging.
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(slots=True)
+class _Pending:
+    worker_id: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    what: str  # the samples it holds, for the error when the worker dies
+
+
+class WorkerPool:
+    """``num_workers`` processes with a pipe each, and one reader thread resolving the tasks' futures.
+
+    ``start()`` and ``close()`` block (process start and join): call them off the event loop. ``submit`` is for the
+    event loop's side; its send runs in a thread. Idempotent ``close()``; safe from any thread but the reader.
+    """
+
+    def __init__(
+        self, setup: WorkerSetup, num_workers: int, context: multiprocessing.context.BaseContext | None
+    ) -> None:
+        self.setup = setup
+        self.num_workers = num_workers
+        self._context = context if context is not None else default_context()
+        self._lock = threading.Lock()  # start/close/pending
+        self._send_queues: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in range(num_workers)]
+        self._senders: list[threading.Thread] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._pending: dict[int, _Pending] = {}
+        self._in_flight = [0] * num_workers  # tasks sent and not answered, awaited or not
+        self._ids = itertools.count()
+        self._dead: dict[int, WorkerDiedError] = {}
+        self._reader: threading.Thread | None = None
+        self._wake_r: multiprocessing.connection.Connection | None = None
+        self._wake_w: multiprocessing.connection.Connection | None = None
+        self._started = False
+        self._closed = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def broken(self) -> bool:
+        """A worker has died: the pool cannot serve another epoch."""
+        return bool(self._dead)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self._processes]
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+            setup_bytes = pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
+            try:
+                for worker_id in range(self.num_workers):
+                    ours, theirs = self._context.Pipe(duplex=True)
+                    process = self._context.Process(  # type: ignore[attr-defined]
+                        target=_worker_main,
+                        args=(worker_id, theirs, setup_bytes),
+                        name=f"aloader-worker-{worker_id}",
+                        daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
+                    )
+                    self._conns.append(ours)
+                    try:
+                        process.start()
+                    finally:
+                        theirs.close()
+                    self._processes.append(process)
+            except BaseException:
+                self._shutdown_locked()
+                raise
+            self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+            self._reader = threading.Thread(target=self._read, name="aloader-pool-reader", daemon=True)
+            self._reader.start()
+            for worker_id in range(self.num_workers):
+                sender = threading.Thread(
+                    target=self._send, args=(worker_id,), name=f"aloader-pool-sender-{worker_id}", daemon=True
+                )
+                self._senders.append(sender)
+                sender.start()
+
+    # ------------------------------------------------------------------------------------------------ tasks
+    def submit(self, worker_id: int, op: Op, payload: Any, what: str) -> asyncio.Future[Any]:
+        """Queue a task for ``worker_id`` (never blocks); its future resolves with the result or raises.
+
+        Tasks reach a worker in the order they are submitted (one sender thread per worker): with the same seeds,
+        the same batches in the same order give the same random draws as in torch's workers.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(_retrieve)
+        with self._lock:
+            task_id = next(self._ids)
+            dead = self._dead.get(worker_id)
+            if dead is None and self._closed:
+                dead = WorkerDiedError("the DataLoader's worker pool is closed")
+            if dead is None:
+                self._pending[task_id] = _Pending(worker_id, loop, future, what)
+                self._in_flight[worker_id] += 1
+                self._send_queues[worker_id].put(pickle.dumps((task_id, op, payload), pickle.HIGHEST_PROTOCOL))
+        if dead is not None:
+            future.set_exception(dead.again(what))
+        return future
+
+    def _send(self, worker_id: int) -> None:
+        conn, work = self._conns[worker_id], self._send_queues[worker_id]
+        while (message := work.get()) is not None:
+            try:
+                conn.send_bytes(message)
+            except (OSError, ValueError):  # the worker died (the reader fails its tasks) or the pool is closing
+                pass
+            del message
+
+    def forget(self, future: asyncio.Future[Any]) -> None:
+        """Nothing waits for this task any more (its batch task was cancelled)."""
+        with self._lock:
+            for task_id, pending in list(self._pending.items()):
+                if pending.future is future:
+                    del self._pending[task_id]
+
+    def _read(self) -> None:
+        assert self._wake_r is not None
+        conns = {conn: worker_id for worker_id, conn in enumerate(self._conns)}
+        sentinels = {p.sentinel: worker_id for worker_id, p in enumerate(self._processes)}
+        waiting: list[Any] = [self._wake_r, *conns, *sentinels]
+        while True:
+            ready = multiprocessing.connection.wait(waiting)
+            if self._wake_r in ready:
+                return
+            for obj in ready:
+                if obj in conns:
+                    self._drain(obj, conns[obj])
+            for obj in ready:
+                if obj in sentinels:
+                    worker_id = sentinels[obj]
+                    conn = self._conns[worker_id]
+                    if conn in conns:
+                        self._drain(conn, worker_id)  # results it sent before dying still count
+                    self._worker_died(worker_id)
+                    waiting.remove(obj)
+                    if conn in waiting:
+                        waiting.remove(conn)
+                    conns.pop(conn, None)
+
+    def _drain(self, conn: multiprocessing.connection.Connection, worker_id: int) -> None:
+        try:
+            while conn.poll():
+                self._deliver(conn.recv_bytes(), worker_id)
+        except (EOFError, OSError):
+            pass  # the worker is gone: its sentinel tells the rest
+
+    def _deliver(self, data: bytes, worker_id: int) -> None:
+        (task_id,) = _HEADER.unpack_from(data)
+        with self._lock:
+            pending = self._pending.pop(task_id, None)
+            self._in_flight[worker_id] -= 1
+        if pending is None:
+            return  # its batch was abandoned (break, cancellation); the shared memory goes with `data`
+        ok = True
+        try:
+            value = pickle.loads(memoryview(data)[_HEADER.size :])
+        except Exception as exc:
+            ok, value = False, exc
+        if isinstance(value, _Error):
+            ok, value = False, value.rebuild(worker_id, self._processes[worker_id].pid)
+        try:
+            pending.loop.call_soon_threadsafe(_deliver, pending.future, ok, value)
+        except RuntimeError:  # the loop closed: nobody waits
+            pass
+
+    def _worker_died(self, worker_id: int) -> None:
+        process = self._processes[worker_id]
+        process.join(0)
+        code = process.exitcode
+        how = (
+            f"was killed by signal {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else (f"exited with code {code}")
+        )
+        with self._lock:
+            if self._closed:
+                return
+            held = {tid: p for tid, p in self._pending.items() if p.worker_id == worker_id}
+            for task_id in held:
+                del self._pending[task_id]
+            error = WorkerDiedError(
+                f"DataLoader worker {worker_id} (pid {process.pid}) {how} unexpectedly",
+                worker_id=worker_id,
+                pid=process.pid,
+                exitcode=code,
+            )
+            self._dead[worker_id] = error
+        for pending in held.values():
+            try:
+                pending.loop.call_soon_threadsafe(_deliver, pending.future, False, error.again(pending.what))
+            except RuntimeError:
+                pass
+
+    # ------------------------------------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Stop the reader and every worker, and wait until all have exited. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shutdown_locked()
+
+    def _shutdown_locked(self) -> None:
+        self._closed = True
+        if self._wake_w is not None:
+            self._wake_w.send_bytes(b"")
+        if self._reader is not None and self._reader is not threading.current_thread():
+            # Released while joining: the reader may need the lock to finish delivering.
+            self._lock.release()
+            try:
+                self._reader.join()
+            finally:
+                self._lock.acquire()
+        for work in self._send_queues:
+            work.put(None)
+        for worker_id, process in enumerate(self._processes):
+            if self._in_flight[worker_id] > 0:
+                process.terminate()  # running user code (maybe for an abandoned batch): do not wait for it
+        for sender in self._senders:
+            sender.join()  # a send blocked on a full pipe ends: the worker reads, or was terminated just now
+        held = list(self._pending.values())
+        self._pending.clear()
+        closed = WorkerDiedError("the DataLoader's worker pool was closed")
+        for pending in held:  # a persistent pool closed during an epoch: nobody may wait forever
+            try:
+                pending.loop.call_soon_threadsafe(_deliver, pending.future, False, closed.again(pending.what))
+            except RuntimeError:
+                pass
+        for conn in self._conns:
+            conn.close()  # idle workers see end-of-file and exit
+        for process in self._processes:
+            process.join(_EXIT_GRACE_SECONDS)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+            process.close()
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_started", False) and not self._closed:
+            try:
+                self.close()
+            except Exception:
+                pass
