@@ -14,11 +14,14 @@ torch's own ``_worker_info`` (so ``torch.utils.data.get_worker_info()`` works in
 datasets: each worker iterates its own copy), transform, collate.
 
 Transfer. Work goes to the worker as plain pickles (small: indices, or samples of async datasets). Results come back
-pickled with ``ForkingPickler`` and torch's reductions: a tensor's storage goes as a file descriptor of an unlinked
-shared-memory segment (torch's ``file_descriptor`` strategy), so only metadata crosses the pipe and no named
-``/dev/shm`` entry exists that a killed process could leave behind. ``default_collate`` already allocates its output
-in shared memory inside a worker (it checks ``get_worker_info()``), so a collated batch is not copied again. numpy
-arrays of ``_SHARE_MIN_BYTES`` or more travel as shared tensors and are rebuilt as arrays of the same dtype.
+pickled with torch's tensor reductions, except that each tensor storage travels as the file descriptor of an unlinked
+shared-memory segment (torch's ``file_descriptor`` strategy: ``_share_fd_cpu_``), passed with ``SCM_RIGHTS`` on the
+worker's own socket right behind the message. Only metadata crosses the pipe, no named ``/dev/shm`` entry exists that
+a killed process could leave behind, and, unlike torch's ``resource_sharer`` (which serves each descriptor from a
+thread of the sending process), a batch sent just before its worker dies still arrives: the kernel holds descriptors
+in flight. ``default_collate`` already allocates its output in shared memory inside a worker (it checks
+``get_worker_info()``), so a collated batch is not copied again. numpy arrays of ``_SHARE_MIN_BYTES`` or more travel
+as shared tensors and are rebuilt as arrays of the same dtype.
 """
 
 from __future__ import annotations
@@ -29,17 +32,19 @@ import itertools
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
+import os
 import pickle
 import queue
 import random
 import signal
+import socket
 import struct
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler
+from multiprocessing.reduction import ForkingPickler, recvfds, sendfds
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -56,7 +61,8 @@ __all__ = ["IterStop", "WorkerPool", "WorkerSetup", "default_context", "describe
 _SHARE_MIN_BYTES: Final = 64 * 1024
 # How long close() lets an idle worker exit by itself (it sees end-of-file at once) before terminating it.
 _EXIT_GRACE_SECONDS: Final = 5.0
-_HEADER = struct.Struct("<q")  # task id in front of each result message
+_HEADER = struct.Struct("<qi")  # in front of each result message: task id, file descriptors that follow it
+_FDS_PER_MESSAGE: Final = 200  # below the kernel's SCM_MAX_FD (253)
 
 Op = Literal["map", "items", "reset", "next"]
 
@@ -122,12 +128,66 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
     return array.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
 
 
-def _dumps_shared(obj: object) -> bytes:
+def _dumps_shared(obj: object) -> tuple[bytes, list[int], list[torch.UntypedStorage]]:
+    """Pickle ``obj`` with tensor storages moved to shared memory: (bytes, descriptors to send after them, storages).
+
+    The descriptors belong to the storages (some made only for pickling, e.g. from numpy arrays): keep the storages
+    alive until the descriptors are sent.
+    """
+    fds: list[int] = []
+    keep: list[torch.UntypedStorage] = []
+    seen: dict[int, int] = {}  # storage address -> index in fds: views of one storage stay one storage
+
+    def reduce_storage(storage: torch.UntypedStorage) -> Any:
+        if storage.size() == 0:  # cannot be mapped
+            return torch.UntypedStorage, ()
+        key = storage.data_ptr()
+        if key not in seen:
+            fd, _ = storage._share_fd_cpu_()
+            seen[key] = len(fds)
+            fds.append(fd)
+            keep.append(storage)
+        return _rebuild_storage, (seen[key], storage.size())
+
     buffer = io.BytesIO()
     pickler = ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table[np.ndarray] = _reduce_array
+    pickler.dispatch_table[torch.UntypedStorage] = reduce_storage
     pickler.dump(obj)
-    return buffer.getvalue()
+    return buffer.getvalue(), fds, keep
+
+
+class _Received(threading.local):
+    fds: list[int]
+    storages: dict[int, torch.UntypedStorage]
+
+    def __init__(self) -> None:
+        self.fds, self.storages = [], {}
+
+
+_received = _Received()  # the descriptors of the message the reader thread is unpickling
+
+
+def _rebuild_storage(index: int, size: int) -> torch.UntypedStorage:
+    storage = _received.storages.get(index)
+    if storage is None:
+        # Maps the segment and keeps its own duplicate of the descriptor; the reader closes the received one.
+        new_shared = torch.UntypedStorage._new_shared_fd_cpu  # type: ignore[attr-defined]
+        storage = _received.storages[index] = new_shared(_received.fds[index], size)
+    return storage
+
+
+def _send_result(
+    conn: multiprocessing.connection.Connection, sock: socket.socket, task_id: int, result: object
+) -> None:
+    try:
+        data, fds, keep = _dumps_shared(result)
+    except Exception as exc:
+        data, fds, keep = _dumps_shared(_Error.capture(exc, "sending the result to the main process"))
+    conn.send_bytes(_HEADER.pack(task_id, len(fds)) + data)
+    for start in range(0, len(fds), _FDS_PER_MESSAGE):
+        sendfds(sock, fds[start : start + _FDS_PER_MESSAGE])
+    del keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +326,7 @@ def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, se
     """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``."""
     # SIGTERM (the pool's close() for a busy worker) unwinds through Python, so multiprocessing's exit hooks run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    sock = socket.socket(fileno=os.dup(conn.fileno()))  # the same socket, for passing descriptors
     init_error: _Error | None = None
     worker: _Worker | None = None
     try:
@@ -301,14 +362,10 @@ def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, se
             except Exception as exc:
                 result = _Error.capture(exc, f"running {op!r}")
         try:
-            data = _dumps_shared(result)
-        except Exception as exc:
-            data = _dumps_shared(_Error.capture(exc, "sending the result to the main process"))
-        del result, task, payload
-        try:
-            conn.send_bytes(_HEADER.pack(task_id) + data)
-        except (BrokenPipeError, OSError):
+            _send_result(conn, sock, task_id, result)
+        except OSError:  # the main process is gone
             return
+        del result, task, payload
 
 
 # ----------------------------------------------------------------------------------------------- parent process
@@ -344,6 +401,7 @@ class WorkerPool:
         self._senders: list[threading.Thread] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
+        self._socks: list[socket.socket] = []  # the same sockets as _conns, for receiving descriptors
         self._pending: dict[int, _Pending] = {}
         self._in_flight = [0] * num_workers  # tasks sent and not answered, awaited or not
         self._ids = itertools.count()
@@ -383,6 +441,7 @@ class WorkerPool:
                         daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
                     )
                     self._conns.append(ours)
+                    self._socks.append(socket.socket(fileno=os.dup(ours.fileno())))
                     try:
                         process.start()
                     finally:
@@ -465,24 +524,36 @@ class WorkerPool:
                     conns.pop(conn, None)
 
     def _drain(self, conn: multiprocessing.connection.Connection, worker_id: int) -> None:
+        sock = self._socks[worker_id]
         try:
             while conn.poll():
-                self._deliver(conn.recv_bytes(), worker_id)
-        except (EOFError, OSError):
-            pass  # the worker is gone: its sentinel tells the rest
+                data = conn.recv_bytes()
+                task_id, count = _HEADER.unpack_from(data)
+                fds: list[int] = []
+                try:
+                    while len(fds) < count:
+                        fds += recvfds(sock, min(_FDS_PER_MESSAGE, count - len(fds)))
+                    self._deliver(task_id, memoryview(data)[_HEADER.size :], fds, worker_id)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+        except (EOFError, OSError, RuntimeError):
+            pass  # the worker is gone mid-message: its sentinel fails the task
 
-    def _deliver(self, data: bytes, worker_id: int) -> None:
-        (task_id,) = _HEADER.unpack_from(data)
+    def _deliver(self, task_id: int, data: memoryview, fds: list[int], worker_id: int) -> None:
         with self._lock:
             pending = self._pending.pop(task_id, None)
             self._in_flight[worker_id] -= 1
         if pending is None:
-            return  # its batch was abandoned (break, cancellation); the shared memory goes with `data`
+            return  # its batch was abandoned (break, cancellation): the shared memory goes with the descriptors
         ok = True
+        _received.fds, _received.storages = fds, {}
         try:
-            value = pickle.loads(memoryview(data)[_HEADER.size :])
+            value = pickle.loads(data)
         except Exception as exc:
             ok, value = False, exc
+        finally:
+            _received.fds, _received.storages = [], {}
         if isinstance(value, _Error):
             ok, value = False, value.rebuild(worker_id, self._processes[worker_id].pid)
         try:
@@ -555,6 +626,8 @@ class WorkerPool:
                 pass
         for conn in self._conns:
             conn.close()  # idle workers see end-of-file and exit
+        for sock in self._socks:
+            sock.close()
         for process in self._processes:
             process.join(_EXIT_GRACE_SECONDS)
             if process.exitcode is None:

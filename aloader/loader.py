@@ -168,6 +168,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         return AsyncLoaderIterator(*self._start())
 
     def _start(self) -> tuple[Pipeline, int, Any, int | None]:
+        if self.num_workers > 0 and not (self.persistent_workers and self._persistent_pool is not None):
+            self.check_worker_number_rationality()  # torch warns at each new iterator with workers, as here
         plan = self._plan()
         depth = 2 if self.num_workers == 0 else max(1, (self.prefetch_factor or 2) * self.num_workers)
         if plan.workers is not None:
