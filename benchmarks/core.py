@@ -184,11 +184,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
 BEGIN, END = "<!-- core:begin -->", "<!-- core:end -->"
 
 
-def write_section(path: Path, body: str) -> None:
+def write_section(path: Path, body: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Replace the text between ``markers`` in ``path`` with ``body`` (append the section if it is not there)."""
+    begin, end = markers
     text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text + ("\n" if text else "") + block + "\n"
     path.write_text(text)
