@@ -27,11 +27,13 @@ as shared tensors and are rebuilt as arrays of the same dtype.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import itertools
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
+import multiprocessing.forkserver
 import os
 import pickle
 import queue
@@ -62,6 +64,7 @@ _SHARE_MIN_BYTES: Final = 64 * 1024
 # How long close() lets an idle worker exit by itself (it sees end-of-file at once) before terminating it.
 _EXIT_GRACE_SECONDS: Final = 5.0
 _HEADER = struct.Struct("<qi")  # in front of each result message: task id, file descriptors that follow it
+_PR_SET_PDEATHSIG: Final = 1
 _FDS_PER_MESSAGE: Final = 200  # below the kernel's SCM_MAX_FD (253)
 
 Op = Literal["map", "items", "reset", "next"]
@@ -322,10 +325,34 @@ def _seed_worker(base_seed: int, worker_id: int) -> int:
     return seed
 
 
+def _die_with_parent() -> None:
+    """Linux: be killed when the parent process ends, even while stuck in user code (never an orphan). The parent
+    is the main process (fork, spawn) or the forkserver, which itself exits when the main process does."""
+    # A forkserver child inherits the write end of the server's "main process alive" pipe, which would keep the
+    # server (our parent) running as long as we do, and so would never trigger the signal: let go of it. (Code in
+    # this worker that starts processes with forkserver then starts a server of its own.)
+    server: Any = multiprocessing.forkserver._forkserver
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere a worker exits at its next read: end-of-file on its socket
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, setup_bytes: bytes) -> None:
     """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``."""
     # SIGTERM (the pool's close() for a busy worker) unwinds through Python, so multiprocessing's exit hooks run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _die_with_parent()
     sock = socket.socket(fileno=os.dup(conn.fileno()))  # the same socket, for passing descriptors
     init_error: _Error | None = None
     worker: _Worker | None = None
