@@ -65,6 +65,7 @@ _SHARE_MIN_BYTES: Final = 64 * 1024
 _EXIT_GRACE_SECONDS: Final = 5.0
 _HEADER = struct.Struct("<qi")  # in front of each result message: task id, file descriptors that follow it
 _PR_SET_PDEATHSIG: Final = 1
+_EXIT: Final = pickle.dumps(None)
 _FDS_PER_MESSAGE: Final = 200  # below the kernel's SCM_MAX_FD (253)
 
 Op = Literal["map", "items", "reset", "next"]
@@ -512,11 +513,16 @@ class WorkerPool:
 
     def _send(self, worker_id: int) -> None:
         conn, work = self._conns[worker_id], self._send_queues[worker_id]
-        while (message := work.get()) is not None:
+        while True:
+            message = work.get()
+            # None: the pool is closing. Tell the worker to exit rather than rely on end-of-file: with "fork", the
+            # other workers inherited this socket's parent end, so closing ours alone does not end the stream.
             try:
-                conn.send_bytes(message)
-            except (OSError, ValueError):  # the worker died (the reader fails its tasks) or the pool is closing
+                conn.send_bytes(message if message is not None else _EXIT)
+            except (OSError, ValueError):  # the worker died (the reader fails its tasks) or was terminated
                 pass
+            if message is None:
+                return
             del message
 
     def forget(self, future: asyncio.Future[Any]) -> None:
@@ -652,7 +658,7 @@ class WorkerPool:
             except RuntimeError:
                 pass
         for conn in self._conns:
-            conn.close()  # idle workers see end-of-file and exit
+            conn.close()
         for sock in self._socks:
             sock.close()
         for process in self._processes:

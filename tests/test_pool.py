@@ -77,6 +77,16 @@ def test_persistent_workers_same_pids_and_same_batches_as_torch(driver: Driver) 
     assert loader._persistent_pool is None
 
 
+def test_fork_context_gives_the_same_batches(driver: Driver) -> None:
+    torch.manual_seed(2)
+    expected = list(TORCH(pd.RandomDraws(), batch_size=4, shuffle=True, num_workers=2))
+    torch.manual_seed(2)
+    loader = aloader.DataLoader(
+        pd.RandomDraws(), batch_size=4, shuffle=True, num_workers=2, multiprocessing_context="fork"
+    )
+    assert_same(driver.collect(loader), expected)
+
+
 def test_worker_info_and_worker_init_fn_as_torch(driver: Driver) -> None:
     assert aloader.get_worker_info() is None
     torch.manual_seed(8)
