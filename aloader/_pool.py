@@ -525,13 +525,6 @@ class WorkerPool:
                 return
             del message
 
-    def forget(self, future: asyncio.Future[Any]) -> None:
-        """Nothing waits for this task any more (its batch task was cancelled)."""
-        with self._lock:
-            for task_id, pending in list(self._pending.items()):
-                if pending.future is future:
-                    del self._pending[task_id]
-
     def _read(self) -> None:
         assert self._wake_r is not None
         conns = {conn: worker_id for worker_id, conn in enumerate(self._conns)}
@@ -648,7 +641,8 @@ class WorkerPool:
             if self._in_flight[worker_id] > 0:
                 process.terminate()  # running user code (maybe for an abandoned batch): do not wait for it
         for sender in self._senders:
-            sender.join()  # a send blocked on a full pipe ends: the worker reads, or was terminated just now
+            if sender is not threading.current_thread():  # a garbage collection may run close() anywhere
+                sender.join()  # a send blocked on a full pipe ends: the worker reads, or was terminated just now
         held = list(self._pending.values())
         self._pending.clear()
         closed = WorkerDiedError("the DataLoader's worker pool was closed")
