@@ -128,6 +128,14 @@ class Blocks(Dataset[Any]):
         return i
 
 
+class BlocksThenPids(Blocks):
+    """As ``Blocks``, but the other samples are the pid of the worker that fetched them."""
+
+    def __getitem__(self, i: int) -> Any:
+        super().__getitem__(i)
+        return os.getpid()
+
+
 class Arrays(Dataset[Any]):
     """Large and small numpy arrays of several dtypes."""
 

@@ -7,9 +7,15 @@ Every test runs through both drivers; the autouse ``no_leaks`` fixture also chec
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 
@@ -197,3 +203,70 @@ def test_close_is_idempotent_and_the_loader_stays_usable(driver: Driver) -> None
 def test_async_dataset_without_transform_starts_no_processes(driver: Driver) -> None:
     loader = aloader.DataLoader(pd.AsyncNumbers(), batch_size=5, num_workers=2)
     assert_same(driver.collect(loader), [torch.arange(5), torch.arange(5, 10)])
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie waiting for a reaper that is not ours (the container's init)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pids: list[int]) -> list[int]:
+    """The pids still running after waiting up to 30 s for each (psutil waits on the process, no sleep loop)."""
+    left = []
+    for pid in pids:
+        try:
+            psutil.Process(pid).wait(timeout=30)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            if not _gone(pid):
+                left.append(pid)
+    return left
+
+
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import aloader
+    from tests import pool_datasets as pd
+    if __name__ == "__main__":
+        persistent = aloader.DataLoader(pd.Pids(), batch_size=2, num_workers=2, persistent_workers=True)
+        pids = [int(p) for batch in persistent for p in batch]
+        it = iter(aloader.DataLoader(pd.BlocksThenPids(), batch_size=2, num_workers=2, in_order=False))
+        pids += [int(p) for p in next(it)]  # worker 1's first batch; worker 0 is stuck in __getitem__
+        print(" ".join(map(str, sorted(set(pids)))), flush=True)
+        if sys.argv[1] == "kill":
+            sys.stdin.read()  # the test kills us meanwhile
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_no_worker_outlives_the_main_process(how: str, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(WORKER_SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        worker_pids = [int(pid) for pid in line.split()]
+        helpers = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+        assert len(worker_pids) == 3, line  # two persistent workers, and worker 1 of the second loader
+        if how == "kill":
+            process.kill()  # SIGKILL: no atexit, no finalizers; the workers must still go
+        assert process.wait(timeout=60) == (-signal.SIGKILL if how == "kill" else 0)
+    finally:
+        process.kill()
+        process.communicate()
+    assert _wait_gone(worker_pids + helpers) == []
