@@ -137,7 +137,8 @@ def _child_processes() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers}
 
 
-_SHM_PID = re.compile(r"(\d{2,})")
+# torch names its segments torch_<pid>_<random>_<counter>; aloader makes no other kind (no semaphores, no queues).
+_TORCH_SEGMENT = re.compile(r"^torch_(\d+)_")
 
 
 def _shm_entries() -> set[str]:
@@ -148,11 +149,12 @@ def _shm_entries() -> set[str]:
 
 
 def _ours_or_orphaned(entry: str) -> bool:
-    # Other engineers' test runs share this machine's /dev/shm: count an entry as a leak if it names this process,
-    # or a process that no longer exists (a worker of ours that died without cleaning up).
-    match = _SHM_PID.search(entry)
+    # Other engineers' test runs share this machine's /dev/shm: count a torch segment as a leak if it names this
+    # process, or a process that no longer exists (a worker of ours that died without cleaning up). Others' entries
+    # (multiprocessing semaphores, segments of their live processes) are not ours to judge.
+    match = _TORCH_SEGMENT.match(entry)
     if match is None:
-        return True
+        return False
     pid = int(match.group(1))
     return pid == os.getpid() or not psutil.pid_exists(pid)
 
