@@ -29,7 +29,7 @@ from torch.utils.data import (
 )
 
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
-from aloader.errors import AloaderError
+from aloader.errors import AloaderError, WorkerDiedError
 from aloader.loader import DEFAULT_CONCURRENCY, DataLoader
 
 __version__ = "0.1.0.dev0"
@@ -41,6 +41,7 @@ __all__ = [
     "LoaderIterator",
     "AsyncLoaderIterator",
     "AloaderError",
+    "WorkerDiedError",
     # torch's data names, re-exported
     "Dataset",
     "IterableDataset",

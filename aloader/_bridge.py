@@ -142,5 +142,14 @@ def start_loop_thread(
                 loop.close()
 
     thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except BaseException:
+        # An asynchronous exception (Ctrl-C) while start() waited for the new thread, which may already be running
+        # the pipeline: stop it and wait for it, so that the exception leaves no thread behind.
+        # Queued either way: a thread that starts later runs the cancelled task, then closes the loop itself.
+        loop.call_soon_threadsafe(task.cancel)
+        if thread.ident is not None:  # it has started (a thread not yet started cannot be joined)
+            thread.join()
+        raise
     return loop, task, thread

@@ -183,7 +183,8 @@ class LoaderIterator(_Consumer):
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        # No channel: __init__ was interrupted, and start_loop_thread already stopped what it had started.
+        if not getattr(self, "_closed", True) and hasattr(self, "_channel"):
             self.close()
 
 

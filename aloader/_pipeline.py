@@ -24,6 +24,7 @@ import asyncio
 import functools
 import inspect
 import math
+import threading
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -33,10 +34,11 @@ from typing import Any, Final, Literal, Protocol
 from torch.utils.data import Subset
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
-from aloader._threads import ThreadPool, finish_through_cancellation
+from aloader._pool import IterStop, Op, WorkerPool, describe_indices
+from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
 from aloader.errors import with_context
 
-__all__ = ["END", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink"]
+__all__ = ["END", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink", "pool_kind"]
 
 DatasetKind = Literal["map", "iterable", "async-iterable"]
 
@@ -53,6 +55,9 @@ class _End:
 
 END: Final = _End()
 """The last item a pipeline hands to its sink: the epoch is complete."""
+
+# A unit that yields no batch: a worker whose copy of an iterable dataset was already exhausted.
+_SKIP: Final = object()
 
 
 class Failed:
@@ -95,6 +100,10 @@ class Plan:
     timeout: float
     in_order: bool
     pin_memory_device: str | None  # None: do not pin
+    # num_workers > 0 and work for processes (see pool_kind): the pool, and whether this epoch owns it (closes it
+    # at its end) or the loader does (persistent_workers).
+    workers: WorkerPool | None = None
+    owns_workers: bool = False
 
 
 class _MapAccess:
@@ -132,9 +141,28 @@ class _MapAccess:
         return index
 
 
-def _describe_indices(indices: Sequence[Any]) -> str:
-    shown = ", ".join(map(repr, indices[:8]))
-    return f"[{shown}{', ...' if len(indices) > 8 else ''}] ({len(indices)} samples)"
+_describe_indices = describe_indices
+
+
+def pool_kind(kind: DatasetKind, dataset: Any, transform: Any) -> Literal["map", "iterable", "items"] | None:
+    """What the process pool does for a dataset, or None when it has nothing to do.
+
+    A sync map-style dataset is fetched, transformed and collated in the workers, as in torch; each worker iterates
+    its own copy of a sync iterable dataset. Async datasets fetch on the event loop (processes would only add a
+    hop); their samples go to the workers for a sync ``transform`` (and collate), and with no transform there is no
+    CPU work for processes, so no pool is started. Nor is one with an ``async def`` transform, which runs on the
+    event loop of the main process.
+    """
+    if transform is not None and inspect.iscoroutinefunction(transform):
+        return None  # an async transform runs on the event loop: everything stays in the main process
+    sync_transform = transform is not None
+    if kind == "map":
+        access = _MapAccess(dataset)
+        if not access.getitem_is_async and not access.getitems_is_async:
+            return "map"
+    elif kind == "iterable":
+        return "iterable"
+    return "items" if sync_transform else None
 
 
 class Pipeline:
@@ -153,12 +181,28 @@ class Pipeline:
         self._tasks: set[asyncio.Task[None]] = set()
         self._access = _MapAccess(plan.dataset) if plan.kind == "map" else None
         self._seconds_per_sample: float | None = None  # moving average of sync fetch time
+        self._workers = plan.workers
+        self._items_sent = 0  # "items" tasks so far: they go round-robin over the workers
+        self._active: list[bool] = []  # iterable dataset in workers: whose copy is not exhausted yet
+        self._resets: list[asyncio.Future[Any] | None] = []
 
     # ----------------------------------------------------------------------------------------------- driving
     async def run(self, sink: Sink) -> None:
         """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
-        dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        dispatcher: asyncio.Task[None] | None = None
         try:
+            workers = self._workers
+            if workers is not None and not workers.started:
+                # Starting processes blocks (forkserver round trips, pickling the dataset): off the loop.
+                try:
+                    await self._pool.run(workers.start)
+                except Exception as exc:
+                    exc.add_note(
+                        "aloader: starting the DataLoader's worker processes failed; the dataset, collate_fn, "
+                        "transform and worker_init_fn must be picklable to reach them"
+                    )
+                    raise
+            dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
             await self._emit(sink)
         except asyncio.CancelledError:
             raise
@@ -169,7 +213,7 @@ class Pipeline:
             # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool. Both waits
             # go on through cancellation (the consumer's close() may cancel us while we are already finishing,
             # and a closing loop cancels every task), then the cancellation is passed on.
-            pending = [dispatcher, *self._tasks]
+            pending = [*([dispatcher] if dispatcher is not None else []), *self._tasks]
             for task in pending:
                 task.cancel()
             try:
@@ -178,8 +222,33 @@ class Pipeline:
                 # connections of its own: close it now rather than whenever it is garbage collected.
                 await finish_through_cancellation(asyncio.ensure_future(self._close_source()))
             finally:
-                await finish_through_cancellation(self._pool.close())
-                self._pool.join()
+                try:
+                    if self._workers is not None and self.plan.owns_workers:
+                        await finish_through_cancellation(self._close_workers(self._workers))
+                finally:
+                    await finish_through_cancellation(self._pool.close())
+                    self._pool.join()
+
+    @staticmethod
+    def _close_workers(workers: WorkerPool) -> asyncio.Future[None]:
+        """Close the process pool in a thread of its own (joining processes blocks); a plain future, so a loop
+        shutting down cannot cancel the wait (see ``finish_through_cancellation``)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def close() -> None:
+            try:
+                workers.close()
+            finally:
+                try:
+                    loop.call_soon_threadsafe(_deliver, done, True, None)
+                except RuntimeError:  # the loop is gone: nobody waits
+                    pass
+
+        thread = threading.Thread(target=close, name="aloader-pool-close", daemon=True)
+        thread.start()
+        done.add_done_callback(lambda _: thread.join())
+        return done
 
     async def _close_source(self) -> None:
         aclose = getattr(self.plan.source, "aclose", None) if self.plan.kind == "async-iterable" else None
@@ -213,12 +282,18 @@ class Pipeline:
         if self.plan.in_order:
             self._ready[seq] = outcome
             while self._next_seq in self._ready:
-                self._done.put_nowait(self._ready.pop(self._next_seq))
+                self._hand_off(self._ready.pop(self._next_seq))
                 self._next_seq += 1
         else:
-            self._done.put_nowait(outcome)
+            self._hand_off(outcome)
         self._outstanding -= 1
         self._end_if_finished()
+
+    def _hand_off(self, outcome: object) -> None:
+        if outcome is _SKIP:
+            self._window.release()  # no batch to hand to the sink: the slot is free now
+        else:
+            self._done.put_nowait(outcome)
 
     def _end_if_finished(self) -> None:
         if self._source_done and self._outstanding == 0:
@@ -259,8 +334,10 @@ class Pipeline:
                         self._complete(seq, Failed(with_context(exc, "in the sampler")))
                         break
                     self._outstanding += 1
-                    self._start(seq, functools.partial(self._map_unit, unit))
+                    self._start(seq, functools.partial(self._map_unit, seq, unit))
                     seq += 1
+            elif self._workers is not None and self._workers.setup.kind == "iterable":
+                await self._dispatch_worker_iterable(self._workers)
             else:
                 await self._dispatch_iterable()
         finally:
@@ -325,6 +402,53 @@ class Pipeline:
             if ended:
                 return
 
+    async def _dispatch_worker_iterable(self, workers: WorkerPool) -> None:
+        """Each worker iterates its own copy; batches come round-robin from the workers whose copy is not exhausted,
+        as in torch. A request to an exhausted worker yields no batch (``_SKIP``), so dispatching ahead of knowing
+        which workers are exhausted still gives torch's sequence."""
+        n = workers.num_workers
+        self._active = [True] * n
+        self._resets = [self._submit(w, "reset", None, "starting to iterate its copy of the dataset") for w in range(n)]
+        seq, worker_id = 0, 0
+        while True:
+            await self._window.acquire()
+            if not any(self._active):
+                self._window.release()
+                return
+            while not self._active[worker_id]:
+                worker_id = (worker_id + 1) % n
+            self._outstanding += 1
+            self._start(seq, functools.partial(self._worker_next, worker_id))
+            seq, worker_id = seq + 1, (worker_id + 1) % n
+
+    async def _worker_next(self, worker_id: int) -> Any:
+        # Submitted before any await: requests reach each worker in dispatch order.
+        future = self._submit(worker_id, "next", None, "fetching the next batch of its copy of the iterable dataset")
+        reset = self._resets[worker_id]
+        if reset is not None:
+            self._resets[worker_id] = None
+            try:
+                await reset  # iter(dataset) in the worker failed: raise it at this worker's first batch
+            except Exception:
+                self._active[worker_id] = False
+                raise
+        batch = await future
+        if batch is IterStop:
+            self._active[worker_id] = False
+            return _SKIP
+        return await self._pin(batch)
+
+    def _submit(self, worker_id: int, op: Op, payload: Any, what: str) -> asyncio.Future[Any]:
+        workers = self._workers
+        assert workers is not None
+        return workers.submit(worker_id, op, payload, what)
+
+    async def _pin(self, batch: Any) -> Any:
+        device = self.plan.pin_memory_device
+        if device is None:
+            return batch
+        return await self._pool.run(lambda: _pin_memory(batch, device))
+
     async def _pull(self, count: int) -> tuple[list[Any], BaseException | None, bool]:
         """Take up to ``count`` items from the dataset's iterator: (items, error, ended)."""
         source = self.plan.source
@@ -354,15 +478,18 @@ class Pipeline:
         return await self._pool.run(pull)
 
     # ------------------------------------------------------------------------------------------------ fetching
-    async def _map_unit(self, unit: Any) -> Any:
+    async def _map_unit(self, seq: int, unit: Any) -> Any:
         access = self._access
         assert access is not None
-        if not self.plan.auto_collation:
-            indices = [unit]
-        else:
-            indices = list(unit)
-            if access.getitems is not None:
-                return await self._fetch_getitems(indices)
+        indices = list(unit) if self.plan.auto_collation else [unit]
+        workers = self._workers
+        if workers is not None and workers.setup.kind == "map":
+            # As torch: batch i goes to worker i % num_workers, submitted before any await so each worker gets its
+            # batches in sampler order; fetch, transform and collate run there.
+            what = f"holding the batch of sample indices {_describe_indices(indices)}"
+            return await self._pin(await self._submit(seq % workers.num_workers, "map", indices, what))
+        if self.plan.auto_collation and access.getitems is not None:
+            return await self._fetch_getitems(indices)
         if access.getitem_is_async:
             samples = await self._gather_ordered([self._fetch_async(index) for index in indices])
             return await self._finish(indices, samples, "sample index")
@@ -480,6 +607,14 @@ class Pipeline:
     async def _finish(self, positions: list[Any], samples: list[Any], label: str) -> Any:
         """Transform each sample, collate the batch and pin it; sync user code runs in a thread."""
         transform = self.plan.transform
+        workers = self._workers
+        if workers is not None and workers.setup.kind == "items":
+            # Samples of an async dataset: the sync transform (CPU work) and collate run in a worker process.
+            worker_id = self._items_sent % workers.num_workers
+            self._items_sent += 1
+            plural = "sample indices" if label == "sample index" else f"{label}s"
+            what = f"holding the batch of {plural} {_describe_indices(positions)}"
+            return await self._pin(await self._submit(worker_id, "items", (positions, samples, label), what))
         if transform is not None and inspect.iscoroutinefunction(transform):
 
             async def apply(sample: Any, position: Any) -> Any:

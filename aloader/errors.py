@@ -11,12 +11,14 @@ Hierarchy::
                +-- TransientStorageError   a retryable fault (5xx, throttling, timeout, reset) outlasted the retries
                +-- UnsupportedURLError     (also ValueError) a URL aloader cannot read, or bad storage options
                +-- ShardFormatError        (also ValueError) a tar shard is malformed or truncated
+          +-- WorkerDiedError    a worker process exited while it held samples (names the worker, pid, samples)
 
 A failing sample does not get an aloader exception type: the consumer sees an exception of the *original* type
 (a ``KeyError`` stays a ``KeyError``), whose message names the sample index and whose ``__cause__`` is the original
 exception with its traceback. Where the original type cannot be built from a message (a constructor with other
 required arguments), the original exception itself is raised with the index added as a note (PEP 678).
-Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's error keeps working.
+An exception raised in a worker process reaches the consumer the same way; the worker's traceback, as text, is a
+note on the cause. Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's error keeps working.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "StorageError",
     "TransientStorageError",
     "UnsupportedURLError",
+    "WorkerDiedError",
     "with_context",
 ]
 
@@ -96,3 +99,21 @@ def with_context(exc: BaseException, where: str) -> BaseException:
         return exc
     wrapped.__cause__ = exc
     return wrapped
+
+
+class WorkerDiedError(AloaderError):
+    """A worker process exited while it held samples: a crash, ``os._exit``, a signal, or the OOM killer."""
+
+    def __init__(
+        self, message: str, *, worker_id: int | None = None, pid: int | None = None, exitcode: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def again(self, what: str) -> WorkerDiedError:
+        """The same condition, for one task: ``what`` names the samples it held."""
+        return WorkerDiedError(
+            f"{self.args[0]} while {what}", worker_id=self.worker_id, pid=self.pid, exitcode=self.exitcode
+        )

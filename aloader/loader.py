@@ -9,7 +9,9 @@ options are added, ``concurrency`` and ``transform``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -19,7 +21,8 @@ from torch.utils.data import BatchSampler, IterableDataset
 from torch.utils.data.dataloader import _DatasetKind
 
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
-from aloader._pipeline import DatasetKind, Pipeline, Plan, window_for
+from aloader._pipeline import DatasetKind, Pipeline, Plan, pool_kind, window_for
+from aloader._pool import WorkerPool, WorkerSetup
 
 __all__ = ["DEFAULT_CONCURRENCY", "DataLoader"]
 
@@ -52,7 +55,13 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     - ``concurrency``: the most samples being fetched at once (default 64): tasks for ``async def __getitem__``,
       threads for a sync ``__getitem__``. If in doubt, leave it: fast datasets use only the threads they need.
     - ``transform``: a callable applied to each sample after it is fetched and before ``collate_fn``; sync callables
-      run in a thread, ``async def`` ones on the event loop.
+      run in a thread (in a worker process when ``num_workers > 0``), ``async def`` ones on the event loop.
+
+    With ``num_workers > 0``, a sync map-style dataset is fetched, transformed and collated in worker processes
+    (as in torch, with torch's worker seeding, ``worker_init_fn`` and ``get_worker_info()``), each worker iterates its
+    own copy of an iterable dataset, and tensors come back through shared memory. ``multiprocessing_context``
+    defaults to ``forkserver``. With ``persistent_workers=True`` the processes live until ``close()`` (or the
+    loader's garbage collection, or interpreter exit). See ``docs/process-pool.md``.
 
     Datasets may be torch map-style or iterable datasets as they are, classes whose ``__getitem__`` or
     ``__getitems__`` is ``async def``, or objects with ``__aiter__``. ``sampler`` and ``batch_sampler`` may also be
@@ -125,6 +134,29 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             raise TypeError(f"transform option should be a callable or None, but got transform={transform!r}")
         self.concurrency: int = DEFAULT_CONCURRENCY if concurrency is None else concurrency
         self.transform = transform
+        self._persistent_pool: WorkerPool | None = None  # persistent_workers: the pool that outlives epochs
+        self._pool_finalizer: weakref.finalize[Any, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Shut down the worker processes kept by ``persistent_workers=True`` and wait for them to exit.
+
+        Without it they are shut down when the loader is garbage collected, or at interpreter exit. Idempotent; the
+        loader stays usable (a later epoch starts a new pool). Without persistent workers there is nothing to do:
+        each iterator's pool ends with it.
+        """
+        pool, self._persistent_pool = self._persistent_pool, None
+        finalizer, self._pool_finalizer = self._pool_finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> DataLoader[T_co]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------------ iteration
     def __iter__(self) -> LoaderIterator:  # type: ignore[override]
@@ -136,8 +168,13 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         return AsyncLoaderIterator(*self._start())
 
     def _start(self) -> tuple[Pipeline, int, Any, int | None]:
+        if self.num_workers > 0 and not (self.persistent_workers and self._persistent_pool is not None):
+            self.check_worker_number_rationality()  # torch warns at each new iterator with workers, as here
         plan = self._plan()
         depth = 2 if self.num_workers == 0 else max(1, (self.prefetch_factor or 2) * self.num_workers)
+        if plan.workers is not None:
+            # torch's bound: prefetch_factor batches per worker in flight.
+            plan = dataclasses.replace(plan, window=depth)
         reported = self._IterableDataset_len_called if self._dataset_kind == _DatasetKind.Iterable else None
         return Pipeline(plan), depth, self._index_sampler, reported
 
@@ -168,8 +205,46 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 source = aiter(index_sampler)
             else:
                 source = iter(index_sampler)
-        self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
-        if self._dataset_kind == _DatasetKind.Iterable:
+        pool = self._persistent_pool
+        if pool is not None and pool.broken:
+            self.close()
+            pool = None
+        if pool is None:
+            # torch draws a base seed per iterator; with persistent workers it keeps one iterator (and its workers'
+            # seeds) for the loader's life, so later epochs draw nothing.
+            self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        dataset_kind: DatasetKind = "map" if self._dataset_kind == _DatasetKind.Map else "iterable"
+        if _is_async_iterable(self.dataset) and self._dataset_kind == _DatasetKind.Iterable:
+            dataset_kind = "async-iterable"
+        worker_kind = pool_kind(dataset_kind, self.dataset, self.transform) if self.num_workers > 0 else None
+        owns_workers = False
+        if worker_kind is not None and pool is None:
+            pool = WorkerPool(
+                WorkerSetup(
+                    kind=worker_kind,
+                    # "items": samples come from the main process; an async dataset (maybe holding clients that
+                    # cannot be pickled) is not copied into the workers.
+                    dataset=self.dataset if worker_kind != "items" else None,
+                    auto_collation=self._auto_collation,
+                    batch_size=self.batch_size,
+                    drop_last=self.drop_last,
+                    collate_fn=self.collate_fn,
+                    transform=self.transform,
+                    worker_init_fn=self.worker_init_fn,
+                    num_workers=self.num_workers,
+                    base_seed=self._base_seed,
+                ),
+                self.num_workers,
+                self.multiprocessing_context,
+            )
+            if self.persistent_workers:
+                self._persistent_pool = pool
+                self._pool_finalizer = weakref.finalize(self, pool.close)
+            else:
+                owns_workers = True
+        if worker_kind == "iterable":
+            kind, source = "iterable", iter(())  # each worker iterates its own copy; the main process does not
+        elif self._dataset_kind == _DatasetKind.Iterable:
             # torch creates the dataset's iterator when it creates its own, after the base seed.
             dataset: Any = self.dataset
             if _is_async_iterable(dataset):
@@ -195,6 +270,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             timeout=self.timeout,  # as given: the error text shows it as torch does (5, not 5.0)
             in_order=self.in_order,
             pin_memory_device=pin_memory_device,
+            workers=pool if worker_kind is not None else None,
+            owns_workers=owns_workers,
         )
 
     def _pin_memory_device(self) -> str | None:

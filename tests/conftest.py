@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import gc
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import uvloop
 
 import aloader
+import aloader._pool
 
 DRIVER_NAMES = ["for", "async-asyncio", "async-uvloop"]
 
@@ -105,6 +111,18 @@ def _warm_up_uvloop() -> None:
 _warm_up_uvloop()
 
 
+def _warm_up_forkserver() -> None:
+    # The forkserver and the resource tracker are multiprocessing's session-long helpers: each keeps a pipe open in
+    # this process from its start on. Start them (as aloader's default context configures them) before any test
+    # counts descriptors and child processes.
+    aloader._pool.default_context()
+    multiprocessing.forkserver.ensure_running()
+    multiprocessing.resource_tracker.ensure_running()
+
+
+_warm_up_forkserver()
+
+
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -190,12 +208,53 @@ def _warm_up_obstore(server: Any) -> None:
     del server.objects["warm-up"]
 
 
+def _child_processes() -> set[int]:
+    """Our descendants, less multiprocessing's own long-lived helpers (the forkserver, the resource tracker), which
+    serve the whole test session; the workers they fork are listed, as descendants of the forkserver."""
+    helpers = {
+        getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
+        getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
+    }
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers}
+
+
+# torch names its segments torch_<pid>_<random>_<counter>; aloader makes no other kind (no semaphores, no queues).
+_TORCH_SEGMENT = re.compile(r"^torch_(\d+)_")
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:  # no /dev/shm on this platform
+        return set()
+
+
+def _ours_or_orphaned(entry: str) -> bool:
+    # Other engineers' test runs share this machine's /dev/shm: count a torch segment as a leak if it names this
+    # process, or a process that no longer exists (a worker of ours that died without cleaning up). Others' entries
+    # (multiprocessing semaphores, segments of their live processes) are not ours to judge.
+    match = _TORCH_SEGMENT.match(entry)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    return pid == os.getpid() or not psutil.pid_exists(pid)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Any:
-    """Fail a test that leaves a thread running or a file descriptor open."""
+    """Fail a test that leaves a thread running, a file descriptor open, a child process, or a /dev/shm entry."""
     threads_before = set(threading.enumerate())
     fds_before = _open_fds()
+    children_before = _child_processes()
+    shm_before = _shm_entries()
     yield
+    # Shared-memory tensors hold a descriptor each; one kept alive only by a reference cycle (an exception and its
+    # traceback's frames) is garbage, not a leak: collect it before counting.
+    gc.collect()
+    left = _child_processes() - children_before
+    assert not left, f"child processes left running: {[psutil.Process(pid) for pid in left if psutil.pid_exists(pid)]}"
+    new_shm = {e for e in _shm_entries() - shm_before if _ours_or_orphaned(e)}
+    assert not new_shm, f"/dev/shm entries left behind: {sorted(new_shm)}"
     leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
     assert not leaked, f"threads left running: {leaked}"
     # Listing /proc/self/fd opens one descriptor itself; compare the sets, ignoring ones that closed.

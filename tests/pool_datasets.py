@@ -1,0 +1,186 @@
+"""Datasets for the process-pool tests: module-level, so forkserver and spawn workers can unpickle them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+# Set by worker_init_fn in a worker process; read back through samples.
+INIT_MARK: dict[str, Any] = {}
+
+
+class RandomDraws(Dataset[Any]):
+    """Each sample draws from ``random``, ``torch`` and numpy: equal to torch's only with the same worker seeds."""
+
+    def __init__(self, n: int = 18) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return {
+            "i": i,
+            "random": random.random(),
+            "torch": torch.rand(2),
+            "numpy": np.random.rand(3),
+            "label": torch.tensor(i % 3),
+        }
+
+
+class BatchedDraws(RandomDraws):
+    """``__getitems__`` as torch calls it, once per batch, in the worker."""
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        return [(i, random.randint(0, 1000)) for i in indices]
+
+
+class WorkerFacts(Dataset[Any]):
+    """Sample i reports what get_worker_info() and worker_init_fn gave its worker."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> Any:
+        info = get_worker_info()
+        assert info is not None
+        return {
+            "id": info.id,
+            "num_workers": info.num_workers,
+            "seed": info.seed,
+            "same_dataset": info.dataset is self,
+            "init": INIT_MARK.get("worker_id", -1),
+        }
+
+
+def mark_init(worker_id: int) -> None:
+    INIT_MARK["worker_id"] = worker_id * 10 + 1
+
+
+def failing_init(worker_id: int) -> None:
+    raise LookupError(f"no config for worker {worker_id}")
+
+
+class Sharded(IterableDataset[Any]):
+    """Each worker yields its own share, of a different length per worker (some run out before others)."""
+
+    def __init__(self, n: int = 23) -> None:
+        self.n = n
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        if info is None:
+            return iter(range(self.n))
+        stop = self.n - 6 * info.id  # worker 1 has fewer items: it is exhausted first
+        return (torch.tensor([i, random.randint(0, 99)]) for i in range(info.id, stop, info.num_workers))
+
+
+class Pids(Dataset[Any]):
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> Any:
+        return os.getpid()
+
+
+class KillsWorker(Dataset[Any]):
+    """Index ``victim`` kills the worker process that fetches it (never the main process)."""
+
+    def __init__(self, victim: int = 5, n: int = 12) -> None:
+        self.victim, self.n = victim, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if i == self.victim and get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return i
+
+
+class Fails(Dataset[Any]):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 3:
+            raise KeyError(f"no sample {i}")
+        return i
+
+
+class Blocks(Dataset[Any]):
+    """Index 0 blocks its worker until the process ends: for timeouts and for closing busy workers."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 0:
+            threading.Event().wait()
+        return i
+
+
+class BlocksThenPids(Blocks):
+    """As ``Blocks``, but the other samples are the pid of the worker that fetched them."""
+
+    def __getitem__(self, i: int) -> Any:
+        super().__getitem__(i)
+        return os.getpid()
+
+
+class Arrays(Dataset[Any]):
+    """Large and small numpy arrays of several dtypes."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> Any:
+        return {
+            "big": np.arange(40_000, dtype=np.float32) + i,
+            "big_int": np.full((300, 100), i, dtype=np.int16),
+            "small": np.array([i, i + 1], dtype=np.uint8),
+            "tensor": torch.full((50_000,), float(i)),
+        }
+
+
+class AsyncNumbers:
+    """Async map-style: fetches on the event loop; a sync transform goes to the workers."""
+
+    def __len__(self) -> int:
+        return 10
+
+    async def __getitem__(self, i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+
+def as_list(batch: list[Any]) -> list[Any]:
+    """A collate_fn that keeps samples as they are (numpy arrays stay arrays)."""
+    return batch
+
+
+def pid_of_transform(sample: Any) -> tuple[Any, int]:
+    return sample, os.getpid()
+
+
+def square(sample: int) -> int:
+    return sample * sample
+
+
+class Unpicklable(Dataset[Any]):
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> Any:
+        return i

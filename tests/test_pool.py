@@ -1,0 +1,272 @@
+"""The process pool (num_workers > 0): torch's results, worker semantics, shared-memory transfer, failures.
+
+Every test runs through both drivers; the autouse ``no_leaks`` fixture also checks that no worker process and no
+``/dev/shm`` entry is left after each test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+import aloader
+from tests import pool_datasets as pd
+from tests.conftest import Driver, assert_same
+
+TORCH = torch.utils.data.DataLoader
+
+
+def gen(seed: int = 11) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+CASES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
+    "shuffle-random-draws": lambda: (pd.RandomDraws(), {"batch_size": 3, "shuffle": True, "generator": gen()}),
+    "global-rng": lambda: (pd.RandomDraws(), {"batch_size": 4, "shuffle": True}),
+    "no-batching": lambda: (pd.RandomDraws(7), {"batch_size": None}),
+    "getitems": lambda: (pd.BatchedDraws(), {"batch_size": 4, "drop_last": True}),
+    "prefetch-3-workers-3": lambda: (pd.RandomDraws(), {"batch_size": 2, "num_workers": 3, "prefetch_factor": 3}),
+    "iterable-sharded": lambda: (pd.Sharded(), {"batch_size": 3}),
+    "iterable-sharded-drop-last": lambda: (pd.Sharded(), {"batch_size": 3, "drop_last": True}),
+    "iterable-no-batching": lambda: (pd.Sharded(9), {"batch_size": None}),
+}
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes:UserWarning")
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_batches_as_torch_with_workers(driver: Driver, case: str) -> None:
+    torch.manual_seed(5)
+    dataset, kwargs = CASES[case]()
+    kwargs = {"num_workers": 2, **kwargs}
+    reference = TORCH(dataset, **kwargs)
+    expected = [list(reference), list(reference)]
+    after_torch = torch.rand(2)
+
+    torch.manual_seed(5)
+    dataset, kwargs = CASES[case]()
+    loader = aloader.DataLoader(dataset, **{"num_workers": 2, **kwargs})
+    got = [driver.collect(loader), driver.collect(loader)]
+    assert_same(got, expected)
+    assert torch.equal(torch.rand(2), after_torch)  # the same draws in the main process, in the same order
+
+
+def test_persistent_workers_same_pids_and_same_batches_as_torch(driver: Driver) -> None:
+    torch.manual_seed(3)
+    reference = TORCH(pd.RandomDraws(), batch_size=3, shuffle=True, num_workers=2, persistent_workers=True)
+    expected = [list(reference) for _ in range(3)]
+    del reference
+
+    torch.manual_seed(3)
+    with aloader.DataLoader(
+        pd.RandomDraws(), batch_size=3, shuffle=True, num_workers=2, persistent_workers=True
+    ) as loader:
+        got = []
+        pids = []
+        for _ in range(3):
+            got.append(driver.collect(loader))
+            pool = loader._persistent_pool
+            assert pool is not None
+            pids.append(pool.pids)
+        # Workers carry on from one epoch to the next, with their RNG states, as torch's persistent workers do.
+        assert_same(got, expected)
+        assert pids[0] == pids[1] == pids[2] and len(set(pids[0])) == 2
+    assert loader._persistent_pool is None
+
+
+def test_fork_context_gives_the_same_batches(driver: Driver) -> None:
+    torch.manual_seed(2)
+    expected = list(TORCH(pd.RandomDraws(), batch_size=4, shuffle=True, num_workers=2))
+    torch.manual_seed(2)
+    loader = aloader.DataLoader(
+        pd.RandomDraws(), batch_size=4, shuffle=True, num_workers=2, multiprocessing_context="fork"
+    )
+    assert_same(driver.collect(loader), expected)
+
+
+def test_worker_info_and_worker_init_fn_as_torch(driver: Driver) -> None:
+    assert aloader.get_worker_info() is None
+    torch.manual_seed(8)
+    expected = list(TORCH(pd.WorkerFacts(), batch_size=2, num_workers=2, worker_init_fn=pd.mark_init))
+    torch.manual_seed(8)
+    got = driver.collect(aloader.DataLoader(pd.WorkerFacts(), batch_size=2, num_workers=2, worker_init_fn=pd.mark_init))
+    assert_same(got, expected)
+    assert [batch["id"].tolist() for batch in got] == [[0, 0], [1, 1], [0, 0], [1, 1]]
+    assert all(batch["init"].tolist() == [batch["id"][0] * 10 + 1] * 2 for batch in got)
+    assert all(batch["same_dataset"].all() for batch in got)
+    assert aloader.get_worker_info() is None  # still None in the main process
+
+
+def test_transform_runs_in_a_worker_process(driver: Driver) -> None:
+    loader = aloader.DataLoader(
+        pd.AsyncNumbers(), batch_size=5, num_workers=2, transform=pd.pid_of_transform, collate_fn=pd.as_list
+    )
+    batches = driver.collect(loader)
+    assert [sample for batch in batches for sample, _ in batch] == list(range(10))
+    pids = {pid for batch in batches for _, pid in batch}
+    assert os.getpid() not in pids and len(pids) == 2
+
+
+def test_sync_dataset_and_transform_run_in_workers(driver: Driver) -> None:
+    batches = driver.collect(aloader.DataLoader(pd.Pids(), batch_size=2, num_workers=2, transform=pd.square))
+    pids = [int(pid) for batch in batches for pid in batch.sqrt().round().long()]
+    assert os.getpid() not in pids and len(set(pids)) == 2
+
+
+def test_numpy_arrays_and_tensors_keep_type_and_dtype(driver: Driver) -> None:
+    dataset = pd.Arrays()
+    got = driver.collect(aloader.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=pd.as_list))
+    expected = [[dataset[i] for i in range(3)], [dataset[i] for i in range(3, 6)]]
+    assert_same(got, expected)
+
+
+def test_killed_worker_raises_naming_worker_and_samples(driver: Driver) -> None:
+    loader = aloader.DataLoader(pd.KillsWorker(victim=5), batch_size=2, num_workers=2)
+    with pytest.raises(aloader.WorkerDiedError) as info:
+        driver.collect(loader)
+    message = str(info.value)
+    # Batch [4, 5] is the third batch: worker 0's second.
+    assert "DataLoader worker 0 (pid " in message and "was killed by signal SIGKILL" in message
+    assert "[4, 5] (2 samples)" in message
+    assert info.value.worker_id == 0 and info.value.exitcode == -9
+
+
+def test_killed_worker_outcomes_are_errors_not_a_hang(driver: Driver) -> None:
+    outcomes = driver.outcomes(aloader.DataLoader(pd.KillsWorker(victim=0), batch_size=2, num_workers=2))
+    kinds = [kind for kind, _ in outcomes]
+    # Every batch of worker 0 fails; worker 1's batches still arrive.
+    assert kinds == ["err", "ok", "err", "ok", "err", "ok"]
+    assert all(isinstance(error, aloader.WorkerDiedError) for kind, error in outcomes if kind == "err")
+
+
+def test_dataset_error_keeps_type_index_and_worker_traceback(driver: Driver) -> None:
+    outcomes = driver.outcomes(aloader.DataLoader(pd.Fails(), batch_size=2, num_workers=2))
+    assert [kind for kind, _ in outcomes] == ["ok", "err", "ok", "ok"]
+    error = outcomes[1][1]
+    assert type(error) is KeyError
+    assert "fetching sample index 3 in DataLoader worker process 1" in str(error)
+    cause = error.__cause__
+    assert type(cause) is KeyError
+    assert any(
+        "Traceback in DataLoader worker process 1" in note and "raise KeyError" in note for note in cause.__notes__
+    )
+
+
+def test_worker_init_fn_error_surfaces_with_type(driver: Driver) -> None:
+    loader = aloader.DataLoader(pd.RandomDraws(4), batch_size=2, num_workers=2, worker_init_fn=pd.failing_init)
+    with pytest.raises(LookupError, match="no config for worker 0") as info:
+        driver.collect(loader)
+    assert "in worker_init_fn in DataLoader worker process 0" in str(info.value)
+
+
+def test_timeout_raises_torchs_error_and_stops_the_busy_worker(driver: Driver) -> None:
+    loader = aloader.DataLoader(pd.Blocks(), batch_size=2, num_workers=2, timeout=0.5)
+    with pytest.raises(RuntimeError, match=r"^DataLoader timed out after 0.5 seconds$"):
+        driver.collect(loader)
+
+
+def test_break_stops_workers(driver: Driver) -> None:
+    assert len(driver.collect(aloader.DataLoader(pd.RandomDraws(40), batch_size=2, num_workers=2), limit=2)) == 2
+
+
+def test_break_while_a_worker_is_busy(driver: Driver) -> None:
+    # Worker 0 never finishes batch 0; the consumer gives up after worker 1's first batch (it may wait in vain).
+    loader = aloader.DataLoader(pd.Blocks(), batch_size=2, num_workers=2, in_order=False)
+    assert_same(driver.collect(loader, limit=1), [torch.tensor([2, 3])])
+
+
+def test_unpicklable_dataset_says_what_to_fix(driver: Driver) -> None:
+    with pytest.raises(TypeError, match="pickle") as info:
+        driver.collect(aloader.DataLoader(pd.Unpicklable(), num_workers=2))
+    assert any("must be picklable" in note for note in info.value.__notes__)
+
+
+def test_close_is_idempotent_and_the_loader_stays_usable(driver: Driver) -> None:
+    loader = aloader.DataLoader(pd.Pids(), batch_size=3, num_workers=2, persistent_workers=True)
+    first = driver.collect(loader)
+    loader.close()
+    loader.close()
+    second = driver.collect(loader)
+    loader.close()
+    assert set(torch.cat(first).tolist()).isdisjoint(torch.cat(second).tolist())  # a new pool, new pids
+
+
+def test_async_dataset_without_transform_starts_no_processes(driver: Driver) -> None:
+    loader = aloader.DataLoader(pd.AsyncNumbers(), batch_size=5, num_workers=2)
+    assert_same(driver.collect(loader), [torch.arange(5), torch.arange(5, 10)])
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie waiting for a reaper that is not ours (the container's init)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pids: list[int]) -> list[int]:
+    """The pids still running after waiting up to 30 s for each (psutil waits on the process, no sleep loop)."""
+    left = []
+    for pid in pids:
+        try:
+            psutil.Process(pid).wait(timeout=30)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            if not _gone(pid):
+                left.append(pid)
+    return left
+
+
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import aloader
+    from tests import pool_datasets as pd
+    if __name__ == "__main__":
+        persistent = aloader.DataLoader(pd.Pids(), batch_size=2, num_workers=2, persistent_workers=True)
+        pids = [int(p) for batch in persistent for p in batch]
+        it = iter(aloader.DataLoader(pd.BlocksThenPids(), batch_size=2, num_workers=2, in_order=False))
+        pids += [int(p) for p in next(it)]  # worker 1's first batch; worker 0 is stuck in __getitem__
+        print(" ".join(map(str, sorted(set(pids)))), flush=True)
+        if sys.argv[1] == "kill":
+            sys.stdin.read()  # the test kills us meanwhile
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_no_worker_outlives_the_main_process(how: str, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(WORKER_SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        worker_pids = [int(pid) for pid in line.split()]
+        helpers = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+        assert len(worker_pids) == 3, line  # two persistent workers, and worker 1 of the second loader
+        if how == "kill":
+            process.kill()  # SIGKILL: no atexit, no finalizers; the workers must still go
+        assert process.wait(timeout=60) == (-signal.SIGKILL if how == "kill" else 0)
+    finally:
+        process.kill()
+        process.communicate()
+    assert _wait_gone(worker_pids + helpers) == []
