@@ -227,17 +227,9 @@ class BareReads:
 
 
 def _make_loader(system: SystemName, config: BenchConfig) -> Any:
-    if system == "aloader":
+    if system in ("aloader", "aloader-sync"):
         return aloader.DataLoader(
-            TimedObjects(config.urls),
-            batch_size=config.batch_size,
-            collate_fn=collate,
-            concurrency=config.concurrency,
-            num_workers=config.aloader_workers,
-        )
-    if system == "aloader-sync":
-        return aloader.DataLoader(
-            BlockingObjects(config.urls),
+            TimedObjects(config.urls) if system == "aloader" else BlockingObjects(config.urls),
             batch_size=config.batch_size,
             collate_fn=collate,
             concurrency=config.concurrency,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import aloader
+from aloader._bench import machine
 
 LATENCY_SECONDS = 0.03
 
@@ -131,21 +130,6 @@ def in_memory_workload(n: int, repeats: int) -> list[Result]:
     return [
         Result("in-memory", name, runs[0][0], statistics.median(s for _, s in runs)) for name, runs in timings.items()
     ]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, aloader {aloader.__version__}"
-    )
 
 
 def render(results: list[Result]) -> str:
