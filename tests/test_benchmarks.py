@@ -29,3 +29,24 @@ def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
     section = text[text.index("<!-- pool:begin -->") : text.index("<!-- pool:end -->")]
     for row in ("torch DataLoader (fork)", "aloader DataLoader (forkserver, the default)", "shared memory"):
         assert row in section
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("module", "section", "row"), [("core", "core", "aloader, for"), ("remote", "bench", "ceiling")]
+)
+def test_benchmark_quick_writes_its_section(tmp_path: Path, module: str, section: str, row: str) -> None:
+    target = tmp_path / "benchmarks.md"
+    target.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
+    result = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--write", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = target.read_text()
+    assert "<!-- other:begin -->\nkept\n<!-- other:end -->" in text
+    assert row in text[text.index(f"<!-- {section}:begin -->") : text.index(f"<!-- {section}:end -->")]
