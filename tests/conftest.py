@@ -173,23 +173,19 @@ def object_server() -> Any:
 @pytest.fixture(scope="session")
 def s3(object_server: Any) -> Any:
     """moto's S3 server for the whole session (``object_server`` first: it warms obstore up)."""
-    from tests.servers import MotoServer
-
-    server = MotoServer()
-    KEEPALIVE_PORTS.add(server.port)
-    try:
-        yield server
-    finally:
-        KEEPALIVE_PORTS.discard(server.port)
-        server.stop()
+    yield from _moto_server(require_auth=False)
 
 
 @pytest.fixture(scope="session")
 def s3_with_auth(object_server: Any) -> Any:
     """A second moto server that checks credentials, for the access-denied tests."""
+    yield from _moto_server(require_auth=True)
+
+
+def _moto_server(require_auth: bool) -> Any:
     from tests.servers import MotoServer
 
-    server = MotoServer(require_auth=True)
+    server = MotoServer(require_auth=require_auth)
     KEEPALIVE_PORTS.add(server.port)
     try:
         yield server
