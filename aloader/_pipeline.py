@@ -231,6 +231,7 @@ class Pipeline:
             # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool. Both waits
             # go on through cancellation (the consumer's close() may cancel us while we are already finishing,
             # and a closing loop cancels every task), then the cancellation is passed on.
+            self.stats.end()
             pending = [*([dispatcher] if dispatcher is not None else []), *self._tasks]
             for task in pending:
                 task.cancel()
@@ -246,7 +247,6 @@ class Pipeline:
                 finally:
                     await finish_through_cancellation(self._pool.close())
                     self._pool.join()
-                    self.stats.end()
 
     @staticmethod
     def _close_workers(workers: WorkerPool) -> asyncio.Future[None]:

@@ -58,7 +58,8 @@ class QueueStats:
 
 @dataclass(frozen=True, slots=True)
 class LoaderStats:
-    """A snapshot of one iterator. ``running`` is False once its epoch ended or it was closed.
+    """A snapshot of one iterator. ``running``: its pipeline is still producing (False once it has queued its last
+    batch, even if the consumer has not taken it yet, or once the iterator was closed).
 
     ``skipped``: samples skipped under ``max_failures``; ``failed_batches``: batches that raised in the consumer.
     With ``num_workers > 0`` a sync map-style dataset is fetched, transformed and collated inside the workers: the
