@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 from aloader.errors import FailureBudgetExceeded
 
-__all__ = ["Collated", "FailureBudget", "Skipped", "check_max_failures", "logger", "split_skipped"]
+__all__ = ["Collated", "FailureBudget", "Skipped", "check_max_failures", "logger", "named", "split_skipped"]
 
 logger: Final = logging.getLogger("aloader")
 logger.addHandler(logging.NullHandler())  # quiet unless the application configures logging
@@ -42,6 +42,15 @@ def check_max_failures(max_failures: object) -> int | float | None:
             f"samples seen) or None, but got max_failures={max_failures!r}"
         )
     return max_failures  # type: ignore[return-value]
+
+
+def named(sample: object) -> str:
+    """`` (key '...' of <shard>)`` for a WebDataset-style sample dict (as TarShardDataset yields), else ``""``: an
+    item's position in a stream says little, its key says which file to look at."""
+    if isinstance(sample, dict) and "__key__" in sample:
+        where = f" of {sample['__url__']}" if "__url__" in sample else ""
+        return f" (key {sample['__key__']!r}{where})"
+    return ""
 
 
 def _portable(error: BaseException) -> BaseException:

@@ -34,7 +34,7 @@ from typing import Any, Final, Literal, Protocol
 from torch.utils.data import Subset
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
-from aloader._failures import Collated, FailureBudget, Skipped, split_skipped
+from aloader._failures import Collated, FailureBudget, Skipped, logger, named, split_skipped
 from aloader._pool import IterStop, Op, WorkerPool, describe_indices
 from aloader._stats import Recorder
 from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
@@ -423,6 +423,12 @@ class Pipeline:
                     more, error, ended = await self._pull(wanted - len(items))
                     items += more
                     position += len(more)
+                    if ended and not more and error is None:
+                        logger.warning(
+                            "the iterable dataset's iterator ended right after it raised at item %d: a generator "
+                            "cannot go on after an exception, so the items it had not yielded yet are lost",
+                            position - 1,
+                        )
             self.stats.add("fetch", len(items), time.perf_counter() - pulled)
             if error is not None:
                 self.stats.failure("fetch")
@@ -685,7 +691,7 @@ class Pipeline:
                 try:
                     out = await transform(sample)
                 except Exception as exc:
-                    return self._failed("transform", exc, f"in transform for {label} {position!r}")
+                    return self._failed("transform", exc, f"in transform for {label} {position!r}{named(sample)}")
                 self.stats.add("transform", 1, time.perf_counter() - started)
                 return out
 
@@ -706,7 +712,7 @@ class Pipeline:
                 try:
                     out.append(transform(sample))
                 except Exception as exc:
-                    out.append(self._failed("transform", exc, f"in transform for {label} {position!r}"))
+                    out.append(self._failed("transform", exc, f"in transform for {label} {position!r}{named(sample)}"))
             self.stats.add("transform", len(samples), time.perf_counter() - started)
             samples = out
         skipped: list[Skipped] = []

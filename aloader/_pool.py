@@ -54,7 +54,7 @@ import torch
 import torch.multiprocessing  # registers torch's shared-memory reductions with ForkingPickler
 import torch.utils.data._utils.worker as torch_worker
 
-from aloader._failures import Collated, Skipped, split_skipped
+from aloader._failures import Collated, Skipped, named, split_skipped
 from aloader._threads import _deliver
 from aloader.errors import WorkerDiedError, with_context
 
@@ -316,7 +316,7 @@ class _Worker:
                 try:
                     out.append(setup.transform(sample))
                 except Exception as exc:
-                    out.append(self.failed(exc, f"in transform for {label} {position!r}", "transform"))
+                    out.append(self.failed(exc, f"in transform for {label} {position!r}{named(sample)}", "transform"))
             samples = out
         skipped: list[Skipped] = []
         seen = len(samples)
