@@ -407,10 +407,14 @@ class Pipeline:
         wanted = plan.batch_size if plan.auto_collation and plan.batch_size is not None else 1
         position = 0  # items taken from the dataset's iterator so far
         seq = 0
+        skipped_last = False  # max_failures: the last pull raised and was skipped
         while True:
             await self._window.acquire()
             pulled = time.perf_counter()
             items, error, ended = await self._pull(wanted)
+            if skipped_last and ended and not items and error is None:
+                _warn_ended_after_failure(position - 1)
+            skipped_last = False
             first = position
             position += len(items)
             while error is not None and self._skipping:
@@ -418,17 +422,14 @@ class Pipeline:
                 where = f"fetching item {position} of the iterable dataset"
                 items.append(Skipped(with_context(error, where), "fetch", where, error))
                 position += 1
-                error = None
+                error, skipped_last = None, True
                 if len(items) < wanted and not ended:
                     more, error, ended = await self._pull(wanted - len(items))
                     items += more
                     position += len(more)
-                    if ended and not more and error is None:
-                        logger.warning(
-                            "the iterable dataset's iterator ended right after it raised at item %d: a generator "
-                            "cannot go on after an exception, so the items it had not yielded yet are lost",
-                            position - 1,
-                        )
+                    if not more and error is None and ended:
+                        _warn_ended_after_failure(position - 1)
+                    skipped_last = False
             self.stats.add("fetch", len(items), time.perf_counter() - pulled)
             if error is not None:
                 self.stats.failure("fetch")
@@ -764,6 +765,14 @@ def _any_awaitable(samples: list[Any]) -> bool:
         if kind is not types.GeneratorType:
             _plain_types.add(kind)
     return False
+
+
+def _warn_ended_after_failure(position: int) -> None:
+    logger.warning(
+        "the iterable dataset's iterator ended right after it raised at item %d: a generator cannot go on after an "
+        "exception, so the items it had not yielded yet are lost",
+        position,
+    )
 
 
 def window_for(concurrency: int, batch_size: int | None) -> int:
