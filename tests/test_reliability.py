@@ -218,16 +218,16 @@ def test_aclose_and_cancellation_with_workers_and_a_stream(http: ObjectServer) -
 def test_timeout_on_a_stalled_async_dataset_raises_torchs_text(driver: Driver) -> None:
     class Stalls:
         def __len__(self) -> int:
-            return 3
+            return 2
 
         async def __getitem__(self, i: int) -> int:
-            if i == 1:
-                await asyncio.Event().wait()  # cancelled when the epoch ends
+            await asyncio.Event().wait()  # never answers; cancelled when the epoch ends
             return i
 
+    # Only stalled samples: how fast the machine is does not change the outcome.
     outcomes = driver.outcomes(aloader.DataLoader(Stalls(), batch_size=None, timeout=0.2))
-    assert [kind for kind, _ in outcomes] == ["ok", "err"]
-    assert type(outcomes[1][1]) is RuntimeError and str(outcomes[1][1]) == "DataLoader timed out after 0.2 seconds"
+    assert [kind for kind, _ in outcomes] == ["err"]
+    assert type(outcomes[0][1]) is RuntimeError and str(outcomes[0][1]) == "DataLoader timed out after 0.2 seconds"
 
 
 # ---------------------------------------------------------------------------------------------- many loaders
