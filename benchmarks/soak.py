@@ -198,8 +198,8 @@ def render(size: Size, epochs: list[Epoch], rss: list[tuple[float, int]], corrup
     lines = [
         f"{size.epochs} epochs over {size.shards} tar shards x {size.per_shard} samples ({size.payload} B payload "
         f"each) streamed from an object server on 127.0.0.1 with injected faults ({', '.join(size.faults.kinds)}; "
-        f"about one shard in {size.faults.every} fails once per epoch) and storage retries; {corrupt} corrupt samples per epoch skipped by "
-        f"`max_failures`; batch 32, shuffled, epochs alternating `for` and `async for`.",
+        f"about one shard in {size.faults.every} fails once per epoch) and storage retries; {corrupt} corrupt "
+        "samples per epoch skipped by `max_failures`; batch 32, shuffled, epochs alternating `for` and `async for`.",
         "",
         "| epochs | samples delivered | duplicates | losses | unexpected | failures skipped | faults injected "
         "| samples/s |",
