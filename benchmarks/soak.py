@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import io
 import random
+import sys
 import tarfile
 import threading
 import time
@@ -122,6 +124,12 @@ class Epoch:
     faults: int
     seconds: float
     rss_after: int
+    python_blocks: int  # sys.getallocatedblocks() after a collection: Python objects alive
+
+
+def _python_blocks() -> int:
+    gc.collect()
+    return sys.getallocatedblocks()
 
 
 def run_epoch(loader: aloader.DataLoader, epoch: int, use_async: bool) -> list[int]:
@@ -178,6 +186,7 @@ def soak(size: Size) -> tuple[list[Epoch], list[tuple[float, int]], int]:
                     faults=server.faults_injected,
                     seconds=seconds,
                     rss_after=psutil.Process().memory_info().rss,
+                    python_blocks=_python_blocks(),
                 )
             )
             e = epochs[-1]
@@ -216,6 +225,10 @@ def render(size: Size, epochs: list[Epoch], rss: list[tuple[float, int]], corrup
         f"| {max(values) / mib:.0f} | {(epochs[-1].rss_after - warm) / mib:+.1f} |",
         "",
         f"RSS after each epoch (MiB): {by_epoch}. Sampled every 0.25 s ({len(values)} samples).",
+        "",
+        f"Python objects alive (`sys.getallocatedblocks()` after a collection) after epoch 1: "
+        f"{epochs[0].python_blocks:,}; after the last: {epochs[-1].python_blocks:,} "
+        f"({epochs[-1].python_blocks - epochs[0].python_blocks:+,}).",
     ]
     return "\n".join(lines)
 
