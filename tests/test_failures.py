@@ -185,3 +185,16 @@ def test_progress_argument_is_checked() -> None:
 def test_failure_budget_exceeded_is_in_the_hierarchy_drawing() -> None:
     assert "FailureBudgetExceeded" in (aloader.errors.__doc__ or "")
     assert dataclasses.is_dataclass(aloader.LoaderStats)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_out_of_order_and_persistent_workers_skip_the_same_samples(driver: Driver, num_workers: int) -> None:
+    loader = loader_for(
+        BadSamples(), max_failures=4, in_order=False, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
+    expected = sorted(i for batch in without_bad(torch_index_batches(30, 4, None)) for i in batch)
+    for _ in range(2):  # the budget is per epoch: the second epoch skips the same four again
+        got = sorted(i for batch in values(driver.collect(loader)) for i in batch)
+        assert got == expected
+        assert loader.stats().skipped == 4
+    loader.close()
