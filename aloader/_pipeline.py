@@ -36,7 +36,7 @@ from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
 from aloader._failures import Collated, FailureBudget, Skipped, logger, named, split_skipped
 from aloader._pool import IterStop, Op, WorkerPool, describe_indices
-from aloader._stats import Recorder
+from aloader._stats import Recorder, TimedSemaphore
 from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
 from aloader.errors import with_context
 
@@ -181,7 +181,8 @@ class Pipeline:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._pool = ThreadPool(plan.concurrency + 2)
-        self._slots = asyncio.Semaphore(plan.concurrency)  # fetch calls in flight
+        self.stats = Recorder()
+        self._slots = TimedSemaphore(plan.concurrency, self.stats, "fetch")  # fetch calls in flight
         self._window = asyncio.Semaphore(plan.window)  # units dispatched and not yet handed to the sink
         self._done: asyncio.Queue[object] = asyncio.Queue()  # bounded by the window
         self._ready: dict[int, object] = {}  # in_order: finished out of turn, keyed by seq
@@ -195,7 +196,6 @@ class Pipeline:
         self._items_sent = 0  # "items" tasks so far: they go round-robin over the workers
         self._active: list[bool] = []  # iterable dataset in workers: whose copy is not exhausted yet
         self._resets: list[asyncio.Future[Any] | None] = []
-        self.stats = Recorder()
         self._skipping = plan.max_failures is not None
         self._budget = (
             FailureBudget(plan.max_failures, lambda s: self.stats.failure(s.stage, skipped=True))

@@ -23,7 +23,8 @@ class StageStats:
     ``items``: samples through the stage (index lists count their indices; for the sampler, indices drawn).
     ``failures``: samples that raised in it (skipped or not). ``rate``: items per second of the iterator's life.
     ``busy_seconds``: the time spent in the stage's calls. ``p50``/``p99``: seconds per item, None before the first.
-    ``blocked_seconds``: time the stage waited for room downstream (the sampler waits for the reorder window).
+    ``blocked_seconds``: time the stage waited for room: the sampler for the reorder window, fetch for a free
+    ``concurrency`` slot; transform and collate run as soon as their samples are there (always 0).
     """
 
     name: str

@@ -142,3 +142,12 @@ def test_progress_bar_closes_on_break(driver: Driver, capsys: Any) -> None:
     loader = aloader.DataLoader(Numbers(40), batch_size=4, progress=True)
     assert len(driver.collect(loader, limit=2)) == 2
     assert "2/10" in capsys.readouterr().err
+
+
+def test_fetch_blocked_time_counts_waits_for_a_concurrency_slot(driver: Driver) -> None:
+    # One slot for four samples per batch: the others wait for it (each fetch yields to the loop while holding it).
+    loader = aloader.DataLoader(AsyncBadSamples(12), batch_size=4, concurrency=1, max_failures=2)
+    driver.collect(loader)
+    stats = loader.stats()
+    assert stats.fetch.blocked_seconds > 0
+    assert stats.transform.blocked_seconds == 0 and stats.collate.blocked_seconds == 0
