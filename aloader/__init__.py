@@ -4,7 +4,8 @@
 dataset, sampler and collate names below are torch's own, re-exported so one import serves both.
 
 ``aloader.storage`` reads by URL (local files, S3, GCS, Azure, HTTP) without blocking the loop, and
-``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards.
+``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards. ``loader.stats()``
+returns the snapshots defined in ``aloader.stats``.
 """
 
 from torch.utils.data import (
@@ -29,8 +30,9 @@ from torch.utils.data import (
 )
 
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
-from aloader.errors import AloaderError, WorkerDiedError
+from aloader.errors import AloaderError, FailureBudgetExceeded, WorkerDiedError
 from aloader.loader import DEFAULT_CONCURRENCY, DataLoader
+from aloader.stats import LoaderStats
 
 __version__ = "0.1.0.dev0"
 
@@ -42,6 +44,8 @@ __all__ = [
     "AsyncLoaderIterator",
     "AloaderError",
     "WorkerDiedError",
+    "FailureBudgetExceeded",
+    "LoaderStats",
     # torch's data names, re-exported
     "Dataset",
     "IterableDataset",

@@ -17,6 +17,7 @@ from typing import Any
 
 from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
 from aloader._pipeline import END, Failed, Pipeline
+from aloader._stats import open_progress
 
 __all__ = ["AsyncLoaderIterator", "LoaderIterator"]
 
@@ -34,6 +35,20 @@ class _Consumer:
         self._reported_len = reported_len  # len(dataset) seen by len(loader) for an IterableDataset, as torch
         self._yielded = 0
         self._closed = False
+        self._bar: Any = None
+        if pipeline.plan.progress:
+            self._bar = open_progress(self._total())
+
+    def _total(self) -> int | None:
+        try:
+            return len(self)
+        except TypeError:  # an iterable dataset without __len__, or an unsized sampler
+            return None
+
+    def _close_bar(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
 
     def __len__(self) -> int:
         # As torch's iterator: the number of batches (or samples) the index sampler gives.
@@ -41,6 +56,8 @@ class _Consumer:
 
     def _count(self, item: object) -> Any:
         self._yielded += 1
+        if self._bar is not None:
+            self._bar.update()
         if self._reported_len is not None and self._yielded > self._reported_len:
             assert self._pipeline is not None
             # torch's warning, word for word.
@@ -95,6 +112,7 @@ class AsyncLoaderIterator(_Consumer):
         """Stop all work of this iterator and wait until it has stopped. Idempotent."""
         self._closed = True
         self._channel.clear()
+        self._close_bar()
         task = self._task
         if task is not None and not task.done():
             task.cancel()
@@ -184,6 +202,7 @@ class LoaderIterator(_Consumer):
         if threading.current_thread() is not self._thread and not sys.is_finalizing():
             self._thread.join(join_timeout)
         self._channel.clear()
+        self._close_bar()
         self._pipeline = None
 
     def __enter__(self) -> LoaderIterator:

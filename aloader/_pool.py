@@ -54,6 +54,7 @@ import torch
 import torch.multiprocessing  # registers torch's shared-memory reductions with ForkingPickler
 import torch.utils.data._utils.worker as torch_worker
 
+from aloader._failures import Collated, Skipped, named, split_skipped
 from aloader._threads import _deliver
 from aloader.errors import WorkerDiedError, with_context
 
@@ -116,6 +117,8 @@ class WorkerSetup:
     worker_init_fn: Callable[[int], None] | None
     num_workers: int
     base_seed: int
+    # max_failures is set: a failing sample becomes a Skipped marker, and batches come back as Collated.
+    skip_failures: bool = False
 
 
 class _IterStop:
@@ -272,15 +275,22 @@ class _Worker:
             try:
                 return list(getitems(indices))
             except Exception as exc:
-                raise _Failure(exc, f"fetching the batch of sample indices {describe_indices(indices)}")
+                if not self.setup.skip_failures:
+                    raise _Failure(exc, f"fetching the batch of sample indices {describe_indices(indices)}")
+                # max_failures: fetch the batch again sample by sample, so only the failing ones are skipped.
         return [self.getitem(dataset, index) for index in indices]
 
-    @staticmethod
-    def getitem(dataset: Any, index: Any) -> Any:
+    def getitem(self, dataset: Any, index: Any) -> Any:
         try:
             return dataset[index]
         except Exception as exc:
-            raise _Failure(exc, f"fetching sample index {index!r}")
+            return self.failed(exc, f"fetching sample index {index!r}", "fetch")
+
+    def failed(self, exc: Exception, where: str, stage: Literal["fetch", "transform"]) -> Skipped:
+        if not self.setup.skip_failures:
+            raise _Failure(exc, where)
+        where = f"{where} in DataLoader worker process {self.worker_id}"
+        return Skipped(with_context(exc, where), stage, where, exc)
 
     def next_batch(self) -> Any:
         # As torch's _IterableDatasetFetcher: a short last batch unless drop_last; then the worker is exhausted.
@@ -294,17 +304,18 @@ class _Worker:
                 self.ended = True
                 return IterStop
             except Exception as exc:
-                raise _Failure(exc, "fetching an item of the iterable dataset")
+                item = self.failed(exc, "fetching an item of the iterable dataset", "fetch")
             return self.collate(["item"], [item], "item")
         items: list[Any] = []
         assert setup.batch_size is not None
-        try:
-            for _ in range(setup.batch_size):
+        while len(items) < setup.batch_size:
+            try:
                 items.append(next(self.iterator))
-        except StopIteration:
-            self.ended = True
-        except Exception as exc:
-            raise _Failure(exc, "fetching items of the iterable dataset")
+            except StopIteration:
+                self.ended = True
+                break
+            except Exception as exc:
+                items.append(self.failed(exc, "fetching items of the iterable dataset", "fetch"))
         if not items or (setup.drop_last and len(items) < setup.batch_size):
             self.ended = True
             return IterStop
@@ -315,16 +326,26 @@ class _Worker:
         if setup.transform is not None:
             out = []
             for sample, position in zip(samples, positions, strict=True):
+                if type(sample) is Skipped:
+                    out.append(sample)
+                    continue
                 try:
                     out.append(setup.transform(sample))
                 except Exception as exc:
-                    raise _Failure(exc, f"in transform for {label} {position!r}")
+                    out.append(self.failed(exc, f"in transform for {label} {position!r}{named(sample)}", "transform"))
             samples = out
+        skipped: list[Skipped] = []
+        seen = len(samples)
+        if setup.skip_failures:
+            samples, positions, skipped = split_skipped(samples, positions)
+            if not samples:
+                return Collated(None, skipped, seen, empty=True)
         try:
-            return setup.collate_fn(samples if setup.auto_collation else samples[0])
+            batch = setup.collate_fn(samples if setup.auto_collation else samples[0])
         except Exception as exc:
             plural = "sample indices" if label == "sample index" else f"{label}s"
             raise _Failure(exc, f"in collate_fn for the batch of {plural} {describe_indices(positions)}")
+        return Collated(batch, skipped, seen) if setup.skip_failures else batch
 
 
 class _Failure(Exception):

@@ -49,3 +49,11 @@ def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
 )
 def test_benchmark_quick_writes_its_section(tmp_path: Path, module: str, section: str, row: str) -> None:
     assert row in run_quick(module, tmp_path, section)
+
+
+@pytest.mark.slow
+def test_soak_benchmark_quick_every_sample_once_and_corrupt_ones_skipped(tmp_path: Path) -> None:
+    section = run_quick("soak", tmp_path, "soak")
+    # 3 epochs of 95 good samples: none duplicated, lost or unexpected; 5 corrupt ones skipped in each.
+    assert "| 3 | 285 | 0 | 0 | 0 | 15 |" in section
+    assert "Machine: " in section and "RSS after each epoch" in section
