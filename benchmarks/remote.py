@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> _bench.BenchReport:
     parser.add_argument("--plot", type=Path, help="draw throughput over time here (default: beside --write)")
     args = parser.parse_args(argv)
     samples, latency = (48, 0.005) if args.quick else (None, 0.03)
-    with _bench.open_source(None, samples=samples, latency=latency) as (label, urls):
-        config = _bench.BenchConfig(urls=tuple(urls), systems=_bench.default_systems())
+    with _bench.open_source(None, samples=samples, latency=latency) as source:
+        label = source.label
+        config = _bench.BenchConfig(urls=tuple(source.urls), systems=_bench.default_systems())
         report = _bench.run_bench(config, label, show_progress=False)
     table = _bench.render_table(report)
     print(f"Machine: {report.machine}\n\n{table}")
