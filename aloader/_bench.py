@@ -605,27 +605,22 @@ def render_table(report: BenchReport) -> str:
 
 def write_plot(report: BenchReport, path: Path) -> None:
     """Throughput over time, one line per system (samples/s in about 40 bins of the longest run)."""
-    import matplotlib
+    from aloader._plot import save_lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 4.5))
     longest = max((r.timeline[-1][0] for r in report.results if r.timeline), default=1.0)
     width = max(longest / 40, 0.01)
+    series = []
     for r in report.results:
-        if not r.timeline:
-            continue
-        xs, ys = zip(*_rates(r.timeline, width), strict=True)
-        axes.plot(xs, ys, label=r.title, marker="." if len(xs) < 20 else None)
-    axes.set_xlabel("seconds since the first batch was requested")
-    axes.set_ylabel("samples/s")
-    axes.set_title("aloader bench: throughput over time")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        if r.timeline:
+            xs, ys = zip(*_rates(r.timeline, width), strict=True)
+            series.append((r.title, xs, ys))
+    save_lines(
+        path,
+        series,
+        title="aloader bench: throughput over time",
+        xlabel="seconds since the first batch was requested",
+        ylabel="samples/s",
+    )
 
 
 def _rates(timeline: list[tuple[float, int]], width: float) -> Iterator[tuple[float, float]]:

@@ -1,7 +1,8 @@
-"""The core, pool and remote benchmarks run end to end in their smoke modes and write only their own section."""
+"""Every benchmark runs end to end in its smoke mode, writes only its own section and draws its plot."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,13 @@ def run_quick(module: str, tmp_path: Path, section: str) -> str:
     assert result.returncode == 0, result.stderr
     text = target.read_text()
     assert KEPT in text
-    return text[text.index(f"<!-- {section}:begin -->") : text.index(f"<!-- {section}:end -->")]
+    body = text[text.index(f"<!-- {section}:begin -->") : text.index(f"<!-- {section}:end -->")]
+    # Every workload draws its plot beside the file and links it from its section.
+    plots = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", body)
+    assert plots, body
+    for name in plots:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return body
 
 
 @pytest.mark.slow
@@ -41,7 +48,13 @@ def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("module", "section", "row"), [("core", "core", "aloader, for"), ("remote", "bench", "ceiling")]
+    ("module", "section", "row"),
+    [
+        ("core", "core", "aloader, for"),
+        ("remote", "bench", "ceiling"),
+        ("flatmem", "flat-memory", "slope (MiB per GiB)"),
+        ("storage", "storage", "bare concurrent GETs"),
+    ],
 )
 def test_benchmark_quick_writes_its_section(tmp_path: Path, module: str, section: str, row: str) -> None:
     assert row in run_quick(module, tmp_path, section)
