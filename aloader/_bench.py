@@ -331,11 +331,23 @@ class _SpdlLoader:
 
 
 # ----------------------------------------------------------------------------------------- the child process
+def like_a_fresh_interpreter() -> None:
+    """Make a bench child (started by ``forkserver``) start processes as a user's script would.
+
+    multiprocessing sets a forkserver child's default start method to ``forkserver``, so torch's DataLoader there
+    would start its workers through a new forkserver, each importing torch again (seconds per iterator) where a
+    user's script gets the platform's default (``fork`` on Linux up to Python 3.13). The default is listed first.
+    aloader's pool picks its own start method and is not affected.
+    """
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+    torch.set_num_threads(1)
+
+
 def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connection.Connection) -> None:
     """Run one system to the end, sending ("batch", seconds, samples, bytes, latencies) per batch."""
     # Ctrl-C goes to the whole process group; the parent decides what happens (it stops this child).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
+    like_a_fresh_interpreter()
     try:
         loader = _make_loader(system, config)
         conn.send(("ready",))

@@ -54,6 +54,7 @@ def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
         ("remote", "bench", "ceiling"),
         ("flatmem", "flat-memory", "slope (MiB per GiB)"),
         ("storage", "storage", "bare concurrent GETs"),
+        ("ttfb", "ttfb", "| in-memory ("),
     ],
 )
 def test_benchmark_quick_writes_its_section(tmp_path: Path, module: str, section: str, row: str) -> None:
