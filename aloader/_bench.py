@@ -250,29 +250,44 @@ class BareReads:
         return {"data": data, "latency": time.perf_counter() - started}
 
 
+@dataclass(frozen=True)
+class Datasets:
+    """What one source format gives the systems: aloader's dataset, an unchanged torch dataset (for torch's
+    DataLoader and for ``aloader-sync``), and the ceiling and SPDL loaders, each made when called."""
+
+    aloader: Callable[[], Any]
+    torch: Callable[[], Any]
+    ceiling: Callable[[], Any]
+    spdl: Callable[[], Any]
+
+
 def _make_loader(system: SystemName, config: BenchConfig) -> Any:
     if config.format == "tar":
-        from aloader._bench_shards import make_tar_loader
+        from aloader._bench_shards import tar_datasets
 
-        return make_tar_loader(system, config)
-    if system in ("aloader", "aloader-sync"):
-        return aloader.DataLoader(
-            TimedObjects(config.urls) if system == "aloader" else BlockingObjects(config.urls),
-            batch_size=config.batch_size,
-            collate_fn=collate,
-            concurrency=config.concurrency,
-            num_workers=config.aloader_workers,
-        )
-    if system == "torch":
-        return torch.utils.data.DataLoader(
-            BlockingObjects(config.urls),
-            batch_size=config.batch_size,
-            collate_fn=collate,
-            num_workers=config.num_workers,
+        datasets = tar_datasets(config)
+    else:
+        datasets = Datasets(
+            aloader=lambda: TimedObjects(config.urls),
+            torch=lambda: BlockingObjects(config.urls),
+            ceiling=lambda: _Ceiling(config),
+            spdl=lambda: _SpdlLoader(config),
         )
     if system == "ceiling":
-        return _Ceiling(config)
-    return _SpdlLoader(config)
+        return datasets.ceiling()
+    if system == "spdl":
+        return datasets.spdl()
+    if system == "torch":
+        return torch.utils.data.DataLoader(
+            datasets.torch(), batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers
+        )
+    return aloader.DataLoader(
+        datasets.aloader() if system == "aloader" else datasets.torch(),
+        batch_size=config.batch_size,
+        collate_fn=collate,
+        concurrency=config.concurrency,
+        num_workers=config.aloader_workers,
+    )
 
 
 class _Ceiling:

@@ -28,13 +28,12 @@ import numpy as np
 import torch
 import torch.utils.data
 
-import aloader
 from aloader import storage
-from aloader._bench import BenchConfig, SystemName, collate, decode_array, read_blocking
+from aloader._bench import BenchConfig, Datasets, collate, decode_array, read_blocking
 from aloader.datasets import TarShardDataset, split_key
 from aloader.datasets._tar import TarStreamParser
 
-__all__ = ["TorchTarShards", "decode_tar_sample", "make_tar_loader", "synthetic_shards"]
+__all__ = ["TorchTarShards", "decode_tar_sample", "synthetic_shards", "tar_datasets"]
 
 
 def decode_tar_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -187,32 +186,16 @@ class _TarSpdl:
             yield from pipeline.get_iterator()
 
 
-def make_tar_loader(system: SystemName, config: BenchConfig) -> Any:
-    """The loader ``system`` iterates over ``config.urls`` as tar shards."""
-    if system == "aloader":
-        dataset = TarShardDataset(
+def tar_datasets(config: BenchConfig) -> Datasets:
+    """What each system reads ``config.urls`` with, as tar shards."""
+    return Datasets(
+        aloader=lambda: TarShardDataset(
             config.urls, shard_concurrency=config.shard_concurrency, decode=decode_tar_sample, split_by_rank=False
-        )
-        return aloader.DataLoader(
-            dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.aloader_workers
-        )
-    if system == "aloader-sync":
-        return aloader.DataLoader(
-            TorchTarShards(config.urls),
-            batch_size=config.batch_size,
-            collate_fn=collate,
-            num_workers=config.aloader_workers,
-        )
-    if system == "torch":
-        return torch.utils.data.DataLoader(
-            TorchTarShards(config.urls),
-            batch_size=config.batch_size,
-            collate_fn=collate,
-            num_workers=config.num_workers,
-        )
-    if system == "ceiling":
-        return _TarCeiling(config)
-    return _TarSpdl(config)
+        ),
+        torch=lambda: TorchTarShards(config.urls),
+        ceiling=lambda: _TarCeiling(config),
+        spdl=lambda: _TarSpdl(config),
+    )
 
 
 # --------------------------------------------------------------------------------------------- synthetic shards
