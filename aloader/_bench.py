@@ -44,6 +44,7 @@ __all__ = [
     "SYSTEMS",
     "BenchConfig",
     "BenchReport",
+    "FormatChoice",
     "Source",
     "SourceFormat",
     "SystemName",

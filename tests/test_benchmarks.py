@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KEPT = "<!-- other:begin -->\nkept\n<!-- other:end -->"
 
 
-def run_quick(module: str, tmp_path: Path, section: str) -> str:
-    """Run ``benchmarks.<module> --quick --write`` on a file with another section; return its own section."""
+def run_quick(module: str, tmp_path: Path, *sections: str) -> str:
+    """Run ``benchmarks.<module> --quick --write`` on a file with another section; return its own sections."""
     target = tmp_path / "benchmarks.md"
     target.write_text(f"# Benchmarks\n\n{KEPT}\n")
     result = subprocess.run(
@@ -30,13 +30,16 @@ def run_quick(module: str, tmp_path: Path, section: str) -> str:
     assert result.returncode == 0, result.stderr
     text = target.read_text()
     assert KEPT in text
-    body = text[text.index(f"<!-- {section}:begin -->") : text.index(f"<!-- {section}:end -->")]
-    # Every workload draws its plot beside the file and links it from its section.
-    plots = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", body)
-    assert plots, body
-    for name in plots:
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return body
+    bodies = []
+    for section in sections:
+        body = text[text.index(f"<!-- {section}:begin -->") : text.index(f"<!-- {section}:end -->")]
+        # Every workload draws its plot beside the file and links it from its section.
+        plots = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", body)
+        assert plots, body
+        for name in plots:
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        bodies.append(body)
+    return "\n".join(bodies)
 
 
 @pytest.mark.slow
@@ -51,7 +54,6 @@ def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
     ("module", "section", "row"),
     [
         ("core", "core", "aloader, for"),
-        ("remote", "bench", "ceiling"),
         ("flatmem", "flat-memory", "slope (MiB per GiB)"),
         ("storage", "storage", "bare concurrent GETs"),
         ("ttfb", "ttfb", "| in-memory ("),
@@ -59,3 +61,10 @@ def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
 )
 def test_benchmark_quick_writes_its_section(tmp_path: Path, module: str, section: str, row: str) -> None:
     assert row in run_quick(module, tmp_path, section)
+
+
+@pytest.mark.slow
+def test_remote_benchmark_quick_writes_objects_and_tar_sections(tmp_path: Path) -> None:
+    text = run_quick("remote", tmp_path, "bench", "bench-tar")
+    assert "ceiling: bare concurrent reads" in text
+    assert "aloader, TarShardDataset" in text
