@@ -131,15 +131,16 @@ class _TarCeiling:
     async def __aiter__(self) -> AsyncIterator[Any]:
         shards = iter(self.config.urls)
         # Bounded: readers wait when the consumer is behind, so memory holds a few batches at most.
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=4 * self.config.batch_size)
+        queue: asyncio.Queue[dict[str, Any] | Exception | None] = asyncio.Queue(maxsize=4 * self.config.batch_size)
 
         async def reader() -> None:
             try:
                 for url in shards:  # readers share one iterator: each takes the next shard when done
                     async for sample in stream_shard(url):
                         await queue.put(decode_tar_sample(sample))
-            finally:
-                await queue.put(None)
+            except Exception as exc:  # raised by the consumer, where the batch would have been
+                await queue.put(exc)
+            await queue.put(None)  # this reader is done (cancellation skips it: the consumer has stopped)
 
         readers = [asyncio.ensure_future(reader()) for _ in range(self.config.shard_concurrency)]
         try:
@@ -149,12 +150,12 @@ class _TarCeiling:
                 if item is None:
                     running -= 1
                     continue
+                if isinstance(item, Exception):
+                    raise item
                 batch.append(item)
                 if len(batch) == self.config.batch_size:
                     yield collate(batch)
                     batch = []
-            for task in readers:
-                await task  # a reader's failure raises here
             if batch:
                 yield collate(batch)
         finally:

@@ -71,6 +71,13 @@ def test_bad_arguments_exit_with_usage() -> None:
     assert "/no/such/dir" in missing.stderr
 
 
+def test_tar_format_without_shards_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a.npy").write_bytes(b"not a shard")
+    result = run_bench(str(tmp_path), "--format", "tar")
+    assert result.returncode != 0
+    assert f"no .tar shards found in {tmp_path}" in result.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_and_prints_what_was_measured(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
