@@ -11,6 +11,7 @@ Run ``python -m benchmarks.remote --write docs/benchmarks.md`` (``--quick`` for 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from aloader import _bench
@@ -37,8 +38,9 @@ def run(format: _bench.FormatChoice, quick: bool, write: Path | None) -> _bench.
         _bench.write_plot(report, plot)
         command = "aloader bench" + (" --format tar" if format == "tar" else "")
         shards = f", {config.shard_concurrency} shards at once" if format == "tar" else ""
+        load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
         body = (
-            f"Machine: {report.machine}\n\n"
+            f"Machine: {report.machine}; {load}\n\n"
             f"`{command}` on its embedded default ({source.label}); batch size {config.batch_size}, concurrency "
             f"{config.concurrency}{shards}, torch's num_workers {config.num_workers}.\n\n{table}\n"
             f"\n![throughput over time]({plot.name})\n"
