@@ -82,6 +82,8 @@ class AsyncLoaderIterator(_Consumer):
         if item is END:
             await self.aclose()
             raise StopAsyncIteration
+        assert self._pipeline is not None
+        self._pipeline.taken()
         if isinstance(item, Failed):
             error = item.error
             # The traceback keeps this frame alive; it must not keep the iterator (and its pipeline) alive too.
@@ -125,6 +127,7 @@ class LoaderIterator(_Consumer):
 
     def __init__(self, pipeline: Pipeline, depth: int, index_sampler: Any, reported_len: int | None) -> None:
         super().__init__(pipeline, depth, index_sampler, reported_len)
+        pipeline.fork_workers_if_safe()  # before the bridge's thread exists
         channel: ThreadChannel | None = None
 
         def main(loop: asyncio.AbstractEventLoop) -> Any:
@@ -132,6 +135,8 @@ class LoaderIterator(_Consumer):
             channel = ThreadChannel(loop, depth)
             return pipeline.run(channel)
 
+        # Pipelines paced by the consumer (worker tasks) learn of each batch taken; others need no wake-up for it.
+        self._paced, self._taken = pipeline.paced_by_consumer, pipeline.taken
         self._loop, self._task, self._thread = start_loop_thread(main, name="aloader-loop")
         assert channel is not None
         self._channel = channel
@@ -152,6 +157,11 @@ class LoaderIterator(_Consumer):
         if item is END:
             self.close()
             raise StopIteration
+        if self._paced:
+            try:
+                self._loop.call_soon_threadsafe(self._taken)
+            except RuntimeError:  # the epoch is over and its loop closed: nothing left to pace
+                pass
         if isinstance(item, Failed):
             error = item.error
             # The traceback keeps this frame alive; it must not keep the iterator (and its threads) alive too.

@@ -185,8 +185,23 @@ class Pipeline:
         self._items_sent = 0  # "items" tasks so far: they go round-robin over the workers
         self._active: list[bool] = []  # iterable dataset in workers: whose copy is not exhausted yet
         self._resets: list[asyncio.Future[Any] | None] = []
+        # Tasks for worker processes follow torch's pacing: prefetch_factor * num_workers tasks ahead of the batches
+        # the consumer has taken (``window`` is that bound), a slot freed when the consumer takes a batch rather
+        # than when the batch reaches the sink. So when an epoch ends early the workers have run exactly the tasks
+        # torch's would have, and with persistent workers the random state they carry into the next epoch is the same.
+        self.paced_by_consumer = self._workers is not None and self._workers.setup.kind in ("map", "iterable")
+        self._taken = 0  # batches the consumer has taken (counted when paced_by_consumer)
+        self._submitted = 0  # tasks sent to workers
 
     # ----------------------------------------------------------------------------------------------- driving
+    def fork_workers_if_safe(self) -> None:
+        """Sync driver only, in the consumer's thread before the bridge starts: fork the worker processes now if
+        that is safe (see ``WorkerPool.start_by_fork_if_safe``). The ``async for`` driver never forks here: a fork
+        takes tens of milliseconds, which would block the caller's loop; its workers start off the loop in run()."""
+        workers = self._workers
+        if workers is not None and not workers.started:
+            workers.start_by_fork_if_safe()
+
     async def run(self, sink: Sink) -> None:
         """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
         dispatcher: asyncio.Task[None] | None = None
@@ -218,6 +233,9 @@ class Pipeline:
                 task.cancel()
             try:
                 await finish_through_cancellation(asyncio.gather(*pending, return_exceptions=True))
+                workers = self._workers
+                if workers is not None and workers.setup.kind == "map" and not self.plan.owns_workers:
+                    self._send_owed_tasks()  # persistent workers: their state carries into the next epoch
                 # An async dataset's iterator (e.g. an async generator reading shards) may hold tasks and
                 # connections of its own: close it now rather than whenever it is garbage collected.
                 await finish_through_cancellation(asyncio.ensure_future(self._close_source()))
@@ -276,6 +294,13 @@ class Pipeline:
             await sink.put(item)
             if item is END:
                 return
+            if not self.paced_by_consumer:
+                self._window.release()
+
+    def taken(self) -> None:
+        """The consumer took a batch (or an error) from the sink; called on the pipeline's loop."""
+        self._taken += 1
+        if self.paced_by_consumer:
             self._window.release()
 
     def _complete(self, seq: int, outcome: object) -> None:
@@ -334,7 +359,11 @@ class Pipeline:
                         self._complete(seq, Failed(with_context(exc, "in the sampler")))
                         break
                     self._outstanding += 1
-                    self._start(seq, functools.partial(self._map_unit, seq, unit))
+                    workers = self._workers
+                    if workers is not None and workers.setup.kind == "map":
+                        self._start(seq, functools.partial(self._await_batch, self._submit_map(unit)))
+                    else:
+                        self._start(seq, functools.partial(self._map_unit, unit))
                     seq += 1
             elif self._workers is not None and self._workers.setup.kind == "iterable":
                 await self._dispatch_worker_iterable(self._workers)
@@ -418,12 +447,14 @@ class Pipeline:
             while not self._active[worker_id]:
                 worker_id = (worker_id + 1) % n
             self._outstanding += 1
-            self._start(seq, functools.partial(self._worker_next, worker_id))
+            # Submitted here, not in the task: requests reach each worker in dispatch order, and a task cancelled
+            # before it runs has still sent its request, as torch's would have.
+            what = "fetching the next batch of its copy of the iterable dataset"
+            future = self._submit(worker_id, "next", None, what)
+            self._start(seq, functools.partial(self._worker_next, worker_id, future))
             seq, worker_id = seq + 1, (worker_id + 1) % n
 
-    async def _worker_next(self, worker_id: int) -> Any:
-        # Submitted before any await: requests reach each worker in dispatch order.
-        future = self._submit(worker_id, "next", None, "fetching the next batch of its copy of the iterable dataset")
+    async def _worker_next(self, worker_id: int, future: asyncio.Future[Any]) -> Any:
         reset = self._resets[worker_id]
         if reset is not None:
             self._resets[worker_id] = None
@@ -441,7 +472,39 @@ class Pipeline:
     def _submit(self, worker_id: int, op: Op, payload: Any, what: str) -> asyncio.Future[Any]:
         workers = self._workers
         assert workers is not None
+        self._submitted += 1
         return workers.submit(worker_id, op, payload, what)
+
+    def _submit_map(self, unit: Any) -> asyncio.Future[Any]:
+        """As torch: the epoch's i-th batch goes to worker ``i % num_workers``, which fetches, transforms and collates
+        it. Sent at dispatch, in sampler order, so each worker gets its batches in torch's order."""
+        workers = self._workers
+        assert workers is not None
+        indices = list(unit) if self.plan.auto_collation else [unit]
+        what = f"holding the batch of sample indices {_describe_indices(indices)}"
+        return self._submit(self._submitted % workers.num_workers, "map", indices, what)
+
+    async def _await_batch(self, future: asyncio.Future[Any]) -> Any:
+        return await self._pin(await future)
+
+    def _send_owed_tasks(self) -> None:
+        """An epoch of a persistent pool ended early: send the map tasks torch would have sent by now.
+
+        torch has sent ``prefetch_factor * num_workers`` tasks plus one per batch the consumer took, and its
+        persistent workers run them all before the next epoch (their results discarded). The dispatcher may lag
+        behind that count when the consumer stops; the missing tasks go out here, their results ignored, so the
+        workers' random state at the next epoch is torch's. Only for a sync sampler (an async one cannot be
+        advanced outside a task).
+        """
+        source = self.plan.source
+        if isinstance(source, AsyncIterator) or self._workers is None or self._workers.broken:
+            return
+        while self._submitted < self.plan.window + self._taken:
+            try:
+                unit = next(source)
+            except Exception:  # the end of the sampler (or its failure, already past the consumer): nothing owed
+                return
+            self._submit_map(unit)
 
     async def _pin(self, batch: Any) -> Any:
         device = self.plan.pin_memory_device
@@ -478,16 +541,10 @@ class Pipeline:
         return await self._pool.run(pull)
 
     # ------------------------------------------------------------------------------------------------ fetching
-    async def _map_unit(self, seq: int, unit: Any) -> Any:
+    async def _map_unit(self, unit: Any) -> Any:
         access = self._access
         assert access is not None
         indices = list(unit) if self.plan.auto_collation else [unit]
-        workers = self._workers
-        if workers is not None and workers.setup.kind == "map":
-            # As torch: batch i goes to worker i % num_workers, submitted before any await so each worker gets its
-            # batches in sampler order; fetch, transform and collate run there.
-            what = f"holding the batch of sample indices {_describe_indices(indices)}"
-            return await self._pin(await self._submit(seq % workers.num_workers, "map", indices, what))
         if self.plan.auto_collation and access.getitems is not None:
             return await self._fetch_getitems(indices)
         if access.getitem_is_async:

@@ -57,7 +57,7 @@ import torch.utils.data._utils.worker as torch_worker
 from aloader._threads import _deliver
 from aloader.errors import WorkerDiedError, with_context
 
-__all__ = ["IterStop", "WorkerPool", "WorkerSetup", "default_context", "describe_indices"]
+__all__ = ["IterStop", "WorkerPool", "WorkerSetup", "default_context", "describe_indices", "fork_is_safe"]
 
 # Arrays smaller than this are pickled inline: a shared segment costs a file descriptor round trip (~100 us).
 _SHARE_MIN_BYTES: Final = 64 * 1024
@@ -79,6 +79,22 @@ def default_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "numpy", "aloader._pool"])
     return context
+
+
+def fork_is_safe() -> bool:
+    """Whether forking the calling thread now copies no lock that another thread holds.
+
+    True only on Linux, in the main thread, when it is the process's only Python thread (so no thread of the
+    loader's, or of the user's, can be inside a lock), and when no object-store client has started its runtime in
+    this process (tokio's threads are invisible to ``threading`` and do not survive a fork). This is the moment
+    torch forks its workers too: at ``iter(loader)``, in the consumer's thread.
+    """
+    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    if threading.active_count() != 1 or threading.current_thread() is not threading.main_thread():
+        return False
+    store = sys.modules.get("aloader.storage._store")  # not imported: nothing has read from an object store
+    return store is None or not store.object_store_started()
 
 
 def describe_indices(indices: Sequence[Any]) -> str:
@@ -349,8 +365,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, setup_bytes: bytes) -> None:
-    """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``."""
+def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, setup_arg: WorkerSetup | bytes) -> None:
+    """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``.
+
+    ``setup_arg`` is the setup itself when the worker was forked (it is the parent's, copied on write, as with
+    torch's fork workers), else its pickle.
+    """
     # SIGTERM (the pool's close() for a busy worker) unwinds through Python, so multiprocessing's exit hooks run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _die_with_parent()
@@ -359,7 +379,7 @@ def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, se
     worker: _Worker | None = None
     try:
         torch.set_num_threads(1)  # as torch: workers must not oversubscribe the cores with intra-op threads
-        setup: WorkerSetup = pickle.loads(setup_bytes)
+        setup: WorkerSetup = setup_arg if isinstance(setup_arg, WorkerSetup) else pickle.loads(setup_arg)
         seed = _seed_worker(setup.base_seed, worker_id)
         torch_worker._worker_info = torch_worker.WorkerInfo(
             id=worker_id, num_workers=setup.num_workers, seed=seed, dataset=setup.dataset
@@ -423,7 +443,8 @@ class WorkerPool:
     ) -> None:
         self.setup = setup
         self.num_workers = num_workers
-        self._context = context if context is not None else default_context()
+        # None: the default, decided when the workers start (start_by_fork_if_safe, else default_context()).
+        self._context = context
         self._lock = threading.Lock()  # start/close/pending
         self._send_queues: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in range(num_workers)]
         self._senders: list[threading.Thread] = []
@@ -453,18 +474,42 @@ class WorkerPool:
     def pids(self) -> list[int | None]:
         return [p.pid for p in self._processes]
 
+    @property
+    def start_method(self) -> str | None:
+        """The start method the workers were (or will be) started with; None while the default is undecided."""
+        return self._context.get_start_method() if self._context is not None else None
+
+    def start_by_fork_if_safe(self) -> bool:
+        """With no start method given, fork the workers now, in the calling thread, when that is safe.
+
+        The consumer's iterator calls this before the pipeline's threads exist. When :func:`fork_is_safe` holds,
+        forking is what torch does, and it is the cheapest start: workers share the parent's pages (torch's
+        libraries and heap) and begin in milliseconds, with the dataset copied on write instead of pickled. Otherwise
+        (the user's own threads, an ``async for`` in a loop that must not block, object-store clients) the workers
+        are started later by ``start()`` with :func:`default_context`, off the event loop.
+        """
+        if self._started or self._context is not None or not fork_is_safe():
+            return False
+        self._context = multiprocessing.get_context("fork")
+        self.start()
+        return True
+
     def start(self) -> None:
         with self._lock:
             if self._started or self._closed:
                 return
             self._started = True
-            setup_bytes = pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
+            if self._context is None:
+                self._context = default_context()
+            # A forked worker gets the setup itself (no pickling, as torch's fork workers); others its pickle.
+            forked = self._context.get_start_method() == "fork"
+            setup_arg = self.setup if forked else pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
             try:
                 for worker_id in range(self.num_workers):
                     ours, theirs = self._context.Pipe(duplex=True)
                     process = self._context.Process(  # type: ignore[attr-defined]
                         target=_worker_main,
-                        args=(worker_id, theirs, setup_bytes),
+                        args=(worker_id, theirs, setup_arg),
                         name=f"aloader-worker-{worker_id}",
                         daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
                     )
@@ -589,13 +634,16 @@ class WorkerPool:
 
     def _worker_died(self, worker_id: int) -> None:
         process = self._processes[worker_id]
-        process.join(0)
+        # The sentinel of a forked worker is a pipe that reads end-of-file as the process exits, a moment before the
+        # kernel makes its exit status available: wait that moment out (bounded, should it live on without it).
+        process.join(_EXIT_GRACE_SECONDS)
         code = process.exitcode
-        how = (
-            f"was killed by signal {signal.Signals(-code).name}"
-            if code is not None and code < 0
-            else (f"exited with code {code}")
-        )
+        if code is None:
+            how = "closed its connection"
+        elif code < 0:
+            how = f"was killed by signal {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
         with self._lock:
             if self._closed:
                 return

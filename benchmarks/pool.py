@@ -2,7 +2,8 @@
 
 Each sample spends a few milliseconds in pure Python (the GIL holds threads to one core), then returns a 3x64x64
 image tensor and a label. Each system runs in a fresh interpreter, so both pay their real start-up (torch forks its
-workers; aloader's default start method, forkserver, starts a server that imports torch once per process); the
+workers; so does aloader by default, as the consumer is the process's only thread at ``iter()``; with forkserver, a
+server process imports torch once per process and workers are forked from it); the
 benchmark process samples the resident memory of that interpreter and all its descendants together every 5 ms.
 
 Measured per system, side by side in one run:
@@ -49,8 +50,8 @@ from benchmarks.core import machine, write_section
 
 SYSTEMS = {
     "torch": "torch DataLoader (fork)",
-    "aloader": "aloader DataLoader (forkserver, the default)",
-    "aloader-fork": 'aloader DataLoader, multiprocessing_context="fork"',
+    "aloader": "aloader DataLoader (default: forks at iter(), as the only thread)",
+    "aloader-forkserver": 'aloader DataLoader, multiprocessing_context="forkserver"',
 }
 
 
@@ -88,7 +89,7 @@ class Trivial(Dataset[int]):
 def run_system(system: str, n: int, work: int, batch_size: int) -> dict[str, float]:
     """In a fresh interpreter: two epochs, timing the first batch of each and the whole second epoch."""
     cls = torch.utils.data.DataLoader if system == "torch" else aloader.DataLoader
-    context = {"multiprocessing_context": "fork"} if system == "aloader-fork" else {}
+    context = {"multiprocessing_context": "forkserver"} if system == "aloader-forkserver" else {}
     figures: dict[str, float] = {}
     for epoch in (1, 2):
         loader = cls(CpuBound(n, work), batch_size=batch_size, num_workers=2, **context)
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> Report | None:
     n, batch_size = (16, 8) if args.quick else (1024, 16)
     # Interleaved repeats, median per figure: noise from other users of the machine hits both systems alike.
     repeats = 1 if args.quick else 3
-    # The smoke run skips the opt-in fork row: it only checks that the script works end to end.
+    # The smoke run skips the opt-in forkserver row: it only checks that the script works end to end.
     names = ["torch", "aloader"] if args.quick else list(SYSTEMS)
     runs: dict[str, list[dict[str, float]]] = {system: [] for system in names}
     for _ in range(repeats):
