@@ -18,7 +18,8 @@ Then the transfer itself: one batch (16x3x64x64 float32) from a worker to the ma
 pipe against aloader's shared memory (descriptor passing), and the round trip of a trivial batch through the pool (the
 per-task cost that the work per batch must dwarf).
 
-Run ``python -m benchmarks.pool`` (``--quick`` for a smoke run); ``--write docs/benchmarks.md`` updates its section.
+Run ``python -m benchmarks.pool`` (``--quick`` for a smoke run); ``--write docs/benchmarks.md`` updates its section
+and draws ``pool.png`` beside it.
 Other users of the machine add noise: compare the systems within one run.
 """
 
@@ -44,6 +45,7 @@ from torch.utils.data import Dataset
 
 import aloader
 from aloader import _pool
+from aloader._plot import save_bars
 from benchmarks.core import machine, write_section
 
 SYSTEMS = {
@@ -226,6 +228,21 @@ class Report:
     task_seconds: float
     repeats: int
 
+    def plot(self, path: Path) -> None:
+        """Bars per figure: throughput, peak PSS, and the first batch cold and warm."""
+        panels = [
+            ("samples/s, epoch 2 (higher is better)", "samples_per_second"),
+            ("peak PSS of all processes, MiB (lower is better)", "peak_pss_mb"),
+            ("first batch, cold process, s (lower is better)", "first_batch_1"),
+            ("first batch, warm, s (lower is better)", "first_batch_2"),
+        ]
+        save_bars(
+            path,
+            [(title, [(SYSTEMS[name], row[key]) for name, row in self.systems.items()]) for title, key in panels],
+            xlabel="",
+            value_format=",.2f",
+        )
+
     def render(self) -> str:
         torch_row = self.systems["torch"]
         lines = [
@@ -318,7 +335,9 @@ def main(argv: list[str] | None = None) -> Report | None:
     print(f"Machine: {machine()}\n")
     print(text)
     if args.write:
-        write_section(args.write, f"Machine: {machine()}\n\n{text}", section="pool")
+        plot = args.write.parent / "pool.png"
+        report.plot(plot)
+        write_section(args.write, f"Machine: {machine()}\n\n{text}\n![pool figures]({plot.name})\n", section="pool")
     return report
 
 

@@ -33,6 +33,7 @@ import psutil
 import aloader
 from aloader._bench import machine
 from aloader._objectserver import Faults, ObjectServer
+from aloader._plot import save_lines
 from aloader.datasets import TarShardDataset
 from aloader.storage import RetryPolicy
 from benchmarks.core import write_section
@@ -233,6 +234,18 @@ def render(size: Size, epochs: list[Epoch], rss: list[tuple[float, int]], corrup
     return "\n".join(lines)
 
 
+def plot(rss: list[tuple[float, int]], path: Path) -> None:
+    xs = [seconds for seconds, _ in rss]
+    ys = [value / 2**20 for _, value in rss]
+    save_lines(
+        path,
+        [("process RSS (loader and object server)", xs, ys)],
+        title="Soak: RSS over the run",
+        xlabel="seconds",
+        ylabel="RSS (MiB)",
+    )
+
+
 def main(argv: list[str] | None = None) -> list[Epoch]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", "--smoke", action="store_true", help="a smoke run with a tiny dataset")
@@ -246,7 +259,9 @@ def main(argv: list[str] | None = None) -> list[Epoch]:
     table = render(size, epochs, rss, corrupt)
     print(f"\nMachine: {machine()}\n\n{table}")
     if args.write:
-        write_section(args.write, f"Machine: {machine()}\n\n{table}\n", section="soak")
+        plot(rss, args.write.parent / "soak.png")
+        body = f"Machine: {machine()}\n\n{table}\n![RSS over the run](soak.png)\n"
+        write_section(args.write, body, section="soak")
     failed = [e for e in epochs if e.duplicates or e.losses or e.unexpected or e.skipped != corrupt]
     if failed:
         raise SystemExit(f"soak failed: {len(failed)} epochs lost, duplicated or wrongly skipped samples")
