@@ -34,7 +34,9 @@ class ThreadChannel:
         self._loop = loop
         self._capacity = max(1, capacity)
         self._items: deque[object] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        # Reentrant so that the consumer thread can tell whether it holds it (see release_after_interrupt).
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._room = asyncio.Event()
         self._producer_waiting = False
 
@@ -68,6 +70,17 @@ class ThreadChannel:
             except RuntimeError:  # the loop has closed: nobody is waiting any more
                 pass
         return item
+
+    def release_after_interrupt(self) -> None:
+        """Consumer side, after an asynchronous exception (Ctrl-C) escaped ``get()``: let go of the lock if held.
+
+        CPython runs a signal handler between any two bytecodes, and a ``with`` block whose ``__enter__`` has just
+        acquired the lock does not always run ``__exit__`` when the handler raises there. The lock would then stay
+        held by this thread: ``close()`` and the loop's next ``put`` would wait for it forever.
+        """
+        is_owned: Any = getattr(self._lock, "_is_owned", None)
+        while is_owned is not None and is_owned():
+            self._lock.release()
 
     def put_final(self, item: object) -> None:
         """Loop side: append ``item`` even if the channel is full (the pipeline's last words)."""

@@ -170,6 +170,7 @@ class LoaderIterator(_Consumer):
             item = self._channel.get()
         except BaseException:
             # KeyboardInterrupt (or another async exception) while waiting: stop all work, then let it propagate.
+            self._channel.release_after_interrupt()
             self.close()
             raise
         if item is END:

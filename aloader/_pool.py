@@ -78,8 +78,13 @@ def default_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows, macOS without it: spawn
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "numpy", "aloader._pool"])
+    context.set_forkserver_preload(_FORKSERVER_PRELOAD)
     return context
+
+
+# Imported once by the forkserver when it starts. Without this, multiprocessing preloads only ``__main__``, and every
+# pool then took about 4 s to start on our 2-core machine (measured), not just the first.
+_FORKSERVER_PRELOAD: Final = ["torch", "numpy", "aloader._pool"]
 
 
 def fork_is_safe() -> bool:
@@ -522,6 +527,10 @@ class WorkerPool:
             self._started = True
             if self._context is None:
                 self._context = default_context()
+            elif self._context.get_start_method() == "forkserver":
+                # multiprocessing_context="forkserver" given by the user: the same preload as our default (it only
+                # takes effect if the server is not running yet).
+                self._context.set_forkserver_preload(_FORKSERVER_PRELOAD)
             # A forked worker gets the setup itself (no pickling, as torch's fork workers); others its pickle.
             forked = self._context.get_start_method() == "fork"
             setup_arg = self.setup if forked else pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import aloader
+from aloader._bridge import ThreadChannel
 from tests.conftest import Driver
 from tests.datasets import AsyncSquares
 
@@ -168,6 +169,32 @@ def test_keyboard_interrupt_while_waiting_for_a_batch() -> None:
         release.set()
         interrupter.join()
     assert our_threads() == []
+
+
+def test_consumer_lets_go_of_a_channel_lock_left_held_by_an_interrupt() -> None:
+    """A SIGINT handler may raise right after a ``with`` block's ``__enter__`` took the channel's lock, and then
+    ``__exit__`` does not run (CPython checks for signals between those bytecodes). ``next()`` then calls
+    ``release_after_interrupt`` before closing; here the lock is left held the same way (taken twice, as a nested
+    interrupted block would), and the loop's thread must be able to take it afterwards."""
+    loop = asyncio.new_event_loop()
+    try:
+        channel = ThreadChannel(loop, 2)
+        channel._lock.acquire()
+        channel._lock.acquire()
+        channel.release_after_interrupt()
+        channel.release_after_interrupt()  # idempotent, and a no-op when not held
+        taken = threading.Event()
+
+        def loop_side() -> None:
+            with channel._lock:
+                taken.set()
+
+        other = threading.Thread(target=loop_side)
+        other.start()
+        other.join(timeout=60)
+        assert taken.is_set()
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("style", ["sync", "async"])
