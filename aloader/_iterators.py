@@ -17,6 +17,7 @@ from typing import Any
 
 from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
 from aloader._pipeline import END, Failed, Pipeline
+from aloader._state import Cursor
 
 __all__ = ["AsyncLoaderIterator", "LoaderIterator"]
 
@@ -34,6 +35,7 @@ class _Consumer:
         self._reported_len = reported_len  # len(dataset) seen by len(loader) for an IterableDataset, as torch
         self._yielded = 0
         self._closed = False
+        self._cursor: Cursor | None = None  # the loader's record of what this consumer received (state_dict)
 
     def __len__(self) -> int:
         # As torch's iterator: the number of batches (or samples) the index sampler gives.
@@ -74,6 +76,8 @@ class AsyncLoaderIterator(_Consumer):
             )
         try:
             item = await self._channel.get()
+            while self._cursor is not None and self._cursor.took(item, END):
+                item = await self._channel.get()  # a resumed epoch re-run by worker copies: already received
         except asyncio.CancelledError:
             # As with an async generator: a cancelled __anext__ ends the iteration. Wait for the pipeline to
             # stop so the consumer's task ends with no thread of ours left running.
@@ -145,6 +149,8 @@ class LoaderIterator(_Consumer):
             raise StopIteration
         try:
             item = self._channel.get()
+            while self._cursor is not None and self._cursor.took(item, END):
+                item = self._channel.get()  # a resumed epoch re-run by worker copies: already received
         except BaseException:
             # KeyboardInterrupt (or another async exception) while waiting: stop all work, then let it propagate.
             self.close()
