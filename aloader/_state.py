@@ -109,14 +109,16 @@ class _SnapshotSource(Iterator[Any]):
     snapshot is taken between two ``next`` calls, never during one.
     """
 
-    def __init__(self, inner: Iterator[Any], dataset: Any, per_unit: int, cursor: Cursor) -> None:
+    def __init__(self, inner: Iterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
         self._inner = inner
         self._dataset = dataset
         self._per_unit = per_unit
         self._cursor = cursor
         self._first_unit = cursor.taken
         self._items = 0
-        cursor.snapshot(self._first_unit, dataset.state_dict())
+        # Before its first item a dataset's state may still be the last epoch's (a generator's body has not run):
+        # the state at the start is the one loaded, or None (a fresh epoch: start the dataset's epoch afresh).
+        cursor.snapshot(self._first_unit, initial)
 
     def __next__(self) -> Any:
         try:
@@ -137,14 +139,14 @@ class _SnapshotSource(Iterator[Any]):
 class _AsyncSnapshotSource(AsyncIterator[Any]):
     """The same for an async iterable dataset (its code runs on the loop anyway)."""
 
-    def __init__(self, inner: AsyncIterator[Any], dataset: Any, per_unit: int, cursor: Cursor) -> None:
+    def __init__(self, inner: AsyncIterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
         self._inner = inner
         self._dataset = dataset
         self._per_unit = per_unit
         self._cursor = cursor
         self._first_unit = cursor.taken
         self._items = 0
-        cursor.snapshot(self._first_unit, dataset.state_dict())
+        cursor.snapshot(self._first_unit, initial)
 
     async def __anext__(self) -> Any:
         try:
@@ -269,6 +271,10 @@ class LoaderState:
         start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
         start.sampler = _state_of(loader.sampler)
         start.batch_sampler = _state_of(loader.batch_sampler)
+        if loader._persistent_pool is not None and not loader._persistent_pool.broken:
+            # The next epoch reuses the persistent workers and draws no base seed: a new loader must not either.
+            start.drew_base_seed = False
+            start.base_seed = loader._base_seed
         dataset = loader.dataset
         kind_map = loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Map
         return {
@@ -295,6 +301,9 @@ class LoaderState:
                 raise ValueError(f"load_state_dict(): the state's {key!r} is missing or not a {kind.__name__}")
         if state["batches"] < 0 or state["epoch"] < 0:
             raise ValueError("load_state_dict(): 'epoch' and 'batches' must not be negative")
+        # Samplers, datasets and generators take their state now, as the caller would expect from a load: a
+        # set_epoch() called between this and iter() then wins, as in an uninterrupted run.
+        self._apply_start(loader, _Start.from_dict(state["start"]), *_generators(loader), state)
         self.pending = dict(state)
         self.epoch = state["epoch"]
         self.next_epoch = state["epoch"] + 1 if state["mid_epoch"] else state["epoch"]
@@ -309,11 +318,9 @@ class LoaderState:
         own, other = _generators(loader)
         restore_global: torch.Tensor | None = None
         try:
-            if pending is not None:
-                start = _Start.from_dict(pending["start"])
-                self._apply_start(loader, start, own, other, pending)
+            self._resuming = pending
             if pending is not None and pending["mid_epoch"]:
-                self._resuming = pending
+                start = _Start.from_dict(pending["start"])
                 if own is None and start.global_rng is not None:
                     # Recompute the epoch's draws from torch's global generator as they were, without moving the
                     # caller's global generator (they restore it with their own checkpoint).
@@ -394,24 +401,29 @@ class LoaderState:
                 skip = 0  # the distributed sampler starts at the resumed position itself
             if isinstance(source, AsyncIterator):
                 return _AsyncSkip(source, skip * _unit_size(loader) if async_batching else skip) if skip else source
-            for _ in range(skip):
-                if next(source, _EXHAUSTED) is _EXHAUSTED:
-                    return iter(())
-            if loader.generator is None and resuming is not None:
-                # A sampler drawing from torch's global generator draws on its first next: make it draw now,
-                # while the generator holds the epoch's starting state (see epoch_scope).
+            try:
+                for _ in range(skip):
+                    if next(source, _EXHAUSTED) is _EXHAUSTED:
+                        return iter(())
+                if loader.generator is not None:
+                    return source
+                # With torch's global generator, the sampler draws (on its first next) now, in the caller's thread:
+                # torch's global state after iter() is then the same in every run, and a resumed epoch draws while
+                # the generator holds the epoch's starting state (see epoch_scope).
                 first = next(source, _EXHAUSTED)
-                return iter(()) if first is _EXHAUSTED else itertools.chain([first], source)
-            return source
+            except Exception as exc:
+                return _Raising(exc)  # the sampler failed: raise where its batch would have been
+            return iter(()) if first is _EXHAUSTED else itertools.chain([first], source)
         if in_workers:
             cursor.drop = skip  # each worker iterates its own copy: re-run, and drop what was received
             return source
         per_unit = _unit_size(loader)
         if _has_state(dataset):
             # The dataset resumed itself (its state was loaded before iter()); snapshot it batch by batch.
+            initial = resuming.get("dataset") if resuming is not None else None
             if isinstance(source, AsyncIterator):
-                return _AsyncSnapshotSource(source, dataset, per_unit, cursor)
-            return _SnapshotSource(source, dataset, per_unit, cursor)
+                return _AsyncSnapshotSource(source, dataset, per_unit, cursor, initial)
+            return _SnapshotSource(source, dataset, per_unit, cursor, initial)
         if not skip:
             return source
         if isinstance(source, AsyncIterator):
@@ -420,3 +432,16 @@ class LoaderState:
 
 
 _EXHAUSTED: Final = object()
+
+
+class _Raising(Iterator[Any]):
+    """An iterator whose first ``next`` raises ``error``: a sampler's failure, at its batch's position."""
+
+    def __init__(self, error: Exception) -> None:
+        self._error: Exception | None = error
+
+    def __next__(self) -> Any:
+        error, self._error = self._error, None
+        if error is None:
+            raise StopIteration
+        raise error
