@@ -111,7 +111,7 @@ def check_resume(
     make: Make,
     before_epoch: BeforeEpoch = _no_hook,
     seed_global: bool = True,
-    light: list[dict[str, Any]] = LIGHT,  # noqa: B006 (read only)
+    light: list[dict[str, Any]] = LIGHT,
     heavy: dict[str, Any] | None = None,
     stride: int = 1,
 ) -> list[list[Any]]:
