@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import BatchSampler, Dataset, IterableDataset, RandomSampler, Sampler
 
 import aloader
+from aloader.datasets import TarShardDataset
 from aloader.samplers import DistributedSampler
 from tests.conftest import Driver
 from tests.datasets import AsyncSquares
@@ -439,3 +440,36 @@ def test_load_state_dict_rejects_what_is_not_a_state() -> None:
         loader.load_state_dict([1, 2])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'batches' is missing"):
         loader.load_state_dict({**loader.state_dict(), "batches": "3"})
+
+
+# ------------------------------------------------------------------------------------------------ tar shards
+@pytest.fixture
+def shards(object_server: Any) -> Any:
+    from tests.servers import make_shard
+
+    object_server.objects = {f"resume/s-{s}.tar": make_shard(s, 7) for s in range(3)}
+    yield f"{object_server.base_url}/resume/s-{{0..2}}.tar"
+    object_server.objects = {}
+
+
+def test_tar_shard_dataset_resumes_by_its_own_state(driver: Driver, shards: str) -> None:
+    def make(**kw: Any) -> aloader.DataLoader:
+        def decode(sample: dict[str, Any]) -> str:
+            return str(sample["txt"].decode())
+
+        dataset = TarShardDataset(shards, shuffle=True, seed=9, shuffle_buffer=5, shard_concurrency=2, decode=decode)
+        return aloader.DataLoader(dataset, batch_size=4, **kw)
+
+    def before_epoch(loader: aloader.DataLoader, epoch: int) -> None:
+        loader.dataset.set_epoch(epoch)
+
+    reference = check_resume(driver, make, before_epoch=before_epoch, stride=2)
+    first, second = ([s for batch in epoch for s in batch] for epoch in reference)
+    assert len(first) == 21 and sorted(first) == sorted(second) and first != second
+
+
+def test_tar_shard_state_refuses_another_split(shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = TarShardDataset(shards, split_by_rank=True)
+    dataset.load_state_dict({"epoch": 0, "seed": 0, "position": 3, "reader": 1, "readers": 2})
+    with pytest.raises(ValueError, match="the loaded state is reader 1 of 2"):
+        list(aloader.DataLoader(dataset, batch_size=None))
