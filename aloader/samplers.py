@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+import torch.utils.data
 
 __all__ = ["DistributedSampler"]
 
@@ -25,8 +25,11 @@ def _rank_and_world_size() -> tuple[int, int]:
     return rank_and_world_size()
 
 
-class DistributedSampler(Sampler[int]):
+class DistributedSampler(torch.utils.data.DistributedSampler[int]):
     """torch's ``DistributedSampler`` order, resumable: ``set_epoch(epoch)`` before each epoch, as with torch's.
+
+    A subclass of torch's, so code checking ``isinstance(sampler, torch.utils.data.DistributedSampler)`` still
+    recognises it.
 
     Each rank gets ``len(self)`` indices: with ``drop_last=False`` the epoch's order is padded by repeating its
     first indices so every rank has as many (torch's rule); with ``drop_last=True`` its tail is dropped instead.
@@ -57,16 +60,8 @@ class DistributedSampler(Sampler[int]):
             rank = env_rank if rank is None else rank
         if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
             raise ValueError(f"num_replicas should be a positive integer, but got num_replicas={num_replicas!r}")
-        if rank >= num_replicas or rank < 0:
-            # torch's message
-            raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
-        self.dataset = dataset
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
+        # torch's checks (and messages) and attributes: dataset, num_replicas, rank, epoch, shuffle, seed, ...
+        super().__init__(dataset, num_replicas, rank, shuffle, seed, drop_last)  # type: ignore[arg-type]
         # A resumed epoch: positions of that epoch's order already consumed by all ranks before the snapshot.
         self._start = 0
         self._start_epoch: int | None = None
@@ -94,10 +89,13 @@ class DistributedSampler(Sampler[int]):
             yield index
 
     # ----------------------------------------------------------------------------------------------- order
+    def _n(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]  # a Sized dataset, as torch's requires
+
     def order(self) -> list[int]:
         """The epoch's order of all samples, before the split over ranks (torch's permutation)."""
-        n = len(self.dataset)
-        if self.shuffle:
+        n = self._n()
+        if self.shuffle:  # torch's permutation, bit for bit
             generator = torch.Generator()
             generator.manual_seed(self.seed + self.epoch)
             return torch.randperm(n, generator=generator).tolist()
@@ -133,7 +131,7 @@ class DistributedSampler(Sampler[int]):
     def state_at(self, consumed: int) -> dict[str, Any]:
         """The state after this rank's consumer has received ``consumed`` indices of the current epoch."""
         offset = self._offset()
-        remaining = len(self.dataset) - offset
+        remaining = self._n() - offset
         done = min(offset + consumed * self.num_replicas, offset + remaining)
         return {
             "epoch": self.epoch,
@@ -161,6 +159,6 @@ class DistributedSampler(Sampler[int]):
             )
         self.epoch = state["epoch"]
         self.seed = state["seed"]
-        self._start = max(0, min(state["start"], len(self.dataset)))
+        self._start = max(0, min(state["start"], self._n()))
         self._start_epoch = self.epoch
         self._yielded, self._yielded_epoch = 0, None
