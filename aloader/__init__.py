@@ -4,8 +4,8 @@
 dataset, sampler and collate names below are torch's own, re-exported so one import serves both.
 
 ``loader.state_dict()`` / ``loader.load_state_dict()`` resume iteration mid-epoch (docs/resume.md);
-``aloader.samplers.DistributedSampler`` is torch's distributed split, resumable and elastic (``aloader.DistributedSampler``
-stays torch's own).
+``aloader.samplers.DistributedSampler`` is torch's distributed split, resumable and elastic
+(``aloader.DistributedSampler`` stays torch's own).
 
 ``aloader.storage`` reads by URL (local files, S3, GCS, Azure, HTTP) without blocking the loop, and
 ``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards.
