@@ -342,6 +342,9 @@ class LoaderState:
             if isinstance(sampler, DistributedSampler):
                 sampler.state_epoch_started = sampler.epoch
             yield
+        except BaseException:
+            self.pending = pending  # iter() failed: the loaded state still applies to the next one
+            raise
         finally:
             self._resuming = None
             if restore_global is not None:

@@ -9,7 +9,9 @@ uninterrupted run did.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -473,3 +475,52 @@ def test_tar_shard_state_refuses_another_split(shards: str, monkeypatch: pytest.
     dataset.load_state_dict({"epoch": 0, "seed": 0, "position": 3, "reader": 1, "readers": 2})
     with pytest.raises(ValueError, match="the loaded state is reader 1 of 2"):
         list(aloader.DataLoader(dataset, batch_size=None))
+
+
+class Recording(Dataset[Any]):
+    """Records every index fetched; ``reached`` is set once index ``mark`` has been fetched."""
+
+    def __init__(self, n: int, mark: int) -> None:
+        self.n, self.mark = n, mark
+        self.fetched: list[int] = []
+        self.reached = threading.Event()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        self.fetched.append(i)
+        if i == self.mark:
+            self.reached.set()
+        return torch.tensor(i)
+
+
+def test_batches_in_flight_are_neither_lost_nor_repeated(driver: Driver) -> None:
+    # The state is taken after 2 batches were received while batch 5 (indices 20..23) is known to be fetched
+    # already: batches 2..5 are in flight or prefetched, and the resumed loader yields them, from batch 2 on.
+    dataset = Recording(40, mark=20)
+    loader = aloader.DataLoader(dataset, batch_size=4, concurrency=32)
+
+    def sync() -> tuple[list[Any], dict[str, Any]]:
+        iterator = iter(loader)
+        received = [plain(next(iterator)) for _ in range(2)]
+        dataset.reached.wait()
+        state = loader.state_dict()
+        iterator.close()
+        return received, state
+
+    async def asynchronous() -> tuple[list[Any], dict[str, Any]]:
+        iterator = aiter(loader)
+        received = [plain(await anext(iterator)) for _ in range(2)]
+        await asyncio.to_thread(dataset.reached.wait)
+        state = loader.state_dict()
+        await iterator.aclose()
+        return received, state
+
+    received, state = driver.run_async(asynchronous) if driver.is_async else sync()
+    assert max(dataset.fetched) >= 20 and state["batches"] == 2
+    resumed = aloader.DataLoader(Recording(40, mark=-1), batch_size=4)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    rest = [plain(batch) for batch in driver.collect(resumed)]
+    assert received + rest == [list(range(i, i + 4)) for i in range(0, 40, 4)]
+    assert sorted(resumed.dataset.fetched) == list(range(8, 40))  # type: ignore[attr-defined]  # nothing before
