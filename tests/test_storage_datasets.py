@@ -285,6 +285,10 @@ def test_shard_split_is_disjoint_and_complete(shards: int, world: int, workers: 
                     dataset = TarShardDataset(urls, shuffle=True, seed=seed, even_split=even_split)
                     dataset.set_epoch(epoch)
                     taken.append(dataset.shards_for_this_reader())
+                    # Stable under resume: a new reader loading this one's state reads the same shards.
+                    again = TarShardDataset(urls, shuffle=True, seed=seed + 1, even_split=even_split)
+                    again.load_state_dict(dataset.state_dict())
+                    assert again.shards_for_this_reader() == taken[-1]
         flat = [url for reader in taken for url in reader]
         assert len(flat) == len(set(flat))  # disjoint
         if even_split and world > 1:
