@@ -78,8 +78,8 @@ class DistributedSampler(torch.utils.data.DistributedSampler[int]):
         return self._layout_size(len(self._remaining()))[1]
 
     def __iter__(self) -> Iterator[int]:
-        remaining = self._remaining()
-        mine = self._split(remaining)
+        order = self.order()
+        mine = self._split(order[self._offset() :], order)
         self._yielded, self._yielded_epoch = 0, self.epoch
         return self._count(mine)
 
@@ -113,16 +113,19 @@ class DistributedSampler(torch.utils.data.DistributedSampler[int]):
         per_rank = math.ceil((n - w) / w) if self.drop_last and n % w != 0 else math.ceil(n / w)
         return per_rank * w, per_rank
 
-    def _split(self, indices: list[int]) -> list[int]:
+    def _split(self, indices: list[int], order: list[int]) -> list[int]:
+        """This rank's share of ``indices`` (the epoch's ``order`` from the resumed position), by torch's rule: padded
+        with the epoch's first indices (so a resume with the same ranks pads exactly as the uninterrupted epoch), or
+        cut with ``drop_last``."""
         total, _ = self._layout_size(len(indices))
         if not indices:
             return []
         if not self.drop_last:
             padding = total - len(indices)
-            if padding <= len(indices):
-                indices = indices + indices[:padding]
+            if padding <= len(order):
+                indices = indices + order[:padding]
             else:
-                indices = indices + (indices * math.ceil(padding / len(indices)))[:padding]
+                indices = indices + (order * math.ceil(padding / len(order)))[:padding]
         else:
             indices = indices[:total]
         return indices[self.rank : total : self.num_replicas]
