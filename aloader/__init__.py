@@ -8,7 +8,8 @@ dataset, sampler and collate names below are torch's own, re-exported so one imp
 (``aloader.DistributedSampler`` stays torch's own).
 
 ``aloader.storage`` reads by URL (local files, S3, GCS, Azure, HTTP) without blocking the loop, and
-``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards.
+``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards. ``loader.stats()``
+returns the snapshots defined in ``aloader.stats``.
 """
 
 from torch.utils.data import (
@@ -34,8 +35,9 @@ from torch.utils.data import (
 
 from aloader import samplers
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
-from aloader.errors import AloaderError, WorkerDiedError
+from aloader.errors import AloaderError, FailureBudgetExceeded, WorkerDiedError
 from aloader.loader import DEFAULT_CONCURRENCY, DataLoader
+from aloader.stats import LoaderStats
 
 __version__ = "0.1.0.dev0"
 
@@ -48,6 +50,8 @@ __all__ = [
     "AloaderError",
     "WorkerDiedError",
     "samplers",
+    "FailureBudgetExceeded",
+    "LoaderStats",
     # torch's data names, re-exported
     "Dataset",
     "IterableDataset",

@@ -44,6 +44,9 @@ __all__ = [
     "SYSTEMS",
     "BenchConfig",
     "BenchReport",
+    "FormatChoice",
+    "Source",
+    "SourceFormat",
     "SystemName",
     "SystemResult",
     "render_table",
@@ -59,6 +62,14 @@ SYSTEM_TITLES: dict[SystemName, str] = {
     "torch": "torch DataLoader, unchanged torch Dataset",
     "spdl": "SPDL pipeline, async dataset",
 }
+TAR_TITLES: dict[SystemName, str] = {
+    "ceiling": "ceiling: bare streamed shard reads, no loader",
+    "aloader": "aloader, TarShardDataset",
+    "aloader-sync": "aloader, unchanged torch IterableDataset",
+    "torch": "torch DataLoader, torch IterableDataset (tarfile)",
+    "spdl": "SPDL pipeline, async shard reader",
+}
+SourceFormat = Literal["objects", "tar"]
 
 
 def default_systems() -> tuple[SystemName, ...]:
@@ -85,6 +96,17 @@ class BenchConfig:
     aloader_workers: int = 0
     epochs: int = 1
     systems: tuple[SystemName, ...] = ("ceiling", "aloader", "aloader-sync", "torch")
+    format: SourceFormat = "objects"  # "tar": ``urls`` are tar shards
+    shard_concurrency: int = 4  # tar: shards read at once by aloader, SPDL and the ceiling
+    limit: int | None = None  # tar: stop each epoch after this many samples (None: every sample of every shard)
+
+    def title(self, system: SystemName) -> str:
+        return (TAR_TITLES if self.format == "tar" else SYSTEM_TITLES)[system]
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """Samples each system delivers per epoch, when known before the run."""
+        return len(self.urls) if self.format == "objects" else self.limit
 
 
 @dataclass(frozen=True)
@@ -103,6 +125,8 @@ class SystemResult:
     interrupted: bool
     error: str | None = None
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, samples so far)
+    # (seconds since start, bytes delivered so far, RSS of the process tree in bytes), every sample of the RSS
+    rss_timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
@@ -138,7 +162,7 @@ class BenchReport:
             "interrupted": self.interrupted,
             "systems": [
                 {
-                    **{k: v for k, v in asdict(r).items() if k != "timeline"},
+                    **{k: v for k, v in asdict(r).items() if k not in ("timeline", "rss_timeline")},
                     "samples_per_second": r.samples_per_second,
                     "megabytes_per_second": r.megabytes_per_second,
                     "speedup_over_torch": self.speedup(r),
@@ -177,7 +201,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "data": torch.stack(tensors) if same_shape else tensors,
         "count": len(tensors),
         "nbytes": sum(t.nbytes for t in tensors),
-        "latency": [sample["latency"] for sample in samples],
+        # Tar samples arrive in a stream, with no request of their own to time: their latency is None.
+        "latency": [sample["latency"] for sample in samples if sample["latency"] is not None],
     }
 
 
@@ -226,25 +251,44 @@ class BareReads:
         return {"data": data, "latency": time.perf_counter() - started}
 
 
+@dataclass(frozen=True)
+class Datasets:
+    """What one source format gives the systems: aloader's dataset, an unchanged torch dataset (for torch's
+    DataLoader and for ``aloader-sync``), and the ceiling and SPDL loaders, each made when called."""
+
+    aloader: Callable[[], Any]
+    torch: Callable[[], Any]
+    ceiling: Callable[[], Any]
+    spdl: Callable[[], Any]
+
+
 def _make_loader(system: SystemName, config: BenchConfig) -> Any:
-    if system in ("aloader", "aloader-sync"):
-        return aloader.DataLoader(
-            TimedObjects(config.urls) if system == "aloader" else BlockingObjects(config.urls),
-            batch_size=config.batch_size,
-            collate_fn=collate,
-            concurrency=config.concurrency,
-            num_workers=config.aloader_workers,
-        )
-    if system == "torch":
-        return torch.utils.data.DataLoader(
-            BlockingObjects(config.urls),
-            batch_size=config.batch_size,
-            collate_fn=collate,
-            num_workers=config.num_workers,
+    if config.format == "tar":
+        from aloader._bench_shards import tar_datasets
+
+        datasets = tar_datasets(config)
+    else:
+        datasets = Datasets(
+            aloader=lambda: TimedObjects(config.urls),
+            torch=lambda: BlockingObjects(config.urls),
+            ceiling=lambda: _Ceiling(config),
+            spdl=lambda: _SpdlLoader(config),
         )
     if system == "ceiling":
-        return _Ceiling(config)
-    return _SpdlLoader(config)
+        return datasets.ceiling()
+    if system == "spdl":
+        return datasets.spdl()
+    if system == "torch":
+        return torch.utils.data.DataLoader(
+            datasets.torch(), batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers
+        )
+    return aloader.DataLoader(
+        datasets.aloader() if system == "aloader" else datasets.torch(),
+        batch_size=config.batch_size,
+        collate_fn=collate,
+        concurrency=config.concurrency,
+        num_workers=config.aloader_workers,
+    )
 
 
 class _Ceiling:
@@ -303,11 +347,23 @@ class _SpdlLoader:
 
 
 # ----------------------------------------------------------------------------------------- the child process
+def like_a_fresh_interpreter() -> None:
+    """Make a bench child (started by ``forkserver``) start processes as a user's script would.
+
+    multiprocessing sets a forkserver child's default start method to ``forkserver``, so torch's DataLoader there
+    would start its workers through a new forkserver, each importing torch again (seconds per iterator) where a
+    user's script gets the platform's default (``fork`` on Linux up to Python 3.13). The default is listed first.
+    aloader's pool picks its own start method and is not affected.
+    """
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+    torch.set_num_threads(1)
+
+
 def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connection.Connection) -> None:
     """Run one system to the end, sending ("batch", seconds, samples, bytes, latencies) per batch."""
     # Ctrl-C goes to the whole process group; the parent decides what happens (it stops this child).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
+    like_a_fresh_interpreter()
     try:
         loader = _make_loader(system, config)
         conn.send(("ready",))
@@ -317,18 +373,28 @@ def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connec
             now = time.perf_counter() - started
             conn.send(("batch", now, batch["count"], batch["nbytes"], batch["latency"]))
 
-        if isinstance(loader, _Ceiling):
+        limit = config.limit or math.inf
+        if not hasattr(loader, "__iter__"):  # the ceilings: async only, on a loop of their own
 
             async def consume() -> None:
                 for _ in range(config.epochs):
-                    async for batch in loader:
-                        report(batch)
+                    seen = 0
+                    async with contextlib.aclosing(aiter(loader)) as batches:
+                        async for batch in batches:
+                            report(batch)
+                            seen += batch["count"]
+                            if seen >= limit:
+                                break
 
             asyncio.run(consume())
         else:
             for _ in range(config.epochs):
+                seen = 0
                 for batch in loader:
                     report(batch)
+                    seen += batch["count"]
+                    if seen >= limit:
+                        break
         conn.send(("done", time.perf_counter() - started))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -336,7 +402,8 @@ def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connec
         conn.close()
 
 
-def _tree_rss(process: psutil.Process) -> int:
+def tree_rss(process: psutil.Process) -> int:
+    """Resident memory of ``process`` and all its descendants, in bytes (0 once it is gone)."""
     total = 0
     with contextlib.suppress(psutil.Error):
         for p in [process, *process.children(recursive=True)]:
@@ -345,26 +412,38 @@ def _tree_rss(process: psutil.Process) -> int:
     return total
 
 
-class _PeakRss:
-    """Samples the RSS of a process tree in a thread until stopped; keeps the peak."""
+class RssSampler:
+    """Samples the RSS of a process tree in a thread until stopped: the peak, and a timeline of (seconds since
+    start, ``progress()`` at that moment, RSS) that shows whether memory grows with what was streamed."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, progress: Callable[[], int] = lambda: 0, interval: float = _RSS_INTERVAL) -> None:
         self._process = psutil.Process(pid)
+        self._progress = progress
+        self._interval = interval
         self._stop = threading.Event()
+        self._started = time.perf_counter()
         self.peak = 0
+        self.timeline: list[tuple[float, int, int]] = []
         self._thread = threading.Thread(target=self._run, name="aloader-bench-rss", daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        rss = tree_rss(self._process)
+        if rss:
+            self.peak = max(self.peak, rss)
+            self.timeline.append((time.perf_counter() - self._started, self._progress(), rss))
+
     def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, _tree_rss(self._process))
-            if self._stop.wait(_RSS_INTERVAL):
+            self._sample()
+            if self._stop.wait(self._interval):  # a measurement, not a synchronisation
                 return
 
     def stop(self) -> int:
-        self.peak = max(self.peak, _tree_rss(self._process))
+        """Stop sampling (one last sample first); the peak RSS in bytes."""
         self._stop.set()
         self._thread.join()
+        self._sample()
         return self.peak
 
 
@@ -394,8 +473,8 @@ def run_system(
     process = context.Process(target=_child, args=(system, config, sender), name=f"aloader-bench-{system}")
     process.start()
     sender.close()
-    rss = _PeakRss(process.pid) if process.pid is not None else None
     samples = nbytes = 0
+    rss = RssSampler(process.pid, progress=lambda: nbytes) if process.pid is not None else None
     latencies: list[float] = []
     timeline: list[tuple[float, int]] = []
     first: float | None = None
@@ -437,7 +516,7 @@ def run_system(
     p50, p99 = _percentiles(latencies)
     return SystemResult(
         system=system,
-        title=SYSTEM_TITLES[system],
+        title=config.title(system),
         samples=samples,
         bytes=nbytes,
         seconds=seconds,
@@ -448,6 +527,7 @@ def run_system(
         interrupted=interrupted,
         error=error,
         timeline=timeline,
+        rss_timeline=rss.timeline if rss is not None else [],
     )
 
 
@@ -465,7 +545,8 @@ def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
 def run_bench(config: BenchConfig, source: str, show_progress: bool = True) -> BenchReport:
     """Run every system of ``config`` one after the other; Ctrl-C ends the run with what was measured."""
     results: list[SystemResult] = []
-    total = len(config.urls) * config.epochs
+    per_epoch = config.samples_per_epoch
+    total = per_epoch * config.epochs if per_epoch is not None else None
     interrupted = False
     with _one_keyboard_interrupt():
         for system in config.systems:
@@ -499,14 +580,14 @@ def _one_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run_with_bar(system: SystemName, config: BenchConfig, total: int, show_progress: bool) -> SystemResult:
+def _run_with_bar(system: SystemName, config: BenchConfig, total: int | None, show_progress: bool) -> SystemResult:
     bar: Any = None
     if show_progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=f"{system:>12}", unit="sample", dynamic_ncols=True, leave=True)
     try:
-        return run_system(system, config, progress=(lambda _s, n: bar.update(n)) if bar else None)
+        return run_system(system, config, progress=(lambda _s, n: bar.update(n)) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
@@ -552,27 +633,22 @@ def render_table(report: BenchReport) -> str:
 
 def write_plot(report: BenchReport, path: Path) -> None:
     """Throughput over time, one line per system (samples/s in about 40 bins of the longest run)."""
-    import matplotlib
+    from aloader._plot import save_lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 4.5))
     longest = max((r.timeline[-1][0] for r in report.results if r.timeline), default=1.0)
     width = max(longest / 40, 0.01)
+    series = []
     for r in report.results:
-        if not r.timeline:
-            continue
-        xs, ys = zip(*_rates(r.timeline, width), strict=True)
-        axes.plot(xs, ys, label=r.title, marker="." if len(xs) < 20 else None)
-    axes.set_xlabel("seconds since the first batch was requested")
-    axes.set_ylabel("samples/s")
-    axes.set_title("aloader bench: throughput over time")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        if r.timeline:
+            xs, ys = zip(*_rates(r.timeline, width), strict=True)
+            series.append((r.title, xs, ys))
+    save_lines(
+        path,
+        series,
+        title="aloader bench: throughput over time",
+        xlabel="seconds since the first batch was requested",
+        ylabel="samples/s",
+    )
 
 
 def _rates(timeline: list[tuple[float, int]], width: float) -> Iterator[tuple[float, float]]:
@@ -607,26 +683,68 @@ def synthetic_images(count: int, seed: int = 0) -> dict[str, bytes]:
     return objects
 
 
+SYNTHETIC_SHARDS = 16
+
+
+@dataclass(frozen=True)
+class Source:
+    """What ``open_source`` found: a label for the report, the URLs (objects, or tar shards), and their format."""
+
+    label: str
+    urls: list[str]
+    format: SourceFormat
+    limit: int | None = None  # tar: samples per epoch to stream (None: all)
+
+
+FormatChoice = Literal["auto", "objects", "tar"]
+
+
 @contextlib.contextmanager
-def open_source(source: str | None, samples: int | None, latency: float) -> Iterator[tuple[str, list[str]]]:
-    """Yield (a label, the sample URLs) for ``source``; for None, serve a synthetic dataset while in the block."""
+def open_source(
+    source: str | None, samples: int | None, latency: float, format: FormatChoice = "auto"
+) -> Iterator[Source]:
+    """Yield the ``Source`` for ``source``; for None, serve a synthetic dataset (single ``.npy`` objects, or with
+    ``format="tar"`` the same samples in ``SYNTHETIC_SHARDS`` tar shards) while in the block.
+
+    A source is tar shards when it is a brace pattern or a URL ending in ``.tar``, or a directory or prefix whose
+    objects all end in ``.tar`` (``format="tar"`` takes the ``.tar`` objects under a prefix holding others too).
+    """
     if source is None:
         count = samples or SYNTHETIC_SAMPLES
         from aloader._objectserver import ObjectServer
 
-        objects = synthetic_images(count)
+        images = synthetic_images(count)
+        if format == "tar":
+            from aloader._bench_shards import synthetic_shards
+
+            objects = synthetic_shards(images, min(SYNTHETIC_SHARDS, count))
+            what = f"{count} image-like samples in {len(objects)} tar shards"
+        else:
+            objects, what = images, f"{count} image-like samples"
         with ObjectServer(objects, latency=latency) as server:
             urls = [server.url(key) for key in sorted(objects)]
             label = (
-                f"synthetic: {count} image-like samples ({'x'.join(map(str, SYNTHETIC_SHAPE))} uint8, .npy) "
+                f"synthetic: {what} ({'x'.join(map(str, SYNTHETIC_SHAPE))} uint8, .npy) "
                 f"served from {server.base_url} with {latency * 1e3:.0f} ms per GET"
             )
-            yield label, urls
+            kind: SourceFormat = "tar" if format == "tar" else "objects"
+            yield Source(label, urls, kind, limit=count if kind == "tar" else None)
         return
-    # Listed once, sorted, as ObjectDataset lists a prefix; credentials come from the environment.
-    urls = asyncio.run(storage.list_prefix(source))
+    from aloader.datasets import expand_braces
+
+    if "{" in source or source.endswith(".tar"):
+        urls = expand_braces(source)  # named explicitly: not listed
+    else:
+        # Listed once, sorted, as ObjectDataset lists a prefix; credentials come from the environment.
+        urls = asyncio.run(storage.list_prefix(source))
+    shards = [url for url in urls if url.endswith(".tar")]
+    if format == "tar" or (format == "auto" and urls and len(shards) == len(urls)):
+        if not shards:
+            raise ValueError(f"no .tar shards found in {source}")
+        yield Source(f"{source} ({len(shards)} tar shards)", shards, "tar", limit=samples)
+        return
     if samples is not None:
         urls = urls[:samples]
     if not urls:
         raise ValueError(f"no objects found under {source}")
-    yield source, urls
+    yield Source(source, urls, "objects")

@@ -80,6 +80,14 @@ class ThreadChannel:
         with self._cond:
             self._items.clear()
 
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        """Items waiting (a snapshot, for stats)."""
+        return len(self._items)
+
 
 class LoopChannel:
     """A bounded FIFO between two tasks of one event loop: the pipeline and an ``async for`` consumer."""
@@ -110,6 +118,14 @@ class LoopChannel:
     def clear(self) -> None:
         self._items.clear()
         self._room.set()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        """Items waiting (a snapshot, for stats)."""
+        return len(self._items)
 
 
 def start_loop_thread(

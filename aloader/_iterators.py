@@ -18,6 +18,7 @@ from typing import Any
 from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
 from aloader._pipeline import END, Failed, Pipeline
 from aloader._state import Cursor
+from aloader._stats import open_progress
 
 __all__ = ["AsyncLoaderIterator", "LoaderIterator"]
 
@@ -36,6 +37,20 @@ class _Consumer:
         self._yielded = 0
         self._closed = False
         self._cursor: Cursor | None = None  # the loader's record of what this consumer received (state_dict)
+        self._bar: Any = None
+        if pipeline.plan.progress:
+            self._bar = open_progress(self._total())
+
+    def _total(self) -> int | None:
+        try:
+            return len(self)
+        except TypeError:  # an iterable dataset without __len__, or an unsized sampler
+            return None
+
+    def _close_bar(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
 
     def __len__(self) -> int:
         # As torch's iterator: the number of batches (or samples) the index sampler gives.
@@ -43,6 +58,8 @@ class _Consumer:
 
     def _count(self, item: object) -> Any:
         self._yielded += 1
+        if self._bar is not None:
+            self._bar.update()
         if self._reported_len is not None and self._yielded > self._reported_len:
             assert self._pipeline is not None
             # torch's warning, word for word.
@@ -77,7 +94,10 @@ class AsyncLoaderIterator(_Consumer):
         try:
             item = await self._channel.get()
             while self._cursor is not None and self._cursor.took(item, END):
-                item = await self._channel.get()  # a resumed epoch re-run by worker copies: already received
+                # A resumed epoch re-run by worker copies: already received. Dropped, it still frees its slot.
+                assert self._pipeline is not None
+                self._pipeline.taken()
+                item = await self._channel.get()
         except asyncio.CancelledError:
             # As with an async generator: a cancelled __anext__ ends the iteration. Wait for the pipeline to
             # stop so the consumer's task ends with no thread of ours left running.
@@ -86,6 +106,8 @@ class AsyncLoaderIterator(_Consumer):
         if item is END:
             await self.aclose()
             raise StopAsyncIteration
+        assert self._pipeline is not None
+        self._pipeline.taken()
         if isinstance(item, Failed):
             error = item.error
             # The traceback keeps this frame alive; it must not keep the iterator (and its pipeline) alive too.
@@ -97,6 +119,7 @@ class AsyncLoaderIterator(_Consumer):
         """Stop all work of this iterator and wait until it has stopped. Idempotent."""
         self._closed = True
         self._channel.clear()
+        self._close_bar()
         task = self._task
         if task is not None and not task.done():
             task.cancel()
@@ -129,6 +152,7 @@ class LoaderIterator(_Consumer):
 
     def __init__(self, pipeline: Pipeline, depth: int, index_sampler: Any, reported_len: int | None) -> None:
         super().__init__(pipeline, depth, index_sampler, reported_len)
+        pipeline.fork_workers_if_safe()  # before the bridge's thread exists
         channel: ThreadChannel | None = None
 
         def main(loop: asyncio.AbstractEventLoop) -> Any:
@@ -136,6 +160,8 @@ class LoaderIterator(_Consumer):
             channel = ThreadChannel(loop, depth)
             return pipeline.run(channel)
 
+        # Pipelines paced by the consumer (worker tasks) learn of each batch taken; others need no wake-up for it.
+        self._paced, self._taken = pipeline.paced_by_consumer, pipeline.taken
         self._loop, self._task, self._thread = start_loop_thread(main, name="aloader-loop")
         assert channel is not None
         self._channel = channel
@@ -150,7 +176,9 @@ class LoaderIterator(_Consumer):
         try:
             item = self._channel.get()
             while self._cursor is not None and self._cursor.took(item, END):
-                item = self._channel.get()  # a resumed epoch re-run by worker copies: already received
+                # A resumed epoch re-run by worker copies: already received. Dropped, it still frees its slot.
+                self._pace()
+                item = self._channel.get()
         except BaseException:
             # KeyboardInterrupt (or another async exception) while waiting: stop all work, then let it propagate.
             self.close()
@@ -158,12 +186,20 @@ class LoaderIterator(_Consumer):
         if item is END:
             self.close()
             raise StopIteration
+        self._pace()
         if isinstance(item, Failed):
             error = item.error
             # The traceback keeps this frame alive; it must not keep the iterator (and its threads) alive too.
             del self, item
             raise error
         return self._count(item)
+
+    def _pace(self) -> None:
+        if self._paced:
+            try:
+                self._loop.call_soon_threadsafe(self._taken)
+            except RuntimeError:  # the epoch is over and its loop closed: nothing left to pace
+                pass
 
     def close(self) -> None:
         """Stop all work of this iterator and wait until its threads have exited. Idempotent."""
@@ -180,6 +216,7 @@ class LoaderIterator(_Consumer):
         if threading.current_thread() is not self._thread and not sys.is_finalizing():
             self._thread.join(join_timeout)
         self._channel.clear()
+        self._close_bar()
         self._pipeline = None
 
     def __enter__(self) -> LoaderIterator:

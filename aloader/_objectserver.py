@@ -6,7 +6,8 @@ stands in for an object store:
 
 - ``latency``: seconds each ``GET``/``HEAD`` waits before it is answered (a remote store's time to first byte);
 - ``faults``: a deterministic share of keys whose first requests fail, with a 503, a 429, a connection dropped
-  before any answer, or a body cut off half-way. The same keys fail in every run, and each succeeds after
+  before any answer, a body cut off half-way, or a stall (no answer at all until the client gives up and closes
+  the connection: only a client with a timeout gets past it). The same keys fail in every run, and each succeeds after
   ``Faults.times`` failures, so a client that retries must still deliver every object exactly once.
 
 Use it as a context manager (``with ObjectServer(objects) as server: server.url("key")``) or run
@@ -30,7 +31,7 @@ from typing import Final, Literal, Self
 
 __all__ = ["FaultKind", "Faults", "ObjectServer", "synthetic_objects"]
 
-FaultKind = Literal["503", "429", "drop", "cut"]
+FaultKind = Literal["503", "429", "drop", "cut", "stall"]
 
 _RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)$")
 _REASONS: Final = {
@@ -234,6 +235,9 @@ class ObjectServer:
             counters.faults += 1
             if kind in ("503", "429"):
                 await self._respond(writer, int(kind), b"injected fault\n", method, close=True)
+                return False
+            if kind == "stall":
+                await reader.read()  # no answer: wait until the client times out and closes the connection
                 return False
             if kind == "drop" or method == "HEAD":
                 return False  # close without a word, as a reset connection looks to the client

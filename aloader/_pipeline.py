@@ -34,7 +34,9 @@ from typing import Any, Final, Literal, Protocol
 from torch.utils.data import Subset
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
+from aloader._failures import Collated, FailureBudget, Skipped, logger, named, split_skipped
 from aloader._pool import IterStop, Op, WorkerPool, describe_indices
+from aloader._stats import Recorder, TimedSemaphore
 from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
 from aloader.errors import with_context
 
@@ -77,6 +79,11 @@ class Sink(Protocol):
     def put_final(self, item: object) -> None:
         """Append without waiting for room: only for the last items of a pipeline that cannot go on."""
 
+    @property
+    def capacity(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -104,6 +111,9 @@ class Plan:
     # at its end) or the loader does (persistent_workers).
     workers: WorkerPool | None = None
     owns_workers: bool = False
+    # max_failures: failing samples are skipped (see _failures) up to this count or share; None: torch's behaviour.
+    max_failures: int | float | None = None
+    progress: bool = False
 
 
 class _MapAccess:
@@ -171,7 +181,8 @@ class Pipeline:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._pool = ThreadPool(plan.concurrency + 2)
-        self._slots = asyncio.Semaphore(plan.concurrency)  # fetch calls in flight
+        self.stats = Recorder()
+        self._slots = TimedSemaphore(plan.concurrency, self.stats, "fetch")  # fetch calls in flight
         self._window = asyncio.Semaphore(plan.window)  # units dispatched and not yet handed to the sink
         self._done: asyncio.Queue[object] = asyncio.Queue()  # bounded by the window
         self._ready: dict[int, object] = {}  # in_order: finished out of turn, keyed by seq
@@ -185,11 +196,33 @@ class Pipeline:
         self._items_sent = 0  # "items" tasks so far: they go round-robin over the workers
         self._active: list[bool] = []  # iterable dataset in workers: whose copy is not exhausted yet
         self._resets: list[asyncio.Future[Any] | None] = []
+        # Tasks for worker processes follow torch's pacing: prefetch_factor * num_workers tasks ahead of the batches
+        # the consumer has taken (``window`` is that bound), a slot freed when the consumer takes a batch rather
+        # than when the batch reaches the sink. So when an epoch ends early the workers have run exactly the tasks
+        # torch's would have, and with persistent workers the random state they carry into the next epoch is the same.
+        self.paced_by_consumer = self._workers is not None and self._workers.setup.kind in ("map", "iterable")
+        self._taken = 0  # batches the consumer has taken (counted when paced_by_consumer)
+        self._submitted = 0  # tasks sent to workers
+        self._skipping = plan.max_failures is not None
+        self._budget = (
+            FailureBudget(plan.max_failures, lambda s: self.stats.failure(s.stage, skipped=True))
+            if plan.max_failures is not None
+            else None
+        )
 
     # ----------------------------------------------------------------------------------------------- driving
+    def fork_workers_if_safe(self) -> None:
+        """Sync driver only, in the consumer's thread before the bridge starts: fork the worker processes now if
+        that is safe (see ``WorkerPool.start_by_fork_if_safe``). The ``async for`` driver never forks here: a fork
+        takes tens of milliseconds, which would block the caller's loop; its workers start off the loop in run()."""
+        workers = self._workers
+        if workers is not None and not workers.started:
+            workers.start_by_fork_if_safe()
+
     async def run(self, sink: Sink) -> None:
         """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
         dispatcher: asyncio.Task[None] | None = None
+        self.stats.start(sink.capacity)
         try:
             workers = self._workers
             if workers is not None and not workers.started:
@@ -213,11 +246,15 @@ class Pipeline:
             # Structured shutdown: no task of ours outlives this call, and no thread outlives the pool. Both waits
             # go on through cancellation (the consumer's close() may cancel us while we are already finishing,
             # and a closing loop cancels every task), then the cancellation is passed on.
+            self.stats.end()
             pending = [*([dispatcher] if dispatcher is not None else []), *self._tasks]
             for task in pending:
                 task.cancel()
             try:
                 await finish_through_cancellation(asyncio.gather(*pending, return_exceptions=True))
+                workers = self._workers
+                if workers is not None and workers.setup.kind == "map" and not self.plan.owns_workers:
+                    self._send_owed_tasks()  # persistent workers: their state carries into the next epoch
                 # An async dataset's iterator (e.g. an async generator reading shards) may hold tasks and
                 # connections of its own: close it now rather than whenever it is garbage collected.
                 await finish_through_cancellation(asyncio.ensure_future(self._close_source()))
@@ -262,6 +299,7 @@ class Pipeline:
     async def _emit(self, sink: Sink) -> None:
         timeout = self.plan.timeout
         while True:
+            waited = time.perf_counter()
             if timeout > 0:
                 try:
                     async with asyncio.timeout(timeout):
@@ -273,9 +311,18 @@ class Pipeline:
                     return
             else:
                 item = await self._done.get()
+            ready = time.perf_counter()
             await sink.put(item)
             if item is END:
                 return
+            self.stats.handed_off(isinstance(item, Failed), ready - waited, time.perf_counter() - ready, len(sink))
+            if not self.paced_by_consumer:
+                self._window.release()
+
+    def taken(self) -> None:
+        """The consumer took a batch (or an error) from the sink; called on the pipeline's loop."""
+        self._taken += 1
+        if self.paced_by_consumer:
             self._window.release()
 
     def _complete(self, seq: int, outcome: object) -> None:
@@ -290,6 +337,8 @@ class Pipeline:
         self._end_if_finished()
 
     def _hand_off(self, outcome: object) -> None:
+        if self._budget is not None:  # in hand-off order: the budget runs out at the same batch in every run
+            outcome = self._budget.settle(outcome, _SKIP, Failed)
         if outcome is _SKIP:
             self._window.release()  # no batch to hand to the sink: the slot is free now
         else:
@@ -322,7 +371,10 @@ class Pipeline:
             if self.plan.kind == "map":
                 next_unit = self._index_source()
                 while True:
+                    started = time.perf_counter()
                     await self._window.acquire()
+                    drawn = time.perf_counter()
+                    self.stats.blocked("sampler", drawn - started)
                     try:
                         unit = await next_unit()
                     except StopAsyncIteration:
@@ -333,8 +385,15 @@ class Pipeline:
                         self._outstanding += 1
                         self._complete(seq, Failed(with_context(exc, "in the sampler")))
                         break
+                    self.stats.add("sampler", len(unit) if self.plan.auto_collation else 1, time.perf_counter() - drawn)
                     self._outstanding += 1
-                    self._start(seq, functools.partial(self._map_unit, seq, unit))
+                    workers = self._workers
+                    if workers is not None and workers.setup.kind == "map":
+                        submitted = time.perf_counter()
+                        future = self._submit_map(unit)
+                        self._start(seq, functools.partial(self._await_batch, future, submitted, unit))
+                    else:
+                        self._start(seq, functools.partial(self._map_unit, unit))
                     seq += 1
             elif self._workers is not None and self._workers.setup.kind == "iterable":
                 await self._dispatch_worker_iterable(self._workers)
@@ -379,12 +438,32 @@ class Pipeline:
         wanted = plan.batch_size if plan.auto_collation and plan.batch_size is not None else 1
         position = 0  # items taken from the dataset's iterator so far
         seq = 0
+        skipped_last = False  # max_failures: the last pull raised and was skipped
         while True:
             await self._window.acquire()
+            pulled = time.perf_counter()
             items, error, ended = await self._pull(wanted)
+            if skipped_last and ended and not items and error is None:
+                _warn_ended_after_failure(position - 1)
+            skipped_last = False
             first = position
             position += len(items)
+            while error is not None and self._skipping:
+                # Under max_failures the failed item is skipped in its place and the batch filled up after it.
+                where = f"fetching item {position} of the iterable dataset"
+                items.append(Skipped(with_context(error, where), "fetch", where, error))
+                position += 1
+                error, skipped_last = None, True
+                if len(items) < wanted and not ended:
+                    more, error, ended = await self._pull(wanted - len(items))
+                    items += more
+                    position += len(more)
+                    if not more and error is None and ended:
+                        _warn_ended_after_failure(position - 1)
+                    skipped_last = False
+            self.stats.add("fetch", len(items), time.perf_counter() - pulled)
             if error is not None:
+                self.stats.failure("fetch")
                 # torch drops the partial batch and raises; the next fetch asks the iterator again.
                 self._outstanding += 1
                 where = f"fetching item {position} of the iterable dataset"
@@ -418,12 +497,14 @@ class Pipeline:
             while not self._active[worker_id]:
                 worker_id = (worker_id + 1) % n
             self._outstanding += 1
-            self._start(seq, functools.partial(self._worker_next, worker_id))
+            # Submitted here, not in the task: requests reach each worker in dispatch order, and a task cancelled
+            # before it runs has still sent its request, as torch's would have.
+            what = "fetching the next batch of its copy of the iterable dataset"
+            future = self._submit(worker_id, "next", None, what)
+            self._start(seq, functools.partial(self._worker_next, worker_id, future))
             seq, worker_id = seq + 1, (worker_id + 1) % n
 
-    async def _worker_next(self, worker_id: int) -> Any:
-        # Submitted before any await: requests reach each worker in dispatch order.
-        future = self._submit(worker_id, "next", None, "fetching the next batch of its copy of the iterable dataset")
+    async def _worker_next(self, worker_id: int, future: asyncio.Future[Any]) -> Any:
         reset = self._resets[worker_id]
         if reset is not None:
             self._resets[worker_id] = None
@@ -441,7 +522,42 @@ class Pipeline:
     def _submit(self, worker_id: int, op: Op, payload: Any, what: str) -> asyncio.Future[Any]:
         workers = self._workers
         assert workers is not None
+        self._submitted += 1
         return workers.submit(worker_id, op, payload, what)
+
+    def _submit_map(self, unit: Any) -> asyncio.Future[Any]:
+        """As torch: the epoch's i-th batch goes to worker ``i % num_workers``, which fetches, transforms and collates
+        it. Sent at dispatch, in sampler order, so each worker gets its batches in torch's order."""
+        workers = self._workers
+        assert workers is not None
+        indices = list(unit) if self.plan.auto_collation else [unit]
+        what = f"holding the batch of sample indices {_describe_indices(indices)}"
+        return self._submit(self._submitted % workers.num_workers, "map", indices, what)
+
+    async def _await_batch(self, future: asyncio.Future[Any], submitted: float, unit: Any) -> Any:
+        batch = await future
+        # fetch, transform and collate, all in the worker, with the round trip
+        self.stats.add("fetch", len(unit) if self.plan.auto_collation else 1, time.perf_counter() - submitted)
+        return await self._pin(batch)
+
+    def _send_owed_tasks(self) -> None:
+        """An epoch of a persistent pool ended early: send the map tasks torch would have sent by now.
+
+        torch has sent ``prefetch_factor * num_workers`` tasks plus one per batch the consumer took, and its
+        persistent workers run them all before the next epoch (their results discarded). The dispatcher may lag
+        behind that count when the consumer stops; the missing tasks go out here, their results ignored, so the
+        workers' random state at the next epoch is torch's. Only for a sync sampler (an async one cannot be
+        advanced outside a task).
+        """
+        source = self.plan.source
+        if isinstance(source, AsyncIterator) or self._workers is None or self._workers.broken:
+            return
+        while self._submitted < self.plan.window + self._taken:
+            try:
+                unit = next(source)
+            except Exception:  # the end of the sampler (or its failure, already past the consumer): nothing owed
+                return
+            self._submit_map(unit)
 
     async def _pin(self, batch: Any) -> Any:
         device = self.plan.pin_memory_device
@@ -478,16 +594,10 @@ class Pipeline:
         return await self._pool.run(pull)
 
     # ------------------------------------------------------------------------------------------------ fetching
-    async def _map_unit(self, seq: int, unit: Any) -> Any:
+    async def _map_unit(self, unit: Any) -> Any:
         access = self._access
         assert access is not None
         indices = list(unit) if self.plan.auto_collation else [unit]
-        workers = self._workers
-        if workers is not None and workers.setup.kind == "map":
-            # As torch: batch i goes to worker i % num_workers, submitted before any await so each worker gets its
-            # batches in sampler order; fetch, transform and collate run there.
-            what = f"holding the batch of sample indices {_describe_indices(indices)}"
-            return await self._pin(await self._submit(seq % workers.num_workers, "map", indices, what))
         if self.plan.auto_collation and access.getitems is not None:
             return await self._fetch_getitems(indices)
         if access.getitem_is_async:
@@ -502,31 +612,47 @@ class Pipeline:
         getitems = access.getitems
         keys = [access.key(index) for index in indices]
         where = f"fetching the batch of sample indices {_describe_indices(indices)} with __getitems__"
-        async with self._slots:  # one __getitems__ call is one fetch call
-            if access.getitems_is_async:
-                try:
-                    samples = await getitems(keys)
-                except Exception as exc:
-                    raise with_context(exc, where)
-            else:
-
-                def fetch() -> Any:
+        started = time.perf_counter()
+        try:
+            async with self._slots:  # one __getitems__ call is one fetch call
+                if access.getitems_is_async:
                     try:
-                        return getitems(keys)
+                        samples = await getitems(keys)
                     except Exception as exc:
                         raise with_context(exc, where)
+                else:
 
-                samples = await self._pool.run(fetch)
+                    def fetch() -> Any:
+                        try:
+                            return getitems(keys)
+                        except Exception as exc:
+                            raise with_context(exc, where)
+
+                    samples = await self._pool.run(fetch)
+        except Exception:
+            if not self._skipping:
+                self.stats.failure("fetch")
+                raise
+            # Under max_failures a failed batch call is fetched again sample by sample, so only the samples that
+            # fail are skipped (__getitem__ may be called twice for the others).
+            if access.getitem_is_async:
+                fetched = await self._gather_ordered([self._fetch_async(index) for index in indices])
+                return await self._finish(indices, fetched, "sample index")
+            return await self._fetch_sync(indices)
+        self.stats.add("fetch", len(indices), time.perf_counter() - started)
         return await self._finish(indices, list(samples), "sample index")
 
     async def _fetch_async(self, index: Any) -> Any:
         access = self._access
         assert access is not None
         async with self._slots:
+            started = time.perf_counter()
             try:
-                return await access.getitem(access.key(index))
+                sample = await access.getitem(access.key(index))
             except Exception as exc:
-                raise with_context(exc, f"fetching sample index {index!r}")
+                return self._failed("fetch", exc, f"fetching sample index {index!r}")
+            self.stats.add("fetch", 1, time.perf_counter() - started)
+            return sample
 
     async def _fetch_sync(self, indices: list[Any]) -> Any:
         """Fetch with sync ``__getitem__`` in threads, in runs sized so each call takes about 2 ms.
@@ -569,7 +695,8 @@ class Pipeline:
             try:
                 samples.append(getitem(key))
             except Exception as exc:
-                raise with_context(exc, f"fetching sample index {index!r}")
+                samples.append(self._failed("fetch", exc, f"fetching sample index {index!r}"))
+        self.stats.add("fetch", len(indices), time.perf_counter() - started)
         elapsed = (time.perf_counter() - started) / len(indices)
         # A benign race: runs in threads update the average without a lock; any recent value is good enough.
         previous = self._seconds_per_sample
@@ -590,7 +717,7 @@ class Pipeline:
                 try:
                     return await sample
                 except Exception as exc:
-                    raise with_context(exc, f"fetching sample index {index!r}")
+                    return self._failed("fetch", exc, f"fetching sample index {index!r}")
 
         return await self._gather_ordered([settle(s, i) for s, i in zip(samples, indices, strict=True)])
 
@@ -618,10 +745,15 @@ class Pipeline:
         if transform is not None and inspect.iscoroutinefunction(transform):
 
             async def apply(sample: Any, position: Any) -> Any:
+                if type(sample) is Skipped:
+                    return sample
+                started = time.perf_counter()
                 try:
-                    return await transform(sample)
+                    out = await transform(sample)
                 except Exception as exc:
-                    raise with_context(exc, f"in transform for {label} {position!r}")
+                    return self._failed("transform", exc, f"in transform for {label} {position!r}{named(sample)}")
+                self.stats.add("transform", 1, time.perf_counter() - started)
+                return out
 
             samples = await self._gather_ordered([apply(s, p) for s, p in zip(samples, positions, strict=True)])
             return await self._pool.run(lambda: self._finish_sync(positions, samples, label, transformed=True))
@@ -631,22 +763,44 @@ class Pipeline:
         plan = self.plan
         transform = plan.transform
         if transform is not None and not transformed:
+            started = time.perf_counter()
             out = []
             for sample, position in zip(samples, positions, strict=True):
+                if type(sample) is Skipped:
+                    out.append(sample)
+                    continue
                 try:
                     out.append(transform(sample))
                 except Exception as exc:
-                    raise with_context(exc, f"in transform for {label} {position!r}")
+                    out.append(self._failed("transform", exc, f"in transform for {label} {position!r}{named(sample)}"))
+            self.stats.add("transform", len(samples), time.perf_counter() - started)
             samples = out
+        skipped: list[Skipped] = []
+        seen = len(samples)
+        if self._skipping:
+            samples, positions, skipped = split_skipped(samples, positions)
+            if not samples:
+                return Collated(None, skipped, seen, empty=True)  # no batch: dropped (see _failures)
+        started = time.perf_counter()
         try:
             batch = plan.collate_fn(samples if plan.auto_collation else samples[0])
         except Exception as exc:
+            self.stats.failure("collate")
             plural = "sample indices" if label == "sample index" else f"{label}s"
             what = f"in collate_fn for the batch of {plural} {_describe_indices(positions)}"
             raise with_context(exc, what)
         if plan.pin_memory_device is not None:
             batch = _pin_memory(batch, plan.pin_memory_device)
-        return batch
+        self.stats.add("collate", len(samples), time.perf_counter() - started)
+        return Collated(batch, skipped, seen) if self._skipping else batch
+
+    def _failed(self, stage: Literal["fetch", "transform"], exc: Exception, where: str) -> Skipped:
+        """A sample failed ``where``: a marker to skip it under ``max_failures``, else raise (torch's behaviour)."""
+        error = with_context(exc, where)
+        if not self._skipping:
+            self.stats.failure(stage)
+            raise error
+        return Skipped(error, stage, where, exc)
 
 
 _UNFINISHED: Final = object()
@@ -670,6 +824,14 @@ def _any_awaitable(samples: list[Any]) -> bool:
         if kind is not types.GeneratorType:
             _plain_types.add(kind)
     return False
+
+
+def _warn_ended_after_failure(position: int) -> None:
+    logger.warning(
+        "the iterable dataset's iterator ended right after it raised at item %d: a generator cannot go on after an "
+        "exception, so the items it had not yielded yet are lost",
+        position,
+    )
 
 
 def window_for(concurrency: int, batch_size: int | None) -> int:

@@ -54,10 +54,11 @@ import torch
 import torch.multiprocessing  # registers torch's shared-memory reductions with ForkingPickler
 import torch.utils.data._utils.worker as torch_worker
 
+from aloader._failures import Collated, Skipped, named, split_skipped
 from aloader._threads import _deliver
 from aloader.errors import WorkerDiedError, with_context
 
-__all__ = ["IterStop", "WorkerPool", "WorkerSetup", "default_context", "describe_indices"]
+__all__ = ["IterStop", "WorkerPool", "WorkerSetup", "default_context", "describe_indices", "fork_is_safe"]
 
 # Arrays smaller than this are pickled inline: a shared segment costs a file descriptor round trip (~100 us).
 _SHARE_MIN_BYTES: Final = 64 * 1024
@@ -81,6 +82,22 @@ def default_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def fork_is_safe() -> bool:
+    """Whether forking the calling thread now copies no lock that another thread holds.
+
+    True only on Linux, in the main thread, when it is the process's only Python thread (so no thread of the
+    loader's, or of the user's, can be inside a lock), and when no object-store client has started its runtime in
+    this process (tokio's threads are invisible to ``threading`` and do not survive a fork). This is the moment
+    torch forks its workers too: at ``iter(loader)``, in the consumer's thread.
+    """
+    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    if threading.active_count() != 1 or threading.current_thread() is not threading.main_thread():
+        return False
+    store = sys.modules.get("aloader.storage._store")  # not imported: nothing has read from an object store
+    return store is None or not store.object_store_started()
+
+
 def describe_indices(indices: Sequence[Any]) -> str:
     shown = ", ".join(map(repr, indices[:8]))
     return f"[{shown}{', ...' if len(indices) > 8 else ''}] ({len(indices)} samples)"
@@ -100,6 +117,8 @@ class WorkerSetup:
     worker_init_fn: Callable[[int], None] | None
     num_workers: int
     base_seed: int
+    # max_failures is set: a failing sample becomes a Skipped marker, and batches come back as Collated.
+    skip_failures: bool = False
 
 
 class _IterStop:
@@ -256,15 +275,22 @@ class _Worker:
             try:
                 return list(getitems(indices))
             except Exception as exc:
-                raise _Failure(exc, f"fetching the batch of sample indices {describe_indices(indices)}")
+                if not self.setup.skip_failures:
+                    raise _Failure(exc, f"fetching the batch of sample indices {describe_indices(indices)}")
+                # max_failures: fetch the batch again sample by sample, so only the failing ones are skipped.
         return [self.getitem(dataset, index) for index in indices]
 
-    @staticmethod
-    def getitem(dataset: Any, index: Any) -> Any:
+    def getitem(self, dataset: Any, index: Any) -> Any:
         try:
             return dataset[index]
         except Exception as exc:
-            raise _Failure(exc, f"fetching sample index {index!r}")
+            return self.failed(exc, f"fetching sample index {index!r}", "fetch")
+
+    def failed(self, exc: Exception, where: str, stage: Literal["fetch", "transform"]) -> Skipped:
+        if not self.setup.skip_failures:
+            raise _Failure(exc, where)
+        where = f"{where} in DataLoader worker process {self.worker_id}"
+        return Skipped(with_context(exc, where), stage, where, exc)
 
     def next_batch(self) -> Any:
         # As torch's _IterableDatasetFetcher: a short last batch unless drop_last; then the worker is exhausted.
@@ -278,17 +304,18 @@ class _Worker:
                 self.ended = True
                 return IterStop
             except Exception as exc:
-                raise _Failure(exc, "fetching an item of the iterable dataset")
+                item = self.failed(exc, "fetching an item of the iterable dataset", "fetch")
             return self.collate(["item"], [item], "item")
         items: list[Any] = []
         assert setup.batch_size is not None
-        try:
-            for _ in range(setup.batch_size):
+        while len(items) < setup.batch_size:
+            try:
                 items.append(next(self.iterator))
-        except StopIteration:
-            self.ended = True
-        except Exception as exc:
-            raise _Failure(exc, "fetching items of the iterable dataset")
+            except StopIteration:
+                self.ended = True
+                break
+            except Exception as exc:
+                items.append(self.failed(exc, "fetching items of the iterable dataset", "fetch"))
         if not items or (setup.drop_last and len(items) < setup.batch_size):
             self.ended = True
             return IterStop
@@ -299,16 +326,26 @@ class _Worker:
         if setup.transform is not None:
             out = []
             for sample, position in zip(samples, positions, strict=True):
+                if type(sample) is Skipped:
+                    out.append(sample)
+                    continue
                 try:
                     out.append(setup.transform(sample))
                 except Exception as exc:
-                    raise _Failure(exc, f"in transform for {label} {position!r}")
+                    out.append(self.failed(exc, f"in transform for {label} {position!r}{named(sample)}", "transform"))
             samples = out
+        skipped: list[Skipped] = []
+        seen = len(samples)
+        if setup.skip_failures:
+            samples, positions, skipped = split_skipped(samples, positions)
+            if not samples:
+                return Collated(None, skipped, seen, empty=True)
         try:
-            return setup.collate_fn(samples if setup.auto_collation else samples[0])
+            batch = setup.collate_fn(samples if setup.auto_collation else samples[0])
         except Exception as exc:
             plural = "sample indices" if label == "sample index" else f"{label}s"
             raise _Failure(exc, f"in collate_fn for the batch of {plural} {describe_indices(positions)}")
+        return Collated(batch, skipped, seen) if setup.skip_failures else batch
 
 
 class _Failure(Exception):
@@ -349,8 +386,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, setup_bytes: bytes) -> None:
-    """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``."""
+def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, setup_arg: WorkerSetup | bytes) -> None:
+    """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``.
+
+    ``setup_arg`` is the setup itself when the worker was forked (it is the parent's, copied on write, as with
+    torch's fork workers), else its pickle.
+    """
     # SIGTERM (the pool's close() for a busy worker) unwinds through Python, so multiprocessing's exit hooks run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _die_with_parent()
@@ -359,7 +400,7 @@ def _worker_main(worker_id: int, conn: multiprocessing.connection.Connection, se
     worker: _Worker | None = None
     try:
         torch.set_num_threads(1)  # as torch: workers must not oversubscribe the cores with intra-op threads
-        setup: WorkerSetup = pickle.loads(setup_bytes)
+        setup: WorkerSetup = setup_arg if isinstance(setup_arg, WorkerSetup) else pickle.loads(setup_arg)
         seed = _seed_worker(setup.base_seed, worker_id)
         torch_worker._worker_info = torch_worker.WorkerInfo(
             id=worker_id, num_workers=setup.num_workers, seed=seed, dataset=setup.dataset
@@ -423,7 +464,8 @@ class WorkerPool:
     ) -> None:
         self.setup = setup
         self.num_workers = num_workers
-        self._context = context if context is not None else default_context()
+        # None: the default, decided when the workers start (start_by_fork_if_safe, else default_context()).
+        self._context = context
         self._lock = threading.Lock()  # start/close/pending
         self._send_queues: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in range(num_workers)]
         self._senders: list[threading.Thread] = []
@@ -453,18 +495,42 @@ class WorkerPool:
     def pids(self) -> list[int | None]:
         return [p.pid for p in self._processes]
 
+    @property
+    def start_method(self) -> str | None:
+        """The start method the workers were (or will be) started with; None while the default is undecided."""
+        return self._context.get_start_method() if self._context is not None else None
+
+    def start_by_fork_if_safe(self) -> bool:
+        """With no start method given, fork the workers now, in the calling thread, when that is safe.
+
+        The consumer's iterator calls this before the pipeline's threads exist. When :func:`fork_is_safe` holds,
+        forking is what torch does, and it is the cheapest start: workers share the parent's pages (torch's
+        libraries and heap) and begin in milliseconds, with the dataset copied on write instead of pickled. Otherwise
+        (the user's own threads, an ``async for`` in a loop that must not block, object-store clients) the workers
+        are started later by ``start()`` with :func:`default_context`, off the event loop.
+        """
+        if self._started or self._context is not None or not fork_is_safe():
+            return False
+        self._context = multiprocessing.get_context("fork")
+        self.start()
+        return True
+
     def start(self) -> None:
         with self._lock:
             if self._started or self._closed:
                 return
             self._started = True
-            setup_bytes = pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
+            if self._context is None:
+                self._context = default_context()
+            # A forked worker gets the setup itself (no pickling, as torch's fork workers); others its pickle.
+            forked = self._context.get_start_method() == "fork"
+            setup_arg = self.setup if forked else pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
             try:
                 for worker_id in range(self.num_workers):
                     ours, theirs = self._context.Pipe(duplex=True)
                     process = self._context.Process(  # type: ignore[attr-defined]
                         target=_worker_main,
-                        args=(worker_id, theirs, setup_bytes),
+                        args=(worker_id, theirs, setup_arg),
                         name=f"aloader-worker-{worker_id}",
                         daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
                     )
@@ -589,13 +655,16 @@ class WorkerPool:
 
     def _worker_died(self, worker_id: int) -> None:
         process = self._processes[worker_id]
-        process.join(0)
+        # The sentinel of a forked worker is a pipe that reads end-of-file as the process exits, a moment before the
+        # kernel makes its exit status available: wait that moment out (bounded, should it live on without it).
+        process.join(_EXIT_GRACE_SECONDS)
         code = process.exitcode
-        how = (
-            f"was killed by signal {signal.Signals(-code).name}"
-            if code is not None and code < 0
-            else (f"exited with code {code}")
-        )
+        if code is None:
+            how = "closed its connection"
+        elif code < 0:
+            how = f"was killed by signal {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
         with self._lock:
             if self._closed:
                 return

@@ -32,8 +32,23 @@ def _parser() -> argparse.ArgumentParser:
             "dataset is served from an object server on 127.0.0.1 with --latency per request."
         ),
     )
-    bench.add_argument("source", nargs="?", metavar="URL_OR_PATH", help="objects under a prefix or a local dir")
+    bench.add_argument(
+        "source",
+        nargs="?",
+        metavar="URL_OR_PATH",
+        help="objects under a prefix or a local dir, or tar shards (a dir of .tar files, shards-{000..009}.tar)",
+    )
     bench.add_argument("--samples", type=_positive, help="how many samples to stream (default: all, or 2000)")
+    bench.add_argument(
+        "--format",
+        choices=("auto", "objects", "tar"),
+        default="auto",
+        help="objects (one sample each) or tar shards; auto: tar when the source names only .tar files; "
+        "with no URL_OR_PATH, tar serves the synthetic samples as tar shards",
+    )
+    bench.add_argument(
+        "--shard-concurrency", type=_positive, default=4, help="tar: shards read at once by aloader and SPDL"
+    )
     bench.add_argument("--batch-size", type=_positive, default=32)
     bench.add_argument("--concurrency", type=_positive, default=64, help="aloader's samples in flight")
     bench.add_argument("--num-workers", type=int, default=2, help="torch DataLoader's workers (default 2)")
@@ -61,9 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in systems if name not in _bench.SYSTEMS]
     if unknown or not systems:
         parser.error(f"--systems: unknown {unknown}; choose from {', '.join(_bench.SYSTEMS)}")
-    with _bench.open_source(args.source, samples=args.samples, latency=args.latency) as (label, urls):
+    with _bench.open_source(args.source, samples=args.samples, latency=args.latency, format=args.format) as source:
+        label, urls = source.label, source.urls
         config = _bench.BenchConfig(
             urls=tuple(urls),
+            format=source.format,
+            shard_concurrency=args.shard_concurrency,
+            limit=source.limit,
             batch_size=args.batch_size,
             concurrency=args.concurrency,
             num_workers=args.num_workers,
@@ -71,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             systems=systems,
         )
-        print(f"aloader bench: {label}, {len(urls)} samples x {args.epochs} epoch(s)", flush=True)
+        per_epoch = config.samples_per_epoch
+        what = f"{per_epoch} samples" if per_epoch is not None else "every sample"
+        print(f"aloader bench: {label}, {what} x {args.epochs} epoch(s)", flush=True)
         report = _bench.run_bench(config, label, show_progress=not args.no_progress)
     print()
     print(f"Machine: {report.machine}")

@@ -12,6 +12,7 @@ Hierarchy::
                +-- UnsupportedURLError     (also ValueError) a URL aloader cannot read, or bad storage options
                +-- ShardFormatError        (also ValueError) a tar shard is malformed or truncated
           +-- WorkerDiedError    a worker process exited while it held samples (names the worker, pid, samples)
+          +-- FailureBudgetExceeded  more samples failed than ``max_failures`` allows (names the last failures)
 
 A failing sample does not get an aloader exception type: the consumer sees an exception of the *original* type
 (a ``KeyError`` stays a ``KeyError``), whose message names the sample index and whose ``__cause__`` is the original
@@ -27,6 +28,7 @@ __all__ = [
     "AccessDeniedError",
     "AloaderError",
     "BucketNotFoundError",
+    "FailureBudgetExceeded",
     "ObjectNotFoundError",
     "ShardFormatError",
     "StorageError",
@@ -117,3 +119,12 @@ class WorkerDiedError(AloaderError):
         return WorkerDiedError(
             f"{self.args[0]} while {what}", worker_id=self.worker_id, pid=self.pid, exitcode=self.exitcode
         )
+
+
+class FailureBudgetExceeded(AloaderError):
+    """More samples failed than the loader's ``max_failures`` allows; ``__cause__`` is the last failure."""
+
+    def __init__(self, message: str, *, failures: int = 0, seen: int = 0) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.seen = seen

@@ -20,10 +20,13 @@ import torch.utils.data
 from torch.utils.data import BatchSampler, IterableDataset
 from torch.utils.data.dataloader import _DatasetKind
 
+from aloader._failures import check_max_failures
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
 from aloader._pipeline import DatasetKind, Pipeline, Plan, pool_kind, window_for
 from aloader._pool import WorkerPool, WorkerSetup
 from aloader._state import LoaderState
+from aloader._stats import Recorder
+from aloader.stats import LoaderStats
 
 __all__ = ["DEFAULT_CONCURRENCY", "DataLoader"]
 
@@ -57,12 +60,21 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
       threads for a sync ``__getitem__``. If in doubt, leave it: fast datasets use only the threads they need.
     - ``transform``: a callable applied to each sample after it is fetched and before ``collate_fn``; sync callables
       run in a thread (in a worker process when ``num_workers > 0``), ``async def`` ones on the event loop.
+    - ``max_failures``: skip samples whose fetch or transform raises, up to a count (``int``) or a share of the
+      samples seen (``float`` in (0, 1)); each skip is logged on the ``aloader`` logger and counted in
+      ``stats()``, and ``FailureBudgetExceeded`` is raised once more fail. Default None: no skipping, as torch.
+    - ``progress``: show a tqdm progress bar over batches (``len(loader)`` as its total when known).
+
+    ``stats()`` returns an immutable snapshot of the current (or last) iterator's per-stage counters. See
+    ``docs/reliability.md``.
 
     With ``num_workers > 0``, a sync map-style dataset is fetched, transformed and collated in worker processes
     (as in torch, with torch's worker seeding, ``worker_init_fn`` and ``get_worker_info()``), each worker iterates its
-    own copy of an iterable dataset, and tensors come back through shared memory. ``multiprocessing_context``
-    defaults to ``forkserver``. With ``persistent_workers=True`` the processes live until ``close()`` (or the
-    loader's garbage collection, or interpreter exit). See ``docs/process-pool.md``.
+    own copy of an iterable dataset, and tensors come back through shared memory. With no ``multiprocessing_context``,
+    ``for`` forks the workers at ``iter()`` when the consumer is the process's only thread (as torch does), and the
+    forkserver starts them otherwise (other threads, ``async for``, object-store clients). With
+    ``persistent_workers=True`` the processes live until ``close()`` (or the loader's garbage collection, or
+    interpreter exit). See ``docs/process-pool.md``.
 
     Datasets may be torch map-style or iterable datasets as they are, classes whose ``__getitem__`` or
     ``__getitems__`` is ``async def``, or objects with ``__aiter__``. ``sampler`` and ``batch_sampler`` may also be
@@ -94,6 +106,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         in_order: bool = True,
         concurrency: int | None = None,
         transform: Callable[[Any], Any] | None = None,
+        max_failures: int | float | None = None,
+        progress: bool = False,
     ) -> None:
         # A plain async iterable has no __getitem__: torch would take it for a map-style dataset. Show torch an
         # IterableDataset stand-in so its iterable-dataset checks and messages apply, then keep the real object.
@@ -133,8 +147,13 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             )
         if transform is not None and not callable(transform):
             raise TypeError(f"transform option should be a callable or None, but got transform={transform!r}")
+        self.max_failures = check_max_failures(max_failures)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress option should be a bool, but got progress={progress!r}")
+        self.progress = progress
         self.concurrency: int = DEFAULT_CONCURRENCY if concurrency is None else concurrency
         self.transform = transform
+        self._stats: Recorder | None = None  # the current (or last) iterator's counters
         self._persistent_pool: WorkerPool | None = None  # persistent_workers: the pool that outlives epochs
         self._pool_finalizer: weakref.finalize[Any, Any] | None = None
         self._resume = LoaderState()
@@ -200,7 +219,15 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             # torch's bound: prefetch_factor batches per worker in flight.
             plan = dataclasses.replace(plan, window=depth)
         reported = self._IterableDataset_len_called if self._dataset_kind == _DatasetKind.Iterable else None
-        return Pipeline(plan), depth, self._index_sampler, reported
+        pipeline = Pipeline(plan)
+        self._stats = pipeline.stats
+        return pipeline, depth, self._index_sampler, reported
+
+    def stats(self) -> LoaderStats:
+        """An immutable snapshot of the current iterator's per-stage counters, or of the last one once it ended
+        (all zero before the first). See :mod:`aloader.stats`."""
+        recorder = self._stats if self._stats is not None else Recorder()
+        return recorder.snapshot()
 
     def _plan(self) -> Plan:
         """Capture one epoch, making torch's draws in torch's order so orders match bit for bit.
@@ -261,6 +288,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                     worker_init_fn=self.worker_init_fn,
                     num_workers=self.num_workers,
                     base_seed=self._base_seed,
+                    skip_failures=self.max_failures is not None,
                 ),
                 self.num_workers,
                 self.multiprocessing_context,
@@ -301,6 +329,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             pin_memory_device=pin_memory_device,
             workers=pool if worker_kind is not None else None,
             owns_workers=owns_workers,
+            max_failures=self.max_failures,
+            progress=self.progress,
         )
 
     def _pin_memory_device(self) -> str | None:

@@ -8,8 +8,9 @@ Workloads:
 - ``in-memory``: a ``TensorDataset`` of tiny samples, batch 64: aloader (``for`` and ``async for``) against torch's
   DataLoader with ``num_workers=0``, the fastest torch setting for in-memory data.
 
-Run ``python -m benchmarks.core`` (``--quick`` for a smoke run). Results go to ``docs/benchmarks.md``; ratios are
-what to compare, since absolute figures depend on the machine.
+Run ``python -m benchmarks.core`` (``--quick`` for a smoke run). Results go to ``docs/benchmarks.md`` with
+``--write`` (and a bar chart, ``core.png``, beside it); ratios are what to compare, since absolute figures depend on
+the machine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import aloader
 from aloader._bench import machine
+from aloader._plot import save_bars
 
 LATENCY_SECONDS = 0.03
 
@@ -161,7 +163,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"Machine: {machine()}\n")
     print(table)
     if args.write:
-        write_section(args.write, f"Machine: {machine()}\n\n{table}")
+        plot = args.write.parent / "core.png"
+        save_bars(
+            plot,
+            [
+                (f"{workload}: samples/s (higher is better)", [(r.system, r.samples_per_second) for r in rows])
+                for workload in ("latency", "in-memory")
+                if (rows := [r for r in results if r.workload == workload])
+            ],
+            xlabel="samples/s",
+        )
+        write_section(args.write, f"Machine: {machine()}\n\n{table}\n![samples/s per system]({plot.name})\n")
     return results
 
 

@@ -2,7 +2,8 @@
 
 Each sample spends a few milliseconds in pure Python (the GIL holds threads to one core), then returns a 3x64x64
 image tensor and a label. Each system runs in a fresh interpreter, so both pay their real start-up (torch forks its
-workers; aloader's default start method, forkserver, starts a server that imports torch once per process); the
+workers; so does aloader by default, as the consumer is the process's only thread at ``iter()``; with forkserver, a
+server process imports torch once per process and workers are forked from it); the
 benchmark process samples the resident memory of that interpreter and all its descendants together every 5 ms.
 
 Measured per system, side by side in one run:
@@ -17,7 +18,8 @@ Then the transfer itself: one batch (16x3x64x64 float32) from a worker to the ma
 pipe against aloader's shared memory (descriptor passing), and the round trip of a trivial batch through the pool (the
 per-task cost that the work per batch must dwarf).
 
-Run ``python -m benchmarks.pool`` (``--quick`` for a smoke run); ``--write docs/benchmarks.md`` updates its section.
+Run ``python -m benchmarks.pool`` (``--quick`` for a smoke run); ``--write docs/benchmarks.md`` updates its section
+and draws ``pool.png`` beside it.
 Other users of the machine add noise: compare the systems within one run.
 """
 
@@ -43,12 +45,13 @@ from torch.utils.data import Dataset
 
 import aloader
 from aloader import _pool
+from aloader._plot import save_bars
 from benchmarks.core import machine, write_section
 
 SYSTEMS = {
     "torch": "torch DataLoader (fork)",
-    "aloader": "aloader DataLoader (forkserver, the default)",
-    "aloader-fork": 'aloader DataLoader, multiprocessing_context="fork"',
+    "aloader": "aloader DataLoader (default: forks at iter(), as the only thread)",
+    "aloader-forkserver": 'aloader DataLoader, multiprocessing_context="forkserver"',
 }
 
 
@@ -86,7 +89,7 @@ class Trivial(Dataset[int]):
 def run_system(system: str, n: int, work: int, batch_size: int) -> dict[str, float]:
     """In a fresh interpreter: two epochs, timing the first batch of each and the whole second epoch."""
     cls = torch.utils.data.DataLoader if system == "torch" else aloader.DataLoader
-    context = {"multiprocessing_context": "fork"} if system == "aloader-fork" else {}
+    context = {"multiprocessing_context": "forkserver"} if system == "aloader-forkserver" else {}
     figures: dict[str, float] = {}
     for epoch in (1, 2):
         loader = cls(CpuBound(n, work), batch_size=batch_size, num_workers=2, **context)
@@ -225,6 +228,21 @@ class Report:
     task_seconds: float
     repeats: int
 
+    def plot(self, path: Path) -> None:
+        """Bars per figure: throughput, peak PSS, and the first batch cold and warm."""
+        panels = [
+            ("samples/s, epoch 2 (higher is better)", "samples_per_second"),
+            ("peak PSS of all processes, MiB (lower is better)", "peak_pss_mb"),
+            ("first batch, cold process, s (lower is better)", "first_batch_1"),
+            ("first batch, warm, s (lower is better)", "first_batch_2"),
+        ]
+        save_bars(
+            path,
+            [(title, [(SYSTEMS[name], row[key]) for name, row in self.systems.items()]) for title, key in panels],
+            xlabel="",
+            value_format=",.2f",
+        )
+
     def render(self) -> str:
         torch_row = self.systems["torch"]
         lines = [
@@ -295,7 +313,7 @@ def main(argv: list[str] | None = None) -> Report | None:
     n, batch_size = (16, 8) if args.quick else (1024, 16)
     # Interleaved repeats, median per figure: noise from other users of the machine hits both systems alike.
     repeats = 1 if args.quick else 3
-    # The smoke run skips the opt-in fork row: it only checks that the script works end to end.
+    # The smoke run skips the opt-in forkserver row: it only checks that the script works end to end.
     names = ["torch", "aloader"] if args.quick else list(SYSTEMS)
     runs: dict[str, list[dict[str, float]]] = {system: [] for system in names}
     for _ in range(repeats):
@@ -317,7 +335,9 @@ def main(argv: list[str] | None = None) -> Report | None:
     print(f"Machine: {machine()}\n")
     print(text)
     if args.write:
-        write_section(args.write, f"Machine: {machine()}\n\n{text}", section="pool")
+        plot = args.write.parent / "pool.png"
+        report.plot(plot)
+        write_section(args.write, f"Machine: {machine()}\n\n{text}\n![pool figures]({plot.name})\n", section="pool")
     return report
 
 

@@ -1,7 +1,9 @@
 """Remote I/O workload: ``aloader bench``'s embedded default, written to ``docs/benchmarks.md`` with its plot.
 
 A synthetic image-like dataset behind a latency-injecting object server on 127.0.0.1, streamed through the bare
-ceiling, aloader (bucket dataset and an unchanged torch Dataset), torch's DataLoader and SPDL, side by side.
+ceiling, aloader (its dataset and an unchanged torch dataset), torch's DataLoader and SPDL, side by side: first as
+single objects (section ``bench``, ``bench-default.png``), then as tar shards (``aloader bench --format tar``:
+section ``bench-tar``, ``bench-tar.png``).
 
 Run ``python -m benchmarks.remote --write docs/benchmarks.md`` (``--quick`` for a smoke run).
 """
@@ -9,36 +11,52 @@ Run ``python -m benchmarks.remote --write docs/benchmarks.md`` (``--quick`` for 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from aloader import _bench
 from benchmarks.core import write_section
 
+SECTIONS: dict[_bench.FormatChoice, tuple[str, str]] = {
+    "objects": ("bench", "bench-default.png"),
+    "tar": ("bench-tar", "bench-tar.png"),
+}
 
-def main(argv: list[str] | None = None) -> _bench.BenchReport:
+
+def run(format: _bench.FormatChoice, quick: bool, write: Path | None) -> _bench.BenchReport:
+    samples, latency = (48, 0.005) if quick else (None, 0.03)
+    with _bench.open_source(None, samples=samples, latency=latency, format=format) as source:
+        config = _bench.BenchConfig(
+            urls=tuple(source.urls), systems=_bench.default_systems(), format=source.format, limit=source.limit
+        )
+        report = _bench.run_bench(config, source.label, show_progress=False)
+    table = _bench.render_table(report)
+    print(f"Machine: {report.machine}\n\n{table}\n")
+    if write is not None:
+        section, plot_name = SECTIONS[format]
+        plot = write.parent / plot_name
+        _bench.write_plot(report, plot)
+        command = "aloader bench" + (" --format tar" if format == "tar" else "")
+        shards = f", {config.shard_concurrency} shards at once" if format == "tar" else ""
+        load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        body = (
+            f"Machine: {report.machine}; {load}\n\n"
+            f"`{command}` on its embedded default ({source.label}); batch size {config.batch_size}, concurrency "
+            f"{config.concurrency}{shards}, torch's num_workers {config.num_workers}.\n\n{table}\n"
+            f"\n![throughput over time]({plot.name})\n"
+        )
+        write_section(write, body, section=section)
+    return report
+
+
+def main(argv: list[str] | None = None) -> list[_bench.BenchReport]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run with a tiny dataset")
-    parser.add_argument("--write", type=Path, help="write the table into this file's bench section")
-    parser.add_argument("--plot", type=Path, help="draw throughput over time here (default: beside --write)")
+    parser.add_argument("--write", type=Path, help="write the tables into this file's bench and bench-tar sections")
+    parser.add_argument("--format", choices=("objects", "tar", "both"), default="both")
     args = parser.parse_args(argv)
-    samples, latency = (48, 0.005) if args.quick else (None, 0.03)
-    with _bench.open_source(None, samples=samples, latency=latency) as (label, urls):
-        config = _bench.BenchConfig(urls=tuple(urls), systems=_bench.default_systems())
-        report = _bench.run_bench(config, label, show_progress=False)
-    table = _bench.render_table(report)
-    print(f"Machine: {report.machine}\n\n{table}")
-    plot = args.plot or (args.write.parent / "bench-default.png" if args.write else None)
-    if plot is not None:
-        _bench.write_plot(report, plot)
-    if args.write:
-        body = (
-            f"Machine: {report.machine}\n\n"
-            f"`aloader bench` on its embedded default ({label}); batch size {config.batch_size}, concurrency "
-            f"{config.concurrency}, torch's num_workers {config.num_workers}.\n\n{table}\n"
-            + (f"\n![throughput over time]({plot.name})\n" if plot is not None else "")
-        )
-        write_section(args.write, body, section="bench")
-    return report
+    formats: list[_bench.FormatChoice] = ["objects", "tar"] if args.format == "both" else [args.format]
+    return [run(format, args.quick, args.write) for format in formats]
 
 
 if __name__ == "__main__":

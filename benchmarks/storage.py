@@ -12,20 +12,22 @@ process and all its children (torch's workers included):
   through ``aloader.DataLoader(concurrency=CONCURRENCY)``;
 - ``torch DataLoader, num_workers=2`` and ``=8`` with that same Dataset (fewer objects: they are slow).
 
-Run ``python -m benchmarks.storage`` (``--quick`` for a smoke run, ``--write docs/benchmarks.md`` to record).
+Run ``python -m benchmarks.storage`` (``--quick`` for a smoke run, ``--write docs/benchmarks.md`` to record, with
+``storage.png`` beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,9 @@ import torch
 from torch.utils.data import Dataset
 
 import aloader
+from aloader._bench import RssSampler
 from aloader._bridge import new_event_loop
+from aloader._plot import save_bars
 from benchmarks.core import machine, write_section
 
 CONCURRENCY = 64
@@ -123,32 +127,6 @@ def run_system(system: str, urls: list[str]) -> tuple[int, float]:
 
 
 # ------------------------------------------------------------------------------------------------ the parent
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as file:
-                fields = file.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    family, changed = {root}, True
-    while changed:
-        grown = family | {pid for pid, parent in parents.items() if parent in family}
-        changed, family = grown != family, grown
-    total = 0
-    for pid in family:
-        try:
-            with open(f"/proc/{pid}/statm") as file:
-                total += int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
 def measure(system: str, urls: list[str]) -> Result:
     """Run ``system`` in a fresh process, sampling its memory (and its children's) every 20 ms."""
     child = subprocess.Popen(
@@ -158,26 +136,19 @@ def measure(system: str, urls: list[str]) -> Result:
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.02):  # a benchmark may poll: it measures, it does not synchronise
-            peak = max(peak, tree_rss_bytes(child.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = RssSampler(child.pid, interval=0.02)
     output, _ = child.communicate(json.dumps(urls))
-    done.set()
-    sampler.join()
+    peak = sampler.stop()
     if child.returncode != 0:
         raise RuntimeError(f"{system} failed with exit code {child.returncode}")
     figures = json.loads(output.strip().splitlines()[-1])
     return Result(LABELS[system], figures["samples"], figures["seconds"], peak / 2**20)
 
 
-def start_server(objects: int, size: int, latency: float) -> tuple[subprocess.Popen[str], str]:
+@contextlib.contextmanager
+def served(objects: int, size: int, latency: float) -> Iterator[str]:
+    """Serve ``objects`` synthetic objects (``obj/{i:06d}.bin``, ``size`` random bytes each) from an object server
+    in a process of its own (so it does not share a GIL with what it measures); yields its base URL."""
     server = subprocess.Popen(
         [
             sys.executable,
@@ -191,9 +162,15 @@ def start_server(objects: int, size: int, latency: float) -> tuple[subprocess.Po
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert server.stdin is not None
     assert server.stdout is not None
-    port = int(server.stdout.readline())
-    return server, f"http://127.0.0.1:{port}"
+    try:
+        port = int(server.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stdin.close()  # the server serves until its standard input closes
+        server.wait()
+        server.stdout.close()
 
 
 def render(results: list[Result], objects: int, size: int, latency: float) -> str:
@@ -230,19 +207,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         print(json.dumps({"samples": samples, "seconds": seconds}), flush=True)
         return []
     objects = 64 if args.quick else args.objects
-    server, base = start_server(objects, args.size, args.latency)
-    try:
+    with served(objects, args.size, args.latency) as base:
         urls = [f"{base}/obj/{i:06d}.bin" for i in range(objects)]
         # torch's workers wait out the latency a few at a time: give them fewer objects (samples/s is compared),
         # still enough that their start-up (timed, as an epoch pays it) is a small part of the time.
         torch_urls = {"torch-2": urls[: max(16, objects // 8)], "torch-8": urls[: max(32, objects // 2)]}
         results = [measure(system, torch_urls.get(system, urls)) for system in SYSTEMS]
-    finally:
-        assert server.stdin is not None
-        assert server.stdout is not None
-        server.stdin.close()
-        server.wait()
-        server.stdout.close()
     table = render(results, objects, args.size, args.latency)
     # The machine may be shared: say how busy it was, since every figure here depends on it.
     load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -250,7 +220,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"{header}\n")
     print(table)
     if args.write:
-        write_section(args.write, f"{header}\n\n{table}", section="storage")
+        plot = args.write.parent / "storage.png"
+        save_bars(
+            plot,
+            [
+                ("samples/s (higher is better)", [(r.system, r.per_second) for r in results]),
+                ("peak RSS, process tree, MiB (lower is better)", [(r.system, r.peak_rss_mib) for r in results]),
+            ],
+            xlabel="",
+        )
+        write_section(args.write, f"{header}\n\n{table}\n![samples/s and memory]({plot.name})\n", section="storage")
     return results
 
 

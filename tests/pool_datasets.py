@@ -175,6 +175,16 @@ def square(sample: int) -> int:
     return sample * sample
 
 
+class ParentPids(Dataset[Any]):
+    """Each sample is the pid of the process that started the worker: the main process's when it was forked."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        return os.getppid()
+
+
 class Unpicklable(Dataset[Any]):
     def __init__(self) -> None:
         self.lock = threading.Lock()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from aloader._bench import default_systems, synthetic_images
+from aloader._bench_shards import synthetic_shards
 
 BENCH = [sys.executable, "-m", "aloader", "bench"]
 
@@ -70,6 +71,13 @@ def test_bad_arguments_exit_with_usage() -> None:
     assert "/no/such/dir" in missing.stderr
 
 
+def test_tar_format_without_shards_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a.npy").write_bytes(b"not a shard")
+    result = run_bench(str(tmp_path), "--format", "tar")
+    assert result.returncode != 0
+    assert f"no .tar shards found in {tmp_path}" in result.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_and_prints_what_was_measured(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -112,3 +120,45 @@ def test_ctrl_c_stops_and_prints_what_was_measured(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["interrupted"] is True
     assert 0 < report["systems"][0]["samples"] < 4000
+
+
+@pytest.mark.slow
+def test_embedded_default_as_tar_shards(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_bench(
+        "--format", "tar", "--samples", "72", "--batch-size", "8", "--latency", "0.005", "--json", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["format"] == "tar"
+    assert report["config"]["urls"] == 16  # the shards
+    assert [s["system"] for s in report["systems"]] == list(default_systems())
+    for system in report["systems"]:
+        assert system["error"] is None
+        assert system["samples"] == 72, system
+        assert system["bytes"] == 72 * 3 * 64 * 64, system
+        assert system["latency_p50_ms"] is None  # streamed samples have no request of their own to time
+    assert "TarShardDataset" in result.stdout
+    assert "tar shards" in result.stdout
+
+
+@pytest.mark.slow
+def test_local_tar_shards_directory_and_brace_pattern(tmp_path: Path) -> None:
+    shards = synthetic_shards(synthetic_images(30), 3)
+    (tmp_path / "shards").mkdir()
+    for key, data in shards.items():
+        (tmp_path / "shards" / key.rsplit("/", 1)[1]).write_bytes(data)
+    out = tmp_path / "bench.json"
+    common = ("--systems", "ceiling,aloader,torch", "--num-workers", "2", "--batch-size", "4", "--json", str(out))
+    result = run_bench(str(tmp_path / "shards"), *common)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["format"] == "tar"
+    assert [(s["system"], s["samples"]) for s in report["systems"]] == [("ceiling", 30), ("aloader", 30), ("torch", 30)]
+    # Two of the three shards by a brace pattern, every system stopping after 12 samples (three batches of 4).
+    pattern = str(tmp_path / "shards" / "train-{000000..000001}.tar")
+    result = run_bench(pattern, *common, "--samples", "12")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["urls"] == 2
+    assert [s["samples"] for s in report["systems"]] == [12, 12, 12]

@@ -1,7 +1,8 @@
-"""The core, pool and remote benchmarks run end to end in their smoke modes and write only their own section."""
+"""Every benchmark runs end to end in its smoke mode, writes only its own section and draws its plot."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KEPT = "<!-- other:begin -->\nkept\n<!-- other:end -->"
 
 
-def run_quick(module: str, tmp_path: Path, section: str) -> str:
-    """Run ``benchmarks.<module> --quick --write`` on a file with another section; return its own section."""
+def run_quick(module: str, tmp_path: Path, *sections: str) -> str:
+    """Run ``benchmarks.<module> --quick --write`` on a file with another section; return its own sections."""
     target = tmp_path / "benchmarks.md"
     target.write_text(f"# Benchmarks\n\n{KEPT}\n")
     result = subprocess.run(
@@ -29,19 +30,53 @@ def run_quick(module: str, tmp_path: Path, section: str) -> str:
     assert result.returncode == 0, result.stderr
     text = target.read_text()
     assert KEPT in text
-    return text[text.index(f"<!-- {section}:begin -->") : text.index(f"<!-- {section}:end -->")]
+    bodies = []
+    for section in sections:
+        body = text[text.index(f"<!-- {section}:begin -->") : text.index(f"<!-- {section}:end -->")]
+        # Every workload draws its plot beside the file and links it from its section.
+        plots = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", body)
+        assert plots, body
+        for name in plots:
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        bodies.append(body)
+    return "\n".join(bodies)
 
 
 @pytest.mark.slow
 def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
     section = run_quick("pool", tmp_path, "pool")
-    for row in ("torch DataLoader (fork)", "aloader DataLoader (forkserver, the default)", "shared memory"):
+    for row in (
+        "torch DataLoader (fork)",
+        "aloader DataLoader (default: forks at iter(), as the only thread)",
+        "shared memory",
+    ):
         assert row in section
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("module", "section", "row"), [("core", "core", "aloader, for"), ("remote", "bench", "ceiling")]
+    ("module", "section", "row"),
+    [
+        ("core", "core", "aloader, for"),
+        ("flatmem", "flat-memory", "slope (MiB per GiB)"),
+        ("storage", "storage", "bare concurrent GETs"),
+        ("ttfb", "ttfb", "| in-memory ("),
+    ],
 )
 def test_benchmark_quick_writes_its_section(tmp_path: Path, module: str, section: str, row: str) -> None:
     assert row in run_quick(module, tmp_path, section)
+
+
+@pytest.mark.slow
+def test_soak_benchmark_quick_every_sample_once_and_corrupt_ones_skipped(tmp_path: Path) -> None:
+    section = run_quick("soak", tmp_path, "soak")
+    # 3 epochs of 95 good samples: none duplicated, lost or unexpected; 5 corrupt ones skipped in each.
+    assert "| 3 | 285 | 0 | 0 | 0 | 15 |" in section
+    assert "Machine: " in section and "RSS after each epoch" in section
+
+
+@pytest.mark.slow
+def test_remote_benchmark_quick_writes_objects_and_tar_sections(tmp_path: Path) -> None:
+    text = run_quick("remote", tmp_path, "bench", "bench-tar")
+    assert "ceiling: bare concurrent reads" in text
+    assert "aloader, TarShardDataset" in text

@@ -6,11 +6,13 @@ Every test runs through both drivers; the autouse ``no_leaks`` fixture also chec
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,22 @@ def test_persistent_workers_same_pids_and_same_batches_as_torch(driver: Driver) 
         assert_same(got, expected)
         assert pids[0] == pids[1] == pids[2] and len(set(pids[0])) == 2
     assert loader._persistent_pool is None
+
+
+@pytest.mark.parametrize("taken", [1, 2, 5])
+def test_break_with_persistent_workers_then_next_epoch_as_torch(driver: Driver, taken: int) -> None:
+    # torch's workers run prefetch_factor * num_workers tasks plus one per batch taken, then carry their random state
+    # into the next epoch: after a break, the next epoch's draws inside __getitem__ depend on exactly that count.
+    def make(cls: Any) -> Any:
+        torch.manual_seed(4)
+        return cls(pd.RandomDraws(30), batch_size=2, shuffle=True, num_workers=2, persistent_workers=True)
+
+    reference = make(TORCH)
+    expected = [list(itertools.islice(reference, taken)), list(reference)]
+    del reference
+    with make(aloader.DataLoader) as loader:
+        got = [driver.collect(loader, limit=taken), driver.collect(loader)]
+    assert_same(got, expected)
 
 
 def test_fork_context_gives_the_same_batches(driver: Driver) -> None:
@@ -185,9 +203,58 @@ def test_break_while_a_worker_is_busy(driver: Driver) -> None:
 
 
 def test_unpicklable_dataset_says_what_to_fix(driver: Driver) -> None:
+    loader = aloader.DataLoader(pd.Unpicklable(), num_workers=2, multiprocessing_context="forkserver")
     with pytest.raises(TypeError, match="pickle") as info:
-        driver.collect(aloader.DataLoader(pd.Unpicklable(), num_workers=2))
+        driver.collect(loader)
     assert any("must be picklable" in note for note in info.value.__notes__)
+
+
+def test_default_start_method_is_forkserver_while_another_thread_runs(driver: Driver) -> None:
+    # Forking now could copy a lock held by the other thread: the workers come from the forkserver instead.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        parents = torch.cat(driver.collect(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2)))
+    finally:
+        stop.set()
+        other.join()
+    assert os.getpid() not in parents.tolist()
+
+
+DEFAULT_START_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    import torch
+    import aloader
+    from tests import pool_datasets as pd
+
+    def parents(batches):
+        return {int(p) for p in torch.cat(list(batches)).tolist()}
+
+    async def consume(loader):
+        return [batch async for batch in loader]
+
+    me = os.getpid()
+    # The only thread, at iter(): the sync driver forks its workers from this process, as torch does; a dataset
+    # that cannot be pickled then works, as with torch.
+    assert parents(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2)) == {me}
+    assert len(list(aloader.DataLoader(pd.Unpicklable(), batch_size=2, num_workers=2))) == 2
+    # async for: a fork would block the caller's loop, so the workers come from the forkserver.
+    assert me not in parents(asyncio.run(consume(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2))))
+    print("OK")
+    """
+)
+
+
+def test_default_start_method_forks_when_the_consumer_is_the_only_thread() -> None:
+    # A fresh interpreter: the test process itself may run server threads of other tests' fixtures.
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", DEFAULT_START_SCRIPT], cwd=root, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK"
 
 
 def test_close_is_idempotent_and_the_loader_stays_usable(driver: Driver) -> None:

@@ -60,6 +60,7 @@ class TarStreamParser:
         self._buffer = bytearray()
         self._long_name: str | None = None
         self._ended = False
+        self._offset = 0  # where the buffer starts in the shard: error messages say where it broke
 
     def feed(self, chunk: bytes) -> Iterator[tuple[str, bytes]]:
         """Add ``chunk`` and yield every member it completes."""
@@ -76,12 +77,15 @@ class TarStreamParser:
             try:
                 info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
             except tarfile.HeaderError as exc:
-                raise ShardFormatError(f"{self.url} is not a valid tar stream ({exc})", self.url) from None
+                raise ShardFormatError(
+                    f"{self.url} is not a valid tar stream at byte offset {self._offset} ({exc})", self.url
+                ) from None
             padded = -(-info.size // _BLOCK) * _BLOCK
             if len(buffer) < _BLOCK + padded:
                 return  # wait for the rest of this member
             data = bytes(buffer[_BLOCK : _BLOCK + info.size])
             del buffer[: _BLOCK + padded]  # bytearray deletes from the front without moving the rest
+            self._offset += _BLOCK + padded
             if info.type == tarfile.GNUTYPE_LONGNAME:
                 self._long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             elif info.type == tarfile.XHDTYPE:
@@ -96,7 +100,18 @@ class TarStreamParser:
     def close(self) -> None:
         """The stream ended: fail if it stopped inside a member."""
         if not self._ended and self._buffer.strip(b"\0"):
-            raise ShardFormatError(f"{self.url} ended in the middle of a tar member (truncated shard?)", self.url)
+            member = ""
+            if len(self._buffer) >= _BLOCK:
+                try:
+                    name = tarfile.TarInfo.frombuf(bytes(self._buffer[:_BLOCK]), "utf-8", "surrogateescape").name
+                    member = f" {self._long_name or name!r}"
+                except tarfile.HeaderError:
+                    pass
+            raise ShardFormatError(
+                f"{self.url} ended at byte offset {self._offset + len(self._buffer)} in the middle of the tar "
+                f"member{member} starting at byte offset {self._offset} (truncated shard?)",
+                self.url,
+            )
 
 
 def _pax_path(data: bytes) -> str | None:

@@ -22,7 +22,7 @@ from aloader.errors import StorageError, UnsupportedURLError
 from aloader.storage._retry import RetryPolicy, classify, redact, retrying, translate
 from aloader.storage._url import Location, parse_url
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "ObjectInfo", "Store"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "ObjectInfo", "Store", "object_store_started"]
 
 T = TypeVar("T")
 
@@ -56,6 +56,11 @@ _SECRET_WORDS: Final = ("secret", "key", "token", "password", "sas", "credential
 
 _OBSTORE_PID: int | None = None
 """The process whose object-store clients started obstore's runtime (None: none yet)."""
+
+
+def object_store_started() -> bool:
+    """Whether this process has started an object-store client (whose runtime threads a fork would not copy)."""
+    return os.getpid() == _OBSTORE_PID
 
 
 @dataclass(frozen=True, slots=True)

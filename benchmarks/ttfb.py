@@ -1,0 +1,163 @@
+"""Time-to-first-batch workload: how long ``iter(loader)`` takes to deliver its first batch, aloader against torch.
+
+Two workloads, the same loaders as elsewhere in the suite:
+
+- ``remote``: ``aloader bench``'s embedded default (image-like ``.npy`` objects behind a latency-injecting object
+  server on 127.0.0.1): aloader's ``ObjectDataset`` at concurrency 64 against torch's DataLoader over an unchanged
+  torch Dataset (a blocking GET per sample) with 2 workers, batch size 32;
+- ``in-memory``: a ``TensorDataset`` of tiny samples, batch size 64, both at ``num_workers=0``.
+
+Each measurement runs in a fresh process (started from a forkserver that has imported torch and aloader already,
+so imports are not timed): the loader is built, then the first batch of a first iterator is timed (cold: the first
+loader of the process, torch starting its workers, aloader its event loop and threads), the iterator closed, and
+the first batch of a second one timed (warm). Median over ``--repeats`` processes per system, interleaved.
+
+Run ``python -m benchmarks.ttfb --write docs/benchmarks.md`` (``--quick`` for a smoke run); ``ttfb.png`` goes
+beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import multiprocessing.connection
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import TensorDataset
+
+import aloader
+from aloader import _bench
+from aloader._plot import save_bars
+from benchmarks.core import write_section
+
+Workload = Literal["remote", "in-memory"]
+System = Literal["aloader", "torch"]
+TITLES: dict[System, dict[Workload, str]] = {
+    "aloader": {"remote": "aloader, ObjectDataset, concurrency=64", "in-memory": "aloader, num_workers=0"},
+    "torch": {"remote": "torch DataLoader, unchanged Dataset, num_workers=2", "in-memory": "torch, num_workers=0"},
+}
+LATENCY = 0.03
+
+
+def make_loader(workload: Workload, system: System, urls: tuple[str, ...]) -> Any:
+    if workload == "remote":
+        config = _bench.BenchConfig(urls=urls, batch_size=32, concurrency=64, num_workers=2)
+        return _bench._make_loader(system, config)
+    dataset = TensorDataset(torch.randn(10_000, 32), torch.randint(0, 10, (10_000,)))
+    cls = aloader.DataLoader if system == "aloader" else torch.utils.data.DataLoader
+    return cls(dataset, batch_size=64, shuffle=True)
+
+
+def first_batch_seconds(loader: Any) -> float:
+    started = time.perf_counter()
+    iterator = iter(loader)
+    next(iterator)
+    seconds = time.perf_counter() - started
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()  # aloader's iterator stops its work at once; torch's stops its workers when it is collected
+    del iterator
+    return seconds
+
+
+def _child(
+    workload: Workload, system: System, urls: tuple[str, ...], conn: multiprocessing.connection.Connection
+) -> None:
+    _bench.like_a_fresh_interpreter()  # as in aloader bench's children
+    loader = make_loader(workload, system, urls)
+    conn.send((first_batch_seconds(loader), first_batch_seconds(loader)))
+    conn.close()
+
+
+def measure(workload: Workload, system: System, urls: tuple[str, ...]) -> tuple[float, float]:
+    """(cold, warm) seconds to the first batch, in a fresh process."""
+    context = multiprocessing.get_context("forkserver")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(workload, system, urls, sender))
+    process.start()
+    sender.close()
+    try:
+        cold, warm = receiver.recv()
+    except EOFError:
+        raise RuntimeError(f"{workload}/{system}: the process exited with code {process.exitcode}") from None
+    finally:
+        receiver.close()
+        process.join()
+    return cold, warm
+
+
+def render(figures: dict[Workload, dict[System, tuple[float, float]]], repeats: int, label: str) -> str:
+    lines = [
+        f"Median of {repeats} fresh processes per system. remote: {label}; batch size 32. in-memory: a "
+        "TensorDataset of 10,000 samples of 32 floats, batch size 64, shuffled. Cold: the first iterator of a "
+        "process; warm: the next one. Ratio: aloader's time over torch's (lower is better).",
+        "",
+        "| workload | torch, cold (s) | aloader, cold (s) | cold ratio | torch, warm (s) | aloader, warm (s) "
+        "| warm ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload, systems in figures.items():
+        (torch_cold, torch_warm), (ours_cold, ours_warm) = systems["torch"], systems["aloader"]
+        lines.append(
+            f"| {workload} ({TITLES['aloader'][workload]} against {TITLES['torch'][workload]}) "
+            f"| {torch_cold:.4f} | {ours_cold:.4f} | {ours_cold / torch_cold:.2f}x "
+            f"| {torch_warm:.4f} | {ours_warm:.4f} | {ours_warm / torch_warm:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(figures: dict[Workload, dict[System, tuple[float, float]]], path: Path) -> None:
+    panels = []
+    for workload, systems in figures.items():
+        bars = [
+            (f"{system}, {which}", systems[system][index] * 1e3)
+            for index, which in enumerate(("cold", "warm"))
+            for system in ("torch", "aloader")
+        ]
+        panels.append((f"{workload}: time to first batch, ms (lower is better)", bars))
+    save_bars(path, panels, xlabel="ms", value_format=",.1f")
+
+
+def main(argv: list[str] | None = None) -> dict[Workload, dict[System, tuple[float, float]]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one process per system")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write", type=Path, help="write the table into this file's ttfb section")
+    args = parser.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+    latency = 0.005 if args.quick else LATENCY
+    runs: dict[Workload, dict[System, list[tuple[float, float]]]] = {
+        "remote": {"torch": [], "aloader": []},
+        "in-memory": {"torch": [], "aloader": []},
+    }
+    with _bench.open_source(None, samples=256, latency=latency) as source:
+        urls = tuple(source.urls)
+        for _ in range(repeats):  # interleaved: noise from other users of the machine hits both alike
+            for workload, systems in runs.items():
+                for system, rows in systems.items():
+                    rows.append(measure(workload, system, urls))
+    figures = {
+        workload: {
+            system: (statistics.median(c for c, _ in rows), statistics.median(w for _, w in rows))
+            for system, rows in systems.items()
+        }
+        for workload, systems in runs.items()
+    }
+    load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    header = f"Machine: {_bench.machine()}; {load}"
+    table = render(figures, repeats, source.label)
+    print(f"{header}\n\n{table}")
+    if args.write:
+        path = args.write.parent / "ttfb.png"
+        plot(figures, path)
+        write_section(args.write, f"{header}\n\n{table}\n![time to first batch]({path.name})\n", section="ttfb")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
