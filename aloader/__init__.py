@@ -3,6 +3,10 @@
 ``aloader.DataLoader`` is a drop-in for ``torch.utils.data.DataLoader`` that also supports ``async for``. The
 dataset, sampler and collate names below are torch's own, re-exported so one import serves both.
 
+``loader.state_dict()`` / ``loader.load_state_dict()`` resume iteration mid-epoch (docs/resume.md);
+``aloader.samplers.DistributedSampler`` is torch's distributed split, resumable and elastic
+(``aloader.DistributedSampler`` stays torch's own).
+
 ``aloader.storage`` reads by URL (local files, S3, GCS, Azure, HTTP) without blocking the loop, and
 ``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards. ``loader.stats()``
 returns the snapshots defined in ``aloader.stats``.
@@ -29,6 +33,7 @@ from torch.utils.data import (
     random_split,
 )
 
+from aloader import samplers
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
 from aloader.errors import AloaderError, FailureBudgetExceeded, WorkerDiedError
 from aloader.loader import DEFAULT_CONCURRENCY, DataLoader
@@ -44,6 +49,7 @@ __all__ = [
     "AsyncLoaderIterator",
     "AloaderError",
     "WorkerDiedError",
+    "samplers",
     "FailureBudgetExceeded",
     "LoaderStats",
     # torch's data names, re-exported

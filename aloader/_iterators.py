@@ -17,6 +17,7 @@ from typing import Any
 
 from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
 from aloader._pipeline import END, Failed, Pipeline
+from aloader._state import Cursor
 from aloader._stats import open_progress
 
 __all__ = ["AsyncLoaderIterator", "LoaderIterator"]
@@ -35,6 +36,7 @@ class _Consumer:
         self._reported_len = reported_len  # len(dataset) seen by len(loader) for an IterableDataset, as torch
         self._yielded = 0
         self._closed = False
+        self._cursor: Cursor | None = None  # the loader's record of what this consumer received (state_dict)
         self._bar: Any = None
         if pipeline.plan.progress:
             self._bar = open_progress(self._total())
@@ -91,6 +93,11 @@ class AsyncLoaderIterator(_Consumer):
             )
         try:
             item = await self._channel.get()
+            while self._cursor is not None and self._cursor.took(item, END):
+                # A resumed epoch re-run by worker copies: already received. Dropped, it still frees its slot.
+                assert self._pipeline is not None
+                self._pipeline.taken()
+                item = await self._channel.get()
         except asyncio.CancelledError:
             # As with an async generator: a cancelled __anext__ ends the iteration. Wait for the pipeline to
             # stop so the consumer's task ends with no thread of ours left running.
@@ -168,6 +175,10 @@ class LoaderIterator(_Consumer):
             raise StopIteration
         try:
             item = self._channel.get()
+            while self._cursor is not None and self._cursor.took(item, END):
+                # A resumed epoch re-run by worker copies: already received. Dropped, it still frees its slot.
+                self._pace()
+                item = self._channel.get()
         except BaseException:
             # KeyboardInterrupt (or another async exception) while waiting: stop all work, then let it propagate.
             self._channel.release_after_interrupt()
@@ -176,17 +187,20 @@ class LoaderIterator(_Consumer):
         if item is END:
             self.close()
             raise StopIteration
-        if self._paced:
-            try:
-                self._loop.call_soon_threadsafe(self._taken)
-            except RuntimeError:  # the epoch is over and its loop closed: nothing left to pace
-                pass
+        self._pace()
         if isinstance(item, Failed):
             error = item.error
             # The traceback keeps this frame alive; it must not keep the iterator (and its threads) alive too.
             del self, item
             raise error
         return self._count(item)
+
+    def _pace(self) -> None:
+        if self._paced:
+            try:
+                self._loop.call_soon_threadsafe(self._taken)
+            except RuntimeError:  # the epoch is over and its loop closed: nothing left to pace
+                pass
 
     def close(self) -> None:
         """Stop all work of this iterator and wait until its threads have exited. Idempotent."""

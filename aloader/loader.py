@@ -24,6 +24,7 @@ from aloader._failures import check_max_failures
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
 from aloader._pipeline import DatasetKind, Pipeline, Plan, pool_kind, window_for
 from aloader._pool import WorkerPool, WorkerSetup
+from aloader._state import LoaderState
 from aloader._stats import Recorder
 from aloader.stats import LoaderStats
 
@@ -155,6 +156,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._stats: Recorder | None = None  # the current (or last) iterator's counters
         self._persistent_pool: WorkerPool | None = None  # persistent_workers: the pool that outlives epochs
         self._pool_finalizer: weakref.finalize[Any, Any] | None = None
+        self._resume = LoaderState()
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -177,19 +179,41 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Where iteration is, to resume it later with ``load_state_dict`` (as torchdata's StatefulDataLoader).
+
+        Small and JSON-serialisable, no sample data: the epoch, the batches the consumer has received in it (batches
+        in flight or prefetched are not counted: they are produced again after a resume, neither lost nor
+        repeated), the random generators' states the epoch's order is recomputed from, and the ``state_dict()`` of a
+        sampler or dataset that has one. Take it at any point, from either driver. See ``docs/resume.md``.
+        """
+        return self._resume.state_dict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next ``iter()`` continue where ``state`` (from ``state_dict()``) was taken: the rest of that
+        epoch's batches, in order, then the following epochs as the uninterrupted run would have gone on.
+        ``concurrency``, ``num_workers`` and ``prefetch_factor`` may differ from the saving loader's."""
+        self._resume.load_state_dict(self, state)
+
     # ------------------------------------------------------------------------------------------------ iteration
     def __iter__(self) -> LoaderIterator:  # type: ignore[override]
         """Iterate in plain (sync) code: the pipeline runs on a background event loop thread."""
-        return LoaderIterator(*self._start())
+        iterator = LoaderIterator(*self._start())
+        iterator._cursor = self._resume.cursor
+        return iterator
 
     def __aiter__(self) -> AsyncLoaderIterator:
         """Iterate with ``async for`` inside a running event loop: the pipeline runs as a task of that loop."""
-        return AsyncLoaderIterator(*self._start())
+        iterator = AsyncLoaderIterator(*self._start())
+        iterator._cursor = self._resume.cursor
+        return iterator
 
     def _start(self) -> tuple[Pipeline, int, Any, int | None]:
         if self.num_workers > 0 and not (self.persistent_workers and self._persistent_pool is not None):
             self.check_worker_number_rationality()  # torch warns at each new iterator with workers, as here
-        plan = self._plan()
+        with self._resume.epoch_scope(self):
+            plan = self._plan()
         depth = 2 if self.num_workers == 0 else max(1, (self.prefetch_factor or 2) * self.num_workers)
         if plan.workers is not None:
             # torch's bound: prefetch_factor batches per worker in flight.
@@ -239,7 +263,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if pool is None:
             # torch draws a base seed per iterator; with persistent workers it keeps one iterator (and its workers'
             # seeds) for the loader's life, so later epochs draw nothing.
-            self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+            self._base_seed = self._resume.base_seed(
+                lambda: int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+            )
+        else:
+            self._resume.no_base_seed()
         dataset_kind: DatasetKind = "map" if self._dataset_kind == _DatasetKind.Map else "iterable"
         if _is_async_iterable(self.dataset) and self._dataset_kind == _DatasetKind.Iterable:
             dataset_kind = "async-iterable"
@@ -279,6 +307,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 kind, source = "async-iterable", aiter(dataset)
             else:
                 kind, source = "iterable", iter(dataset)
+        source = self._resume.position(self, kind, source, batch_async_indices is not None, worker_kind == "iterable")
         batch_size = self.batch_size
         if batch_size is None and self._auto_collation:  # a user batch_sampler: its size, if it tells
             batch_size = getattr(self.batch_sampler, "batch_size", None)

@@ -270,20 +270,32 @@ def test_shard_split_is_disjoint_and_complete(shards: int, world: int, workers: 
 
     import torch.utils.data
 
-    taken: list[str] = []
+    taken: list[list[str]] = []
     urls = [f"s3://b/{i}.tar" for i in range(shards)]
-    for rank in range(world):
-        for worker in range(workers):
-            info = type("Info", (), {"id": worker, "num_workers": workers})()
-            env = {"RANK": str(rank), "WORLD_SIZE": str(world)}
-            with (
-                mock.patch.dict(os.environ, env),
-                mock.patch.object(torch.utils.data, "get_worker_info", lambda i=info: i),
-            ):
-                dataset = TarShardDataset(urls, shuffle=True, seed=seed)
-                dataset.set_epoch(epoch)
-                taken += dataset.shards_for_this_reader()
-    assert sorted(taken) == sorted(urls)
+    for even_split in (True, False):
+        taken = []
+        for rank in range(world):
+            for worker in range(workers):
+                info = type("Info", (), {"id": worker, "num_workers": workers})()
+                env = {"RANK": str(rank), "WORLD_SIZE": str(world)}
+                with (
+                    mock.patch.dict(os.environ, env),
+                    mock.patch.object(torch.utils.data, "get_worker_info", lambda i=info: i),
+                ):
+                    dataset = TarShardDataset(urls, shuffle=True, seed=seed, even_split=even_split)
+                    dataset.set_epoch(epoch)
+                    taken.append(dataset.shards_for_this_reader())
+                    # Stable under resume: a new reader loading this one's state reads the same shards.
+                    again = TarShardDataset(urls, shuffle=True, seed=seed + 1, even_split=even_split)
+                    again.load_state_dict(dataset.state_dict())
+                    assert again.shards_for_this_reader() == taken[-1]
+        flat = [url for reader in taken for url in reader]
+        assert len(flat) == len(set(flat))  # disjoint
+        if even_split and world > 1:
+            assert len({len(reader) for reader in taken}) == 1  # balanced: every reader the same count
+            assert len(urls) - len(flat) < world * workers  # only the remainder is left out
+        else:
+            assert sorted(flat) == sorted(urls)  # complete
 
 
 def test_public_names() -> None:

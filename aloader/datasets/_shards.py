@@ -53,6 +53,13 @@ class TarShardDataset:
       DataLoader worker processes, so no sample is read twice. ``split_by_rank=False`` / ``split_by_worker=False``
       turn that off (e.g. when each rank is given its own URL list). With fewer shards than ranks times workers,
       some get none: make at least that many shards.
+    - With more than one rank, every reader gets the same number of shards: the epoch's shard order is cut to a
+      multiple of ranks x workers (the few shards left over are skipped this epoch; with ``shuffle`` they are others
+      each epoch). With shards of equal size, as WebDataset writers make them, every rank then yields the same number
+      of batches, so DDP never waits on a rank that ran out. ``even_split=False`` reads every shard instead.
+    - ``state_dict()`` / ``load_state_dict()``: the epoch and the samples yielded so far in it; a resumed iteration
+      skips those without decoding them (they are read again, not held). ``aloader.DataLoader`` saves it with its own
+      state. The state is per reader: resume with the same ranks and workers.
 
     It is an async iterable (``__aiter__``): give it to ``aloader.DataLoader`` as the dataset.
     """
@@ -68,6 +75,7 @@ class TarShardDataset:
         decode: Callable[[dict[str, Any]], Any] | None = None,
         split_by_rank: bool = True,
         split_by_worker: bool = True,
+        even_split: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         retry: RetryPolicy | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -95,10 +103,14 @@ class TarShardDataset:
         self.decode = decode
         self.split_by_rank = split_by_rank
         self.split_by_worker = split_by_worker
+        self.even_split = even_split
         self.store = Store(storage_options, retry=retry)
         self.chunk_size = chunk_size
         self.prefetch_per_shard = prefetch_per_shard
         self.epoch = 0
+        self._position = 0  # samples yielded by the current iteration
+        self._resume_at = 0  # samples the next iteration skips (load_state_dict)
+        self._resume_readers: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"TarShardDataset({len(self.shards)} shards, shuffle={self.shuffle}, store={self.store!r})"
@@ -106,6 +118,20 @@ class TarShardDataset:
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that, with ``seed``, orders the shards and samples when ``shuffle=True``."""
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "seed", "position", "reader", "readers"}``: where this reader's iteration is."""
+        slot, slots = self._split()
+        return {"epoch": self.epoch, "seed": self.seed, "position": self._position, "reader": slot, "readers": slots}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the next iteration continue ``state``'s epoch after its ``position`` samples."""
+        for key in ("epoch", "seed", "position", "reader", "readers"):
+            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int):
+                raise ValueError(f"TarShardDataset.load_state_dict(): the state's {key!r} should be an integer")
+        self.epoch, self.seed = state["epoch"], state["seed"]
+        self._resume_at = state["position"]
+        self._resume_readers = (state["reader"], state["readers"])
 
     def _split(self) -> tuple[int, int]:
         """(this reader's slot, number of slots) over ranks times workers."""
@@ -120,6 +146,8 @@ class TarShardDataset:
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)  # the same on every rank: a split, no overlap
         slot, slots = self._split()
+        if self.even_split and self.split_by_rank and rank_and_world_size()[1] > 1:
+            shards = shards[: len(shards) - len(shards) % slots]  # the same count for every reader
         return shards[slot::slots]
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -127,7 +155,14 @@ class TarShardDataset:
 
     async def _samples(self) -> AsyncIterator[Any]:
         pending = collections.deque(self.shards_for_this_reader())
-        slot, _ = self._split()
+        slot, slots = self._split()
+        skip, self._resume_at, self._position = self._resume_at, 0, 0
+        readers, self._resume_readers = self._resume_readers, None
+        if skip and readers is not None and readers != (slot, slots):
+            raise ValueError(
+                f"TarShardDataset: the loaded state is reader {readers[0]} of {readers[1]} (ranks x workers), this "
+                f"is reader {slot} of {slots}: resume with the same ranks and workers, or start a new epoch"
+            )
         rng = random.Random(f"{self.seed}:{self.epoch}:{slot}")
         use_buffer = self.shuffle and self.shuffle_buffer > 1
         active: collections.deque[tuple[asyncio.Queue[Any], asyncio.Task[None]]] = collections.deque()
@@ -162,10 +197,23 @@ class TarShardDataset:
                     chosen = rng.randrange(len(buffer))
                     buffer[chosen], buffer[-1] = buffer[-1], buffer[chosen]
                     item = buffer.pop()
-                yield await apply_decode(self.decode, item)
+                if skip:
+                    skip -= 1  # received before the state was taken: read again, not decoded
+                    self._position += 1
+                    continue
+                decoded = await apply_decode(self.decode, item)
+                self._position += 1
+                yield decoded
             rng.shuffle(buffer)
             while buffer:
-                yield await apply_decode(self.decode, buffer.pop())
+                item = buffer.pop()
+                if skip:
+                    skip -= 1
+                    self._position += 1
+                    continue
+                decoded = await apply_decode(self.decode, item)
+                self._position += 1
+                yield decoded
         finally:
             # Readers still running (a `break`, an error, a cancelled epoch) stop with the iteration.
             for task in tasks:

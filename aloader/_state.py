@@ -1,0 +1,450 @@
+"""Resumable iteration: what ``DataLoader.state_dict()`` saves and how ``load_state_dict()`` replays it.
+
+The state is *where the consumer is*, never data: the epoch, the number of batches the consumer has received in it
+(``Cursor``), and what is needed to recompute the epoch's order without fetching anything:
+
+- the state of every random generator the epoch draws from, taken *before* its first draw (``_plan()`` calls
+  ``iter(sampler)``, draws the base seed, then the sampler draws its permutation on its first ``next``): restoring
+  it and making the same draws recomputes the same permutation and the same worker seeds;
+- the ``state_dict()`` of a sampler, batch sampler or dataset that has one (delegation);
+- for an iterable dataset with a ``state_dict()``, its state right after the items of the consumer's last batch
+  were pulled (``_SnapshotSource`` takes one per batch, so prefetched items are not counted).
+
+On resume, the first ``k`` units of the index source are skipped *without fetching them*: ``k`` index lists are
+pulled from the (batch) sampler, or ``k * batch_size`` items from an iterable dataset that has no state of its own
+(read and dropped, never held). Batches in flight or prefetched at the snapshot are not counted, so they are neither
+lost nor repeated. Nothing here depends on ``concurrency``, ``num_workers`` or ``prefetch_factor``.
+
+The one case that cannot skip at the source is an iterable dataset iterated by worker processes (each has its own
+copy): there the consumer drops the first ``k`` batches of the re-run epoch (``Cursor.drop``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import torch
+
+from aloader.samplers import DistributedSampler
+
+if TYPE_CHECKING:
+    from aloader.loader import DataLoader
+
+__all__ = ["STATE_FORMAT", "Cursor", "LoaderState"]
+
+STATE_FORMAT: Final = 1
+"""Bumped when the layout of the state changes; a state of another format is refused with a clear error."""
+
+
+def _encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(bytes(state.tolist())).decode("ascii")
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _has_state(obj: object) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _state_of(obj: Any) -> Any:
+    """``obj.state_dict()`` when ``obj`` has state of its own (both methods), else None."""
+    return obj.state_dict() if _has_state(obj) else None
+
+
+def _load_into(obj: Any, state: Any) -> None:
+    if state is not None and _has_state(obj):
+        obj.load_state_dict(state)
+
+
+class Cursor:
+    """The consumer's position in one epoch: outcomes (batches or failures) received, and whether it ended.
+
+    Counted by the iterator when it hands an item to the consumer, so a batch still in the pipeline (in flight or
+    prefetched) is not counted: it is produced again after a resume.
+    """
+
+    __slots__ = ("_lock", "_snapshots", "drop", "ended", "taken")
+
+    def __init__(self, taken: int = 0, drop: int = 0) -> None:
+        self.taken = taken  # outcomes of this epoch received by the consumer (including before a resume)
+        self.drop = drop  # outcomes of a re-run epoch to drop before counting (see the module docstring)
+        self.ended = False
+        self._lock = threading.Lock()
+        self._snapshots: dict[int, Any] = {}  # iterable dataset's state after the items of unit k were pulled
+
+    def took(self, item: object, end: object) -> bool:
+        """Count ``item`` taken from the pipeline; True when the consumer must drop it instead."""
+        if item is end:
+            self.ended = True
+            return False
+        if self.drop > 0:
+            self.drop -= 1
+            return True
+        self.taken += 1
+        return False
+
+    def snapshot(self, unit: int, state: Any) -> None:
+        with self._lock:
+            self._snapshots[unit] = state
+            # Units the consumer has already passed can no longer be asked for.
+            for old in [u for u in self._snapshots if u < self.taken]:
+                del self._snapshots[old]
+
+    def snapshot_at(self, unit: int) -> Any:
+        with self._lock:
+            return self._snapshots.get(unit)
+
+
+class _SnapshotSource(Iterator[Any]):
+    """An iterable dataset's iterator that records ``dataset.state_dict()`` after each unit's items are pulled.
+
+    Runs where the pipeline pulls (a thread of its pool), so the dataset's own code stays off the event loop and the
+    snapshot is taken between two ``next`` calls, never during one.
+    """
+
+    def __init__(self, inner: Iterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
+        self._inner = inner
+        self._dataset = dataset
+        self._per_unit = per_unit
+        self._cursor = cursor
+        self._first_unit = cursor.taken
+        self._items = 0
+        # Before its first item a dataset's state may still be the last epoch's (a generator's body has not run):
+        # the state at the start is the one loaded, or None (a fresh epoch: start the dataset's epoch afresh).
+        cursor.snapshot(self._first_unit, initial)
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._inner)
+        except StopIteration:
+            if self._items % self._per_unit:  # the last, partial unit
+                self._cursor.snapshot(self._unit() + 1, self._dataset.state_dict())
+            raise
+        self._items += 1
+        if self._items % self._per_unit == 0:
+            self._cursor.snapshot(self._unit(), self._dataset.state_dict())
+        return item
+
+    def _unit(self) -> int:
+        return self._first_unit + self._items // self._per_unit
+
+
+class _AsyncSnapshotSource(AsyncIterator[Any]):
+    """The same for an async iterable dataset (its code runs on the loop anyway)."""
+
+    def __init__(self, inner: AsyncIterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
+        self._inner = inner
+        self._dataset = dataset
+        self._per_unit = per_unit
+        self._cursor = cursor
+        self._first_unit = cursor.taken
+        self._items = 0
+        cursor.snapshot(self._first_unit, initial)
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await anext(self._inner)
+        except StopAsyncIteration:
+            if self._items % self._per_unit:
+                self._cursor.snapshot(self._first_unit + self._items // self._per_unit + 1, self._dataset.state_dict())
+            raise
+        self._items += 1
+        if self._items % self._per_unit == 0:
+            self._cursor.snapshot(self._first_unit + self._items // self._per_unit, self._dataset.state_dict())
+        return item
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _AsyncSkip(AsyncIterator[Any]):
+    """An async iterator whose first ``count`` items are pulled and dropped on first use."""
+
+    def __init__(self, inner: AsyncIterator[Any], count: int) -> None:
+        self._inner = inner
+        self._count = count
+
+    async def __anext__(self) -> Any:
+        while self._count > 0:
+            self._count -= 1
+            await anext(self._inner)
+        return await anext(self._inner)
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _Start:
+    """How one epoch started: enough to recompute its order."""
+
+    __slots__ = ("base_seed", "batch_sampler", "drew_base_seed", "global_rng", "loader_rng", "sampler", "sampler_rng")
+
+    def __init__(self) -> None:
+        self.loader_rng: str | None = None  # the loader's generator before the epoch's first draw
+        self.global_rng: str | None = None  # torch's global generator, when the loader has none
+        self.sampler_rng: str | None = None  # a sampler's own generator, when it is not the loader's
+        self.sampler: Any = None  # sampler.state_dict() before iter(), when it has one
+        self.batch_sampler: Any = None
+        self.base_seed: int | None = None
+        self.drew_base_seed = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> _Start:
+        start = cls()
+        for name in cls.__slots__:
+            if name in data:
+                setattr(start, name, data[name])
+        return start
+
+
+def _generators(loader: DataLoader[Any]) -> tuple[torch.Generator | None, torch.Generator | None]:
+    """(the loader's generator, a sampler's own other generator) that an epoch draws from."""
+    own = loader.generator
+    for holder in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        generator = getattr(holder, "generator", None)
+        if isinstance(generator, torch.Generator) and generator is not own and not _has_state(holder):
+            return own, generator
+    return own, None
+
+
+def _unit_size(loader: DataLoader[Any]) -> int:
+    return loader.batch_size if loader._auto_collation and loader.batch_size is not None else 1
+
+
+class LoaderState:
+    """Owned by one loader: the current (or last) epoch's start and cursor, and a loaded state to apply."""
+
+    def __init__(self) -> None:
+        self.epoch = 0  # the index of the current (or last started) epoch
+        self.next_epoch = 0  # the index the next epoch started from scratch gets
+        self.cursor: Cursor | None = None
+        self.start: _Start | None = None
+        self.pending: dict[str, Any] | None = None  # load_state_dict(): applied at the next iter()
+        self._resuming: dict[str, Any] | None = None  # the pending mid-epoch state while _plan() runs
+
+    # ------------------------------------------------------------------------------------------ saving
+    def state_dict(self, loader: DataLoader[Any]) -> dict[str, Any]:
+        if self.pending is not None:
+            return dict(self.pending)  # loaded and not yet started: still that state
+        cursor, start = self.cursor, self.start
+        if cursor is None or start is None or cursor.ended:
+            return self._boundary(loader)
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "epoch": self.epoch,
+            "mid_epoch": True,
+            "batches": cursor.taken,
+            "start": start.to_dict(),
+            "dataset": None,
+        }
+        sampler = loader.sampler
+        if isinstance(sampler, DistributedSampler) and sampler.epoch == sampler.state_epoch_started:
+            # Our distributed sampler resumes itself (and re-splits when the world size changed).
+            state["distributed"] = sampler.state_at(cursor.taken * _unit_size(loader))
+        dataset = loader.dataset
+        if _has_state(dataset):
+            if loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Iterable:
+                state["dataset"] = cursor.snapshot_at(cursor.taken)
+            else:
+                state["dataset"] = _state_of(dataset)
+        return state
+
+    def _boundary(self, loader: DataLoader[Any]) -> dict[str, Any]:
+        """Between epochs: the next ``iter()`` starts epoch ``self.epoch`` from the generators as they are now."""
+        own, other = _generators(loader)
+        start = _Start()
+        start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
+        start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
+        start.sampler = _state_of(loader.sampler)
+        start.batch_sampler = _state_of(loader.batch_sampler)
+        if loader._persistent_pool is not None and not loader._persistent_pool.broken:
+            # The next epoch reuses the persistent workers and draws no base seed: a new loader must not either.
+            start.drew_base_seed = False
+            start.base_seed = loader._base_seed
+        dataset = loader.dataset
+        kind_map = loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Map
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self.next_epoch,
+            "mid_epoch": False,
+            "batches": 0,
+            "start": start.to_dict(),
+            # An iterable dataset's state at its end would resume an empty epoch: it starts afresh instead.
+            "dataset": _state_of(dataset) if kind_map else None,
+        }
+
+    # ----------------------------------------------------------------------------------------- loading
+    def load_state_dict(self, loader: DataLoader[Any], state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict() expects the dict returned by state_dict(), got {type(state).__name__}")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"load_state_dict(): this is not an aloader DataLoader state of format {STATE_FORMAT} "
+                f"(got format={state.get('format')!r}); pass the dict returned by DataLoader.state_dict()"
+            )
+        for key, kind in (("epoch", int), ("batches", int), ("mid_epoch", bool), ("start", Mapping)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"load_state_dict(): the state's {key!r} is missing or not a {kind.__name__}")
+        if state["batches"] < 0 or state["epoch"] < 0:
+            raise ValueError("load_state_dict(): 'epoch' and 'batches' must not be negative")
+        # Samplers, datasets and generators take their state now, as the caller would expect from a load: a
+        # set_epoch() called between this and iter() then wins, as in an uninterrupted run.
+        self._apply_start(loader, _Start.from_dict(state["start"]), *_generators(loader), state)
+        self.pending = dict(state)
+        self.epoch = state["epoch"]
+        self.next_epoch = state["epoch"] + 1 if state["mid_epoch"] else state["epoch"]
+        self.cursor = None
+        self.start = None
+
+    # -------------------------------------------------------------------------------------- one epoch
+    @contextlib.contextmanager
+    def epoch_scope(self, loader: DataLoader[Any]) -> Iterator[None]:
+        """Around ``_plan()``: record how the epoch starts, or set it up to continue a loaded state."""
+        pending, self.pending = self.pending, None
+        own, other = _generators(loader)
+        restore_global: torch.Tensor | None = None
+        try:
+            self._resuming = pending
+            if pending is not None and pending["mid_epoch"]:
+                start = _Start.from_dict(pending["start"])
+                if own is None and start.global_rng is not None:
+                    # Recompute the epoch's draws from torch's global generator as they were, without moving the
+                    # caller's global generator (they restore it with their own checkpoint).
+                    restore_global = torch.get_rng_state()
+                    torch.set_rng_state(_decode_rng(start.global_rng))
+                self.start = start
+                self.cursor = Cursor(taken=pending["batches"])
+            else:
+                start = _Start()
+                start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
+                start.global_rng = _encode_rng(torch.get_rng_state()) if own is None else None
+                start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
+                start.sampler = _state_of(loader.sampler)
+                start.batch_sampler = _state_of(loader.batch_sampler)
+                self.start = start
+                self.cursor = Cursor()
+                self.epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
+            sampler = loader.sampler
+            if isinstance(sampler, DistributedSampler):
+                sampler.state_epoch_started = sampler.epoch
+            yield
+        except BaseException:
+            self.pending = pending  # iter() failed: the loaded state still applies to the next one
+            raise
+        finally:
+            self._resuming = None
+            if restore_global is not None:
+                torch.set_rng_state(restore_global)
+        self.start.base_seed = loader._base_seed
+
+    @staticmethod
+    def _apply_start(
+        loader: DataLoader[Any],
+        start: _Start,
+        own: torch.Generator | None,
+        other: torch.Generator | None,
+        pending: Mapping[str, Any],
+    ) -> None:
+        if own is not None and start.loader_rng is not None:
+            own.set_state(_decode_rng(start.loader_rng))
+        if other is not None and start.sampler_rng is not None:
+            other.set_state(_decode_rng(start.sampler_rng))
+        _load_into(loader.sampler, start.sampler)
+        _load_into(loader.batch_sampler, start.batch_sampler)
+        distributed = pending.get("distributed")
+        if distributed is not None and isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.load_state_dict(distributed)
+        _load_into(loader.dataset, pending.get("dataset"))
+
+    def base_seed(self, draw: Callable[[], int]) -> int:
+        """The epoch's base seed: drawn, unless the resumed epoch drew none (its workers were persistent)."""
+        resuming = self._resuming
+        if resuming is not None:
+            start = resuming["start"]
+            if not start.get("drew_base_seed", True) and start.get("base_seed") is not None:
+                assert self.start is not None
+                self.start.drew_base_seed = False
+                return int(start["base_seed"])
+        assert self.start is not None
+        self.start.drew_base_seed = True
+        return draw()
+
+    def no_base_seed(self) -> None:
+        """The epoch drew no base seed: persistent workers keep theirs."""
+        if self.start is not None:
+            self.start.drew_base_seed = False
+
+    def position(self, loader: DataLoader[Any], kind: str, source: Any, async_batching: bool, in_workers: bool) -> Any:
+        """The epoch's source, moved to the resumed position (without fetching) and snapshotting if it must."""
+        cursor = self.cursor
+        assert cursor is not None
+        resuming = self._resuming
+        skip = resuming["batches"] if resuming is not None else 0
+        dataset = loader.dataset
+        if kind == "map":
+            if (
+                resuming is not None
+                and resuming.get("distributed") is not None
+                and isinstance(loader.sampler, DistributedSampler)
+            ):
+                skip = 0  # the distributed sampler starts at the resumed position itself
+            if isinstance(source, AsyncIterator):
+                return _AsyncSkip(source, skip * _unit_size(loader) if async_batching else skip) if skip else source
+            try:
+                for _ in range(skip):
+                    if next(source, _EXHAUSTED) is _EXHAUSTED:
+                        return iter(())
+                if loader.generator is not None:
+                    return source
+                # With torch's global generator, the sampler draws (on its first next) now, in the caller's thread:
+                # torch's global state after iter() is then the same in every run, and a resumed epoch draws while
+                # the generator holds the epoch's starting state (see epoch_scope).
+                first = next(source, _EXHAUSTED)
+            except Exception as exc:
+                return _Raising(exc)  # the sampler failed: raise where its batch would have been
+            return iter(()) if first is _EXHAUSTED else itertools.chain([first], source)
+        if in_workers:
+            cursor.drop = skip  # each worker iterates its own copy: re-run, and drop what was received
+            return source
+        per_unit = _unit_size(loader)
+        if _has_state(dataset):
+            # The dataset resumed itself (its state was loaded before iter()); snapshot it batch by batch.
+            initial = resuming.get("dataset") if resuming is not None else None
+            if isinstance(source, AsyncIterator):
+                return _AsyncSnapshotSource(source, dataset, per_unit, cursor, initial)
+            return _SnapshotSource(source, dataset, per_unit, cursor, initial)
+        if not skip:
+            return source
+        if isinstance(source, AsyncIterator):
+            return _AsyncSkip(source, skip * per_unit)
+        return itertools.islice(source, skip * per_unit, None)  # pulled in the pipeline's thread, then dropped
+
+
+_EXHAUSTED: Final = object()
+
+
+class _Raising(Iterator[Any]):
+    """An iterator whose first ``next`` raises ``error``: a sampler's failure, at its batch's position."""
+
+    def __init__(self, error: Exception) -> None:
+        self._error: Exception | None = error
+
+    def __next__(self) -> Any:
+        error, self._error = self._error, None
+        if error is None:
+            raise StopIteration
+        raise error

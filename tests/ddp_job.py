@@ -1,0 +1,118 @@
+"""A small DDP job for ``torchrun --nproc_per_node=2`` (gloo, CPU), run by tests/test_samplers.py.
+
+Every rank records the sample indices it received; rank 0 gathers them and writes a JSON report to ``argv[1]``:
+epoch 0 with aloader's DistributedSampler; epoch 1 stopped after two batches, "killed" (the loaders dropped) and
+resumed by new loaders from rank 0's JSON state; one epoch of tar shards split by the dataset itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import aloader
+from aloader.datasets import TarShardDataset
+from aloader.samplers import DistributedSampler
+
+N = 38  # even: torch pads an odd count by repeating a sample, which is not "exactly once"
+BATCH = 3
+
+
+class Numbers(torch.utils.data.Dataset[Any]):
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> Any:
+        return torch.tensor(i)
+
+
+def make_loader(epoch: int) -> aloader.DataLoader[Any]:
+    sampler = DistributedSampler(Numbers(), seed=17)  # rank and world size from torch.distributed
+    sampler.set_epoch(epoch)
+    return aloader.DataLoader(Numbers(), batch_size=BATCH, sampler=sampler, concurrency=4)
+
+
+def gather(values: list[int]) -> list[list[int]]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, values)
+    return out
+
+
+def write_shards(directory: Path, shards: int, per_shard: int) -> None:
+    for s in range(shards):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+            for i in range(per_shard):
+                data = str(s * per_shard + i).encode()
+                info = tarfile.TarInfo(f"{s:03d}/{i:04d}.txt")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        (directory / f"shard-{s}.tar").write_bytes(buffer.getvalue())
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    epochs: list[dict[str, Any]] = []
+
+    seen = [i for batch in make_loader(0) for i in batch.tolist()]
+    epochs.append({"name": "sampler epoch 0", "n": N, "per_rank": gather(seen)})
+
+    loader = make_loader(1)
+    before: list[int] = []
+    for step, batch in enumerate(loader):
+        before += batch.tolist()
+        if step == 1:
+            break
+    state = [json.dumps(loader.state_dict()) if rank == 0 else None]
+    dist.broadcast_object_list(state, src=0)  # rank 0's checkpoint is everyone's
+    del loader  # "killed": a new loader resumes from the JSON state
+    resumed = make_loader(1)
+    resumed.load_state_dict(json.loads(state[0]))  # type: ignore[arg-type]
+    after = [i for batch in resumed for i in batch.tolist()]
+    epochs.append({"name": "sampler epoch 1 resumed", "n": N, "per_rank": gather(before + after)})
+
+    with tempfile.TemporaryDirectory() as shared:
+        directory = Path(shared)
+        paths = [str(directory) if rank == 0 else None]
+        dist.broadcast_object_list(paths, src=0)
+        shard_dir = Path(paths[0])  # type: ignore[arg-type]
+        if rank == 0:
+            write_shards(shard_dir, shards=5, per_shard=6)  # 5 shards over 2 ranks: one is left out this epoch
+        dist.barrier()
+        dataset = TarShardDataset(
+            [str(shard_dir / f"shard-{s}.tar") for s in range(5)],
+            shuffle=True,
+            seed=2,
+            decode=lambda sample: int(sample["txt"]),
+        )
+        seen = [i for batch in aloader.DataLoader(dataset, batch_size=4) for i in batch.tolist()]
+        per_rank = gather(seen)
+        dist.barrier()  # rank 0's directory outlives every reader
+    # The shard left out (an even split) is the one no rank read: coverage is checked over the shards read.
+    read = sorted(i for r in per_rank for i in r)
+    left_out = sorted(set(range(30)) - set(read))
+    remap = {value: position for position, value in enumerate(read)}
+    epochs.append(
+        {
+            "name": "tar shards",
+            "n": len(read),
+            "per_rank": [[remap[i] for i in r] for r in per_rank],
+            "left_out": left_out,
+        }
+    )
+    if rank == 0:
+        Path(sys.argv[1]).write_text(json.dumps({"epochs": epochs}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
