@@ -102,15 +102,10 @@ class Cursor:
             return self._snapshots.get(unit)
 
 
-class _SnapshotSource(Iterator[Any]):
-    """An iterable dataset's iterator that records ``dataset.state_dict()`` after each unit's items are pulled.
+class _Snapshots:
+    """Records ``dataset.state_dict()`` in the cursor after each unit's items are pulled from an iterable dataset."""
 
-    Runs where the pipeline pulls (a thread of its pool), so the dataset's own code stays off the event loop and the
-    snapshot is taken between two ``next`` calls, never during one.
-    """
-
-    def __init__(self, inner: Iterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
-        self._inner = inner
+    def __init__(self, dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
         self._dataset = dataset
         self._per_unit = per_unit
         self._cursor = cursor
@@ -120,44 +115,54 @@ class _SnapshotSource(Iterator[Any]):
         # the state at the start is the one loaded, or None (a fresh epoch: start the dataset's epoch afresh).
         cursor.snapshot(self._first_unit, initial)
 
-    def __next__(self) -> Any:
-        try:
-            item = next(self._inner)
-        except StopIteration:
-            if self._items % self._per_unit:  # the last, partial unit
-                self._cursor.snapshot(self._unit() + 1, self._dataset.state_dict())
-            raise
+    def _pulled(self) -> None:
         self._items += 1
         if self._items % self._per_unit == 0:
             self._cursor.snapshot(self._unit(), self._dataset.state_dict())
-        return item
+
+    def _ended(self) -> None:
+        if self._items % self._per_unit:  # the last, partial unit
+            self._cursor.snapshot(self._unit() + 1, self._dataset.state_dict())
 
     def _unit(self) -> int:
         return self._first_unit + self._items // self._per_unit
 
 
-class _AsyncSnapshotSource(AsyncIterator[Any]):
+class _SnapshotSource(_Snapshots, Iterator[Any]):
+    """An iterable dataset's iterator, snapshotting its state after each unit.
+
+    Runs where the pipeline pulls (a thread of its pool), so the dataset's own code stays off the event loop and the
+    snapshot is taken between two ``next`` calls, never during one.
+    """
+
+    def __init__(self, inner: Iterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
+        super().__init__(dataset, per_unit, cursor, initial)
+        self._inner = inner
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._inner)
+        except StopIteration:
+            self._ended()
+            raise
+        self._pulled()
+        return item
+
+
+class _AsyncSnapshotSource(_Snapshots, AsyncIterator[Any]):
     """The same for an async iterable dataset (its code runs on the loop anyway)."""
 
     def __init__(self, inner: AsyncIterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
+        super().__init__(dataset, per_unit, cursor, initial)
         self._inner = inner
-        self._dataset = dataset
-        self._per_unit = per_unit
-        self._cursor = cursor
-        self._first_unit = cursor.taken
-        self._items = 0
-        cursor.snapshot(self._first_unit, initial)
 
     async def __anext__(self) -> Any:
         try:
             item = await anext(self._inner)
         except StopAsyncIteration:
-            if self._items % self._per_unit:
-                self._cursor.snapshot(self._first_unit + self._items // self._per_unit + 1, self._dataset.state_dict())
+            self._ended()
             raise
-        self._items += 1
-        if self._items % self._per_unit == 0:
-            self._cursor.snapshot(self._first_unit + self._items // self._per_unit, self._dataset.state_dict())
+        self._pulled()
         return item
 
     async def aclose(self) -> None:

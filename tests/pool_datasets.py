@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -183,6 +184,16 @@ class ParentPids(Dataset[Any]):
 
     def __getitem__(self, i: int) -> int:
         return os.getppid()
+
+
+class FrozenObjects(Dataset[Any]):
+    """Each sample is how many objects the worker's garbage collector never walks (gc.freeze at worker start)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        return gc.get_freeze_count()
 
 
 class Unpicklable(Dataset[Any]):

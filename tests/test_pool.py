@@ -209,6 +209,12 @@ def test_unpicklable_dataset_says_what_to_fix(driver: Driver) -> None:
     assert any("must be picklable" in note for note in info.value.__notes__)
 
 
+def test_workers_freeze_the_inherited_heap(driver: Driver) -> None:
+    # Their garbage collections must not walk (and so copy on write) the heap they share with the parent.
+    counts = torch.cat(driver.collect(aloader.DataLoader(pd.FrozenObjects(), batch_size=2, num_workers=2)))
+    assert all(count > 1000 for count in counts.tolist())
+
+
 def test_default_start_method_is_forkserver_while_another_thread_runs(driver: Driver) -> None:
     # Forking now could copy a lock held by the other thread: the workers come from the forkserver instead.
     stop = threading.Event()
