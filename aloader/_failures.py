@@ -21,7 +21,16 @@ from typing import Any, Final, Literal
 
 from aloader.errors import FailureBudgetExceeded
 
-__all__ = ["Collated", "FailureBudget", "Skipped", "check_max_failures", "logger", "named", "split_skipped"]
+__all__ = [
+    "Collated",
+    "FailureBudget",
+    "Skipped",
+    "check_max_failures",
+    "logger",
+    "named",
+    "split_skipped",
+    "transform_each",
+]
 
 logger: Final = logging.getLogger("aloader")
 logger.addHandler(logging.NullHandler())  # quiet unless the application configures logging
@@ -110,6 +119,29 @@ class Collated:
 
         pinned = self.batch if self.empty else pin_memory(self.batch)  # type: ignore[no-untyped-call]
         return Collated(pinned, self.skipped, self.seen, self.empty)
+
+
+def transform_each(
+    transform: Callable[[Any], Any],
+    samples: list[Any],
+    positions: list[Any],
+    label: str,
+    failed: Callable[[Exception, str], Any],
+) -> list[Any]:
+    """Apply ``transform`` to each sample (in a thread or a worker process), passing ``Skipped`` markers through.
+
+    ``failed(exc, where)`` decides what a failure becomes: it raises (torch's behaviour) or returns a marker.
+    """
+    out = []
+    for sample, position in zip(samples, positions, strict=True):
+        if type(sample) is Skipped:
+            out.append(sample)
+            continue
+        try:
+            out.append(transform(sample))
+        except Exception as exc:
+            out.append(failed(exc, f"in transform for {label} {position!r}{named(sample)}"))
+    return out
 
 
 def split_skipped(samples: list[Any], positions: list[Any]) -> tuple[list[Any], list[Any], list[Skipped]]:

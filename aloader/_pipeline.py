@@ -34,7 +34,7 @@ from typing import Any, Final, Literal, Protocol
 from torch.utils.data import Subset
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
-from aloader._failures import Collated, FailureBudget, Skipped, logger, named, split_skipped
+from aloader._failures import Collated, FailureBudget, Skipped, logger, named, split_skipped, transform_each
 from aloader._pool import IterStop, Op, WorkerPool, describe_indices
 from aloader._stats import Recorder, TimedSemaphore
 from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
@@ -764,15 +764,9 @@ class Pipeline:
         transform = plan.transform
         if transform is not None and not transformed:
             started = time.perf_counter()
-            out = []
-            for sample, position in zip(samples, positions, strict=True):
-                if type(sample) is Skipped:
-                    out.append(sample)
-                    continue
-                try:
-                    out.append(transform(sample))
-                except Exception as exc:
-                    out.append(self._failed("transform", exc, f"in transform for {label} {position!r}{named(sample)}"))
+            out = transform_each(
+                transform, samples, positions, label, lambda exc, where: self._failed("transform", exc, where)
+            )
             self.stats.add("transform", len(samples), time.perf_counter() - started)
             samples = out
         skipped: list[Skipped] = []

@@ -55,7 +55,7 @@ import torch
 import torch.multiprocessing  # registers torch's shared-memory reductions with ForkingPickler
 import torch.utils.data._utils.worker as torch_worker
 
-from aloader._failures import Collated, Skipped, named, split_skipped
+from aloader._failures import Collated, Skipped, split_skipped, transform_each
 from aloader._threads import _deliver
 from aloader.errors import WorkerDiedError, with_context
 
@@ -330,16 +330,9 @@ class _Worker:
     def collate(self, positions: list[Any], samples: list[Any], label: str) -> Any:
         setup = self.setup
         if setup.transform is not None:
-            out = []
-            for sample, position in zip(samples, positions, strict=True):
-                if type(sample) is Skipped:
-                    out.append(sample)
-                    continue
-                try:
-                    out.append(setup.transform(sample))
-                except Exception as exc:
-                    out.append(self.failed(exc, f"in transform for {label} {position!r}{named(sample)}", "transform"))
-            samples = out
+            samples = transform_each(
+                setup.transform, samples, positions, label, lambda exc, where: self.failed(exc, where, "transform")
+            )
         skipped: list[Skipped] = []
         seen = len(samples)
         if setup.skip_failures:
