@@ -100,6 +100,19 @@ def driver(request: pytest.FixtureRequest) -> Driver:
     return Driver(request.param)
 
 
+def torch_outcomes(reference: Any, error: type[Exception]) -> list[tuple[str, Any]]:
+    """torch's ("ok", batch as a list) or ("err", error type) per step, going on after ``error`` as torch does."""
+    iterator = iter(reference)
+    out: list[tuple[str, Any]] = []
+    while True:
+        try:
+            out.append(("ok", next(iterator).tolist()))
+        except StopIteration:
+            return out
+        except error:
+            out.append(("err", error))
+
+
 def _warm_up_uvloop() -> None:
     # uvloop keeps one process-wide pipe from its first loop on (libuv's global state): open it before any test
     # counts descriptors, so that only what a test itself leaves open is reported.

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 import aloader
-from tests.conftest import Driver
+from tests.conftest import Driver, torch_outcomes
 from tests.datasets import FailingAt
 
 
@@ -38,15 +38,7 @@ def test_sample_error_keeps_type_names_index_chains_cause(driver: Driver, exc_ty
 
 def test_outcomes_match_torch_around_an_error(driver: Driver) -> None:
     """torch's iterator raises at the failing batch and goes on with the next one; so does aloader's."""
-    reference = iter(torch.utils.data.DataLoader(FailingAt(10, 5, ValueError("x")), batch_size=3))
-    expected = []
-    while True:
-        try:
-            expected.append(("ok", next(reference).tolist()))
-        except StopIteration:
-            break
-        except ValueError:
-            expected.append(("err", ValueError))
+    expected = torch_outcomes(torch.utils.data.DataLoader(FailingAt(10, 5, ValueError("x")), batch_size=3), ValueError)
     got = [
         (kind, value.tolist() if kind == "ok" else type(value))
         for kind, value in driver.outcomes(aloader.DataLoader(FailingAt(10, 5, ValueError("x")), batch_size=3))

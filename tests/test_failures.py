@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader as TorchDataLoader
 
 import aloader
 from aloader.errors import AloaderError
-from tests.conftest import Driver
+from tests.conftest import Driver, torch_outcomes
 from tests.reliability_datasets import (
     AsyncBadItems,
     AsyncBadSamples,
@@ -148,15 +148,7 @@ def test_zero_budget_raises_at_the_first_failure(driver: Driver) -> None:
 
 def test_without_a_budget_errors_are_torchs(driver: Driver) -> None:
     """max_failures=None (the default): the failing batch raises the sample's error and iteration goes on."""
-    expected: list[tuple[str, Any]] = []
-    reference = iter(TorchDataLoader(BadSamples(12), batch_size=4))
-    while True:
-        try:
-            expected.append(("ok", next(reference).tolist()))
-        except StopIteration:
-            break
-        except ValueError:
-            expected.append(("err", ValueError))
+    expected = torch_outcomes(TorchDataLoader(BadSamples(12), batch_size=4), ValueError)
     got = driver.outcomes(loader_for(BadSamples(12)))
     assert [(kind, value.tolist() if kind == "ok" else type(value)) for kind, value in got] == expected
 

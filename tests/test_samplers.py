@@ -20,19 +20,9 @@ import aloader
 import aloader.samplers
 from aloader.samplers import DistributedSampler
 from tests.conftest import Driver
+from tests.reliability_datasets import Numbers
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Numbers(torch.utils.data.Dataset[Any]):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        return torch.tensor(i)
 
 
 sizes = st.integers(min_value=1, max_value=60)
