@@ -17,14 +17,20 @@ from typing import Any
 __all__ = ["LoopChannel", "ThreadChannel", "new_event_loop", "start_loop_thread"]
 
 
+# Imported with aloader (a few ms beside torch's seconds), not at the first iter(), where it would delay the first
+# batch: it measured up to ~115 ms there on a loaded machine.
+_new_loop: Callable[[], asyncio.AbstractEventLoop]
+try:
+    import uvloop
+
+    _new_loop = uvloop.new_event_loop
+except ImportError:  # uvloop is optional (not available on Windows)
+    _new_loop = asyncio.new_event_loop
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """A new event loop for the bridge: uvloop's when it is installed, asyncio's otherwise."""
-    try:
-        import uvloop
-    except ImportError:  # uvloop is optional (not available on Windows)
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
+    return _new_loop()
 
 
 class ThreadChannel:
@@ -82,6 +88,12 @@ class ThreadChannel:
         while is_owned is not None and is_owned():
             self._lock.release()
 
+    def resize(self, capacity: int) -> None:
+        """Loop side: hold up to ``capacity`` items from now on (items already held above it stay)."""
+        with self._cond:
+            self._capacity = max(1, capacity)
+        self._room.set()  # a waiting put() checks again
+
     def put_final(self, item: object) -> None:
         """Loop side: append ``item`` even if the channel is full (the pipeline's last words)."""
         with self._cond:
@@ -116,6 +128,10 @@ class LoopChannel:
             self._room.clear()
             await self._room.wait()
         self.put_final(item)
+
+    def resize(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self._room.set()  # a waiting put() checks again
 
     def put_final(self, item: object) -> None:
         self._items.append(item)

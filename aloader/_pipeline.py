@@ -27,8 +27,8 @@ import math
 import threading
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from torch.utils.data import Subset
@@ -40,12 +40,17 @@ from aloader._stats import Recorder, TimedSemaphore
 from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
 from aloader.errors import with_context
 
-__all__ = ["END", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink", "pool_kind"]
+__all__ = ["END", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink", "Speed", "pool_kind"]
 
 DatasetKind = Literal["map", "iterable", "async-iterable"]
 
 # A run of fast samples is fetched in one thread call of about this many seconds; slow samples get a call each.
 _CHUNK_SECONDS: Final = 0.002
+# The fast lane (Pipeline._lane_units): consecutive batches that each take less than _CHUNK_SECONDS are made in one
+# thread call of about _LANE_SECONDS, at most _LANE_UNITS of them, until units average _LANE_EXIT_SECONDS.
+_LANE_SECONDS: Final = 0.006
+_LANE_UNITS: Final = 16
+_LANE_EXIT_SECONDS: Final = 0.008
 
 
 class _End:
@@ -82,7 +87,24 @@ class Sink(Protocol):
     @property
     def capacity(self) -> int: ...
 
+    def resize(self, capacity: int) -> None:
+        """Hold up to ``capacity`` items from now on (items already held above it stay)."""
+
     def __len__(self) -> int: ...
+
+
+class Speed:
+    """How fast a loader's sync samples and units have been: moving averages of seconds per call, in threads.
+
+    The loader keeps one across its epochs, so an epoch starts with what the last one learnt (whole-batch calls,
+    the fast lane) instead of learning it again from a call per sample.
+    """
+
+    __slots__ = ("per_sample", "per_unit")
+
+    def __init__(self) -> None:
+        self.per_sample: float | None = None
+        self.per_unit: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +136,7 @@ class Plan:
     # max_failures: failing samples are skipped (see _failures) up to this count or share; None: torch's behaviour.
     max_failures: int | float | None = None
     progress: bool = False
+    speed: Speed = field(default_factory=Speed)
 
 
 class _MapAccess:
@@ -191,7 +214,25 @@ class Pipeline:
         self._source_done = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._access = _MapAccess(plan.dataset) if plan.kind == "map" else None
-        self._seconds_per_sample: float | None = None  # moving average of sync fetch time
+        self._speed = plan.speed
+        # The fast lane (see _lane_units): whether this pipeline may use it at all (a sync map-style dataset in
+        # this process).
+        self._lane_ok = (
+            self._access is not None
+            and plan.workers is None
+            and not self._access.getitem_is_async
+            and not self._access.getitems_is_async
+            and not inspect.iscoroutinefunction(plan.transform)
+        )
+        self._lane_width = 0  # units the window and the sink were widened for
+        self._window_debt = 0  # window slots to take back (the lane went out of use), see _widen
+        self._depth: int | None = None  # the sink's own capacity
+        self._timing = 0  # whole units being made in threads right now (see _timed_unit)
+        self._timing_lock = threading.Lock()
+        # The lane's own thread: its calls run one after another, so the next call's units are queued while the
+        # current one runs, and lane calls never contend with each other for the GIL.
+        self._lane_thread = ThreadPool(1, name="aloader-lane")
+        self._sink: Sink | None = None
         self._workers = plan.workers
         self._items_sent = 0  # "items" tasks so far: they go round-robin over the workers
         self._active: list[bool] = []  # iterable dataset in workers: whose copy is not exhausted yet
@@ -222,6 +263,7 @@ class Pipeline:
     async def run(self, sink: Sink) -> None:
         """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
         dispatcher: asyncio.Task[None] | None = None
+        self._sink, self._depth = sink, sink.capacity
         self.stats.start(sink.capacity)
         try:
             workers = self._workers
@@ -263,8 +305,12 @@ class Pipeline:
                     if self._workers is not None and self.plan.owns_workers:
                         await finish_through_cancellation(self._close_workers(self._workers))
                 finally:
-                    await finish_through_cancellation(self._pool.close())
-                    self._pool.join()
+                    try:
+                        await finish_through_cancellation(self._lane_thread.close())
+                    finally:
+                        await finish_through_cancellation(self._pool.close())
+                        self._pool.join()
+                        self._lane_thread.join()
 
     @staticmethod
     def _close_workers(workers: WorkerPool) -> asyncio.Future[None]:
@@ -317,13 +363,13 @@ class Pipeline:
                 return
             self.stats.handed_off(isinstance(item, Failed), ready - waited, time.perf_counter() - ready, len(sink))
             if not self.paced_by_consumer:
-                self._window.release()
+                self._release_window()
 
     def taken(self) -> None:
         """The consumer took a batch (or an error) from the sink; called on the pipeline's loop."""
         self._taken += 1
         if self.paced_by_consumer:
-            self._window.release()
+            self._release_window()
 
     def _complete(self, seq: int, outcome: object) -> None:
         if self.plan.in_order:
@@ -340,7 +386,7 @@ class Pipeline:
         if self._budget is not None:  # in hand-off order: the budget runs out at the same batch in every run
             outcome = self._budget.settle(outcome, _SKIP, Failed)
         if outcome is _SKIP:
-            self._window.release()  # no batch to hand to the sink: the slot is free now
+            self._release_window()  # no batch to hand to the sink: the slot is free now
         else:
             self._done.put_nowait(outcome)
 
@@ -349,7 +395,10 @@ class Pipeline:
             self._done.put_nowait(END)
 
     def _start(self, seq: int, work: Callable[[], Awaitable[Any]]) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle(seq, work))
+        self._spawn(self._settle(seq, work))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -378,7 +427,7 @@ class Pipeline:
                     try:
                         unit = await next_unit()
                     except StopAsyncIteration:
-                        self._window.release()
+                        self._release_window()
                         break
                     except Exception as exc:
                         # The sampler failed: raise where its batch would have been, then end the epoch.
@@ -388,6 +437,19 @@ class Pipeline:
                     self.stats.add("sampler", len(unit) if self.plan.auto_collation else 1, time.perf_counter() - drawn)
                     self._outstanding += 1
                     workers = self._workers
+                    lane = self._lane_units()
+                    if lane > 1:
+                        units, stop = await self._draw_more(next_unit, lane - 1)
+                        units.insert(0, unit)
+                        self._outstanding += len(units) - 1
+                        self._spawn(self._lane(seq, units))
+                        seq += len(units)
+                        if stop is None:
+                            continue
+                        if isinstance(stop, Exception):
+                            self._outstanding += 1
+                            self._complete(seq, Failed(with_context(stop, "in the sampler")))
+                        break
                     if workers is not None and workers.setup.kind == "map":
                         submitted = time.perf_counter()
                         future = self._submit_map(unit)
@@ -472,7 +534,7 @@ class Pipeline:
                 position += 1
                 continue
             if not items or (plan.auto_collation and plan.drop_last and len(items) < wanted):
-                self._window.release()
+                self._release_window()
                 return
             self._outstanding += 1
             positions = list(range(first, first + len(items)))
@@ -492,7 +554,7 @@ class Pipeline:
         while True:
             await self._window.acquire()
             if not any(self._active):
-                self._window.release()
+                self._release_window()
                 return
             while not self._active[worker_id]:
                 worker_id = (worker_id + 1) % n
@@ -654,6 +716,140 @@ class Pipeline:
             self.stats.add("fetch", 1, time.perf_counter() - started)
             return sample
 
+    # --------------------------------------------------------------------------------------------- fast lane
+    def _lane_units(self) -> int:
+        """How many consecutive units to make in one thread call: more than one once units are known to be fast.
+
+        A fast unit (a batch of in-memory samples: well under a millisecond of ``__getitem__`` and collate) costs
+        less than the hand-offs around it: the dispatcher's task, the thread call and its return to the loop. The
+        lane makes ``k`` of them per call, so those costs are paid once per ``k`` batches, and widens the window
+        and the sink to ``2k`` and ``k`` units (two calls in flight, one call's batches waiting), a few milliseconds
+        of work. Units that turn slow (waiting on I/O after all) take the lane out of use again.
+        """
+        per_unit = self._speed.per_unit
+        if not self._lane_ok or per_unit is None:
+            return 1
+        # Hysteresis: in at under _CHUNK_SECONDS a unit, out at over _LANE_EXIT_SECONDS, so that one unit slowed
+        # by a pause (a garbage collection, another process) does not take the lane out of use.
+        if per_unit >= (_LANE_EXIT_SECONDS if self._lane_width else _CHUNK_SECONDS):
+            self._widen(0)
+            return 1
+        units = max(1, min(_LANE_UNITS, int(_LANE_SECONDS / max(per_unit, 1e-9))))
+        if units > self._lane_width:
+            self._widen(units)
+        return units
+
+    def _widen(self, units: int) -> None:
+        """Size the window and the sink for lane calls of ``units`` (0: no lane, the plan's own sizes)."""
+        before = max(self.plan.window, 2 * self._lane_width)
+        after = max(self.plan.window, 2 * units)
+        for _ in range(after - before):
+            self._window.release()
+        self._window_debt += max(0, before - after)  # slots given back as batches are handed off
+        if self._sink is not None and self._depth is not None:
+            self._sink.resize(max(self._depth, units))
+        self._lane_width = units
+
+    def _release_window(self) -> None:
+        if self._window_debt:
+            self._window_debt -= 1
+        else:
+            self._window.release()
+
+    async def _draw_more(
+        self, next_unit: Callable[[], Awaitable[Any]], wanted: int
+    ) -> tuple[list[Any], BaseException | Literal["end"] | None]:
+        """``wanted`` more units (fewer at the end): (units, None | "end" | the sampler's error).
+
+        It waits for room in the window for each: a lane call of fewer units would pay the same hand-offs for less
+        work, and the window (``2k``) always has a full call's worth of room once the previous call is handed off.
+        """
+        units: list[Any] = []
+        while len(units) < wanted:
+            await self._window.acquire()
+            drawn = time.perf_counter()
+            try:
+                unit = await next_unit()
+            except StopAsyncIteration:
+                self._release_window()
+                return units, "end"
+            except Exception as exc:
+                return units, exc
+            self.stats.add("sampler", len(unit) if self.plan.auto_collation else 1, time.perf_counter() - drawn)
+            units.append(unit)
+        return units, None
+
+    async def _lane(self, first: int, units: list[Any]) -> None:
+        """Make ``units`` (sequence numbers from ``first``) in one thread call, and complete them in order."""
+        try:
+            async with self._slots:
+                outcomes = await self._lane_thread.run(lambda: self._lane_run(units))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the thread call itself failed (not a sample: those are outcomes)
+            outcomes = [Failed(exc)] * len(units)
+        for seq, unit in enumerate(units, first):
+            if seq - first >= len(outcomes):
+                # The lane stopped at a slow unit: the rest are fetched as usual, concurrently.
+                self._start(seq, functools.partial(self._map_unit, unit))
+                continue
+            outcome = outcomes[seq - first]
+            if type(outcome) is _Unfinished:  # a sync __getitem__ returned awaitables: finish on the loop
+                indices = list(unit) if self.plan.auto_collation else [unit]
+                try:
+                    samples = await self._resolve_awaitables(outcome.samples, indices)
+                    outcome = await self._finish(indices, samples, "sample index")
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    outcome = Failed(exc)
+            self._complete(seq, outcome)
+
+    def _lane_run(self, units: list[Any]) -> list[Any]:
+        """Thread side of the lane: each unit fetched, transformed, collated and pinned, or its failure."""
+        access = self._access
+        assert access is not None
+        outcomes: list[Any] = []
+        for unit in units:
+            indices = list(unit) if self.plan.auto_collation else [unit]
+            started = time.perf_counter()
+            try:
+                if self.plan.auto_collation and access.getitems is not None:
+                    outcomes.append(self._getitems_sync(indices))
+                else:
+                    fetched, batch = self._fetch_run(indices, finish=True)
+                    outcomes.append(_Unfinished(fetched) if batch is _UNFINISHED else batch)
+            except BaseException as exc:  # the consumer raises it at this batch, as for a batch task
+                outcomes.append(Failed(exc))
+            seconds = time.perf_counter() - started
+            self._time_unit(seconds)
+            if seconds >= _LANE_EXIT_SECONDS:
+                break  # slow after all (I/O, a cache miss): the rest of the units go back to concurrent fetching
+        return outcomes
+
+    def _getitems_sync(self, indices: list[Any]) -> Any:
+        """Thread side: a batch through the dataset's sync ``__getitems__``, as ``_fetch_getitems`` does it."""
+        access = self._access
+        assert access is not None
+        assert access.getitems is not None
+        started = time.perf_counter()
+        try:
+            samples = access.getitems([access.key(index) for index in indices])
+        except Exception as exc:
+            if not self._skipping:
+                self.stats.failure("fetch")
+                where = f"fetching the batch of sample indices {_describe_indices(indices)} with __getitems__"
+                raise with_context(exc, where)
+            fetched, batch = self._fetch_run(indices, finish=True)  # only the samples that fail are skipped
+            return _Unfinished(fetched) if batch is _UNFINISHED else batch
+        self.stats.add("fetch", len(indices), time.perf_counter() - started)
+        return self._finish_sync(indices, list(samples), "sample index")
+
+    def _time_unit(self, seconds: float) -> None:
+        # A benign race, as for Speed.per_sample.
+        previous = self._speed.per_unit
+        self._speed.per_unit = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
     async def _fetch_sync(self, indices: list[Any]) -> Any:
         """Fetch with sync ``__getitem__`` in threads, in runs sized so each call takes about 2 ms.
 
@@ -662,14 +858,14 @@ class Pipeline:
         follows a moving average of the time per sample. User code never runs on the event loop itself: a sample
         that is usually fast can still block (a cache miss), and the loop must keep the other fetches going.
         """
-        per_sample = self._seconds_per_sample
+        per_sample = self._speed.per_sample
         # Unknown speed (the first batches): a call per sample, so slow samples are fetched concurrently from the
         # start. Fast datasets pay this once: a few short-lived calls, then whole-batch runs.
         run = 1 if per_sample is None else max(1, min(len(indices), int(_CHUNK_SECONDS / max(per_sample, 1e-9))))
         if run >= len(indices) and not inspect.iscoroutinefunction(self.plan.transform):
             # The common fast case: one call does the whole batch, fetch to pinned batch.
             async with self._slots:
-                fetched, batch = await self._pool.run(lambda: self._fetch_run(indices, finish=True))
+                fetched, batch = await self._pool.run(lambda: self._timed_unit(indices))
             if batch is not _UNFINISHED:
                 return batch
             return await self._finish(indices, await self._resolve_awaitables(fetched, indices), "sample index")
@@ -677,6 +873,23 @@ class Pipeline:
         parts = await self._gather_ordered([self._fetch_sync_run(part) for part in runs])
         samples = [sample for part in parts for sample in part]
         return await self._finish(indices, await self._resolve_awaitables(samples, indices), "sample index")
+
+    def _timed_unit(self, indices: list[Any]) -> tuple[list[Any], Any]:
+        """Thread side: a whole unit in one call, timed for the lane. Units made at the same time in other threads
+        share the GIL with this one: the time is divided by how many ran, or a fast dataset fetched two units at a
+        time would look twice as slow as it is."""
+        with self._timing_lock:
+            self._timing += 1
+            sharing = self._timing
+        started = time.perf_counter()
+        try:
+            return self._fetch_run(indices, finish=True)
+        finally:
+            seconds = time.perf_counter() - started
+            with self._timing_lock:
+                sharing = max(sharing, self._timing)
+                self._timing -= 1
+            self._time_unit(seconds / sharing)
 
     async def _fetch_sync_run(self, indices: list[Any]) -> list[Any]:
         async with self._slots:
@@ -699,8 +912,8 @@ class Pipeline:
         self.stats.add("fetch", len(indices), time.perf_counter() - started)
         elapsed = (time.perf_counter() - started) / len(indices)
         # A benign race: runs in threads update the average without a lock; any recent value is good enough.
-        previous = self._seconds_per_sample
-        self._seconds_per_sample = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
+        previous = self._speed.per_sample
+        self._speed.per_sample = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
         if finish and not _any_awaitable(samples):
             return samples, self._finish_sync(indices, samples, "sample index")
         return samples, _UNFINISHED
@@ -799,6 +1012,16 @@ class Pipeline:
 
 _UNFINISHED: Final = object()
 
+
+class _Unfinished:
+    """A lane unit whose samples are awaitables: fetched in the thread, finished on the loop."""
+
+    __slots__ = ("samples",)
+
+    def __init__(self, samples: list[Any]) -> None:
+        self.samples = samples
+
+
 _pin_memory: Callable[[Any, str], Any] = _torch_pin_memory  # torch's helper (untyped), as its iterator calls it
 
 
@@ -809,6 +1032,8 @@ _plain_types: set[type] = set()
 
 def _any_awaitable(samples: list[Any]) -> bool:
     """Whether a sync fetch returned awaitables (e.g. a ConcatDataset over async datasets); cheap per sample."""
+    if _plain_types.issuperset(map(type, samples)):  # the usual case, checked in C
+        return False
     for sample in samples:
         kind = type(sample)
         if kind in _plain_types:

@@ -22,7 +22,7 @@ from torch.utils.data.dataloader import _DatasetKind
 
 from aloader._failures import check_max_failures
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
-from aloader._pipeline import DatasetKind, Pipeline, Plan, pool_kind, window_for
+from aloader._pipeline import DatasetKind, Pipeline, Plan, Speed, pool_kind, window_for
 from aloader._pool import WorkerPool, WorkerSetup
 from aloader._state import LoaderState
 from aloader._stats import Recorder
@@ -157,6 +157,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._persistent_pool: WorkerPool | None = None  # persistent_workers: the pool that outlives epochs
         self._pool_finalizer: weakref.finalize[Any, Any] | None = None
         self._resume = LoaderState()
+        self._speed = Speed()  # how fast sync fetches have been, carried across epochs (see Pipeline._lane_units)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -331,6 +332,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             owns_workers=owns_workers,
             max_failures=self.max_failures,
             progress=self.progress,
+            speed=self._speed,
         )
 
     def _pin_memory_device(self) -> str | None:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 import aloader
+from aloader import _pipeline
 from tests.conftest import Driver
 from tests.datasets import Rendezvous
 
@@ -97,31 +98,10 @@ def test_concurrency_is_an_upper_bound(driver: Driver) -> None:
     assert 1 <= dataset.max_inside <= 7
 
 
-def test_prefetch_is_bounded_while_the_consumer_waits(driver: Driver) -> None:
-    """With the consumer holding one batch, the pipeline prefetches exactly up to its bound and no further.
-
-    The bound is the reorder window (concurrency / batch_size + 1 batches), the prefetch depth (2 batches) and the
-    batch the consumer holds. The test waits until the last sample within the bound has been fetched (so the
-    bound is tight), then closes the iterator and checks that nothing beyond it was fetched.
-    """
-    concurrency, batch_size = 8, 4
-    bound = (concurrency // batch_size + 1 + 2 + 1) * batch_size
-    fetched: list[int] = []
-    lock = threading.Lock()
+def _hold_one_batch_and_check_bound(driver: Driver, loader: aloader.DataLoader, bound: int, fetched: list[int]) -> None:
+    """Take one batch, wait until sample ``bound - 1`` was fetched, stop: exactly samples ``0..bound-1`` were."""
     reached = threading.Event()
-
-    class Counted(Dataset[Any]):
-        def __len__(self) -> int:
-            return 10_000
-
-        def __getitem__(self, i: int) -> int:
-            with lock:
-                fetched.append(i)
-            if i == bound - 1:
-                reached.set()
-            return i
-
-    loader = aloader.DataLoader(Counted(), batch_size=batch_size, concurrency=concurrency)
+    loader.dataset.on_fetch = lambda i: reached.set() if i == bound - 1 else None  # type: ignore[attr-defined]
     if driver.is_async:
 
         async def consume() -> None:
@@ -137,6 +117,55 @@ def test_prefetch_is_bounded_while_the_consumer_waits(driver: Driver) -> None:
         assert reached.wait(timeout=60), "the pipeline stopped prefetching below its bound"
         it.close()
     assert sorted(fetched) == list(range(bound)), f"fetched {len(fetched)} samples, bound {bound}"
+
+
+class _Counted(Dataset[Any]):
+    def __init__(self) -> None:
+        self.fetched: list[int] = []
+        self.lock = threading.Lock()
+        self.on_fetch: Any = None
+
+    def __len__(self) -> int:
+        return 10_000
+
+    def __getitem__(self, i: int) -> int:
+        with self.lock:
+            self.fetched.append(i)
+        self.on_fetch(i)
+        return i
+
+
+class _AsyncCounted(_Counted):
+    async def __getitem__(self, i: int) -> int:  # type: ignore[override]
+        return super().__getitem__(i)
+
+
+def test_prefetch_is_bounded_while_the_consumer_waits(driver: Driver) -> None:
+    """With the consumer holding one batch, the pipeline prefetches exactly up to its bound and no further.
+
+    The bound is the reorder window (concurrency / batch_size + 1 batches), the prefetch depth (2 batches) and the
+    batch the consumer holds. The test waits until the last sample within the bound has been fetched (so the
+    bound is tight), then closes the iterator and checks that nothing beyond it was fetched. (An async dataset:
+    fast sync ones take the fast lane, whose bound is the next test's.)
+    """
+    concurrency, batch_size = 8, 4
+    dataset = _AsyncCounted()
+    loader = aloader.DataLoader(dataset, batch_size=batch_size, concurrency=concurrency)
+    _hold_one_batch_and_check_bound(
+        driver, loader, (concurrency // batch_size + 1 + 2 + 1) * batch_size, dataset.fetched
+    )
+
+
+def test_fast_lane_prefetch_is_bounded(driver: Driver) -> None:
+    """Fast sync batches are made k at a time (the fast lane) with the window widened to 2k and the prefetch depth
+    to k batches: still a fixed bound. With the lane's widest k (units known to be very fast), the pipeline stops
+    at 3k batches: two calls of k in flight, k in the prefetch queue, one of them taken by the consumer, and the
+    dispatcher waiting for room for a whole call."""
+    batch_size, k = 4, _pipeline._LANE_UNITS
+    dataset = _Counted()
+    loader = aloader.DataLoader(dataset, batch_size=batch_size)
+    loader._speed.per_unit = 1e-6  # as learnt in an earlier epoch: the lane from the first batch, k at its widest
+    _hold_one_batch_and_check_bound(driver, loader, 3 * k * batch_size, dataset.fetched)
 
 
 def test_in_order_false_yields_batches_as_they_complete(driver: Driver) -> None:
