@@ -1,0 +1,187 @@
+"""The fast lane: batches of a fast sync dataset made k at a time in one thread call (``Pipeline._lane_units``).
+
+Each test sets the loader's remembered speed (``loader._speed``) as an earlier epoch would have left it, so the lane
+is in use from the first batch with k at its widest (16 units a call) and the outcome does not depend on timing.
+What must hold is what holds without the lane: torch's batches, order and errors, failures per batch, and
+concurrency back as soon as samples turn slow.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
+
+import aloader
+from aloader import _pipeline
+from tests.conftest import Driver, torch_outcomes
+from tests.datasets import Rendezvous
+
+
+def _in_lane(loader: aloader.DataLoader) -> aloader.DataLoader:
+    loader._speed.per_unit = 1e-6  # as learnt in an earlier epoch: the lane from the first batch, k = 16
+    return loader
+
+
+class _LaneCalls:
+    """Counts the lane's thread calls and the units each made (wrapping the pipeline's thread side)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.units: list[int] = []
+        original = _pipeline.Pipeline._lane_run
+
+        def counted(pipeline: _pipeline.Pipeline, units: list[Any]) -> list[Any]:
+            outcomes = original(pipeline, units)
+            self.units.append(len(outcomes))
+            return outcomes
+
+        monkeypatch.setattr(_pipeline.Pipeline, "_lane_run", counted)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 8, "shuffle": True},
+        {"batch_size": 7, "shuffle": True, "drop_last": True},
+        {"batch_size": None},
+        {"batch_size": 5, "in_order": False},
+    ],
+    ids=["shuffle", "drop_last", "no-batching", "in_order-false"],
+)
+def test_lane_gives_torchs_batches(driver: Driver, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _LaneCalls(monkeypatch)
+    dataset = TensorDataset(torch.arange(1000).reshape(500, 2), torch.arange(500))
+    in_order = kwargs.pop("in_order", True)
+    reference = torch.utils.data.DataLoader(dataset, generator=torch.Generator().manual_seed(3), **kwargs)
+    ours = _in_lane(
+        aloader.DataLoader(dataset, generator=torch.Generator().manual_seed(3), in_order=in_order, **kwargs)
+    )
+    expected = [[t.tolist() for t in batch] for batch in reference]
+    got = [[t.tolist() for t in batch] for batch in driver.collect(ours)]
+    if in_order:
+        assert got == expected
+    else:
+        assert sorted(got) == sorted(expected)
+    assert max(calls.units) > 1, "the lane made several units per call"
+
+
+class _FailsAt(Dataset[int]):
+    def __init__(self, n: int, bad: set[int]) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i in self.bad:
+            raise KeyError(i)
+        return i
+
+
+def test_a_failure_inside_a_lane_call_fails_only_its_batch(driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches 2 and 9 of one call fail: the consumer gets torch's sequence, the other batches of the call intact."""
+    calls = _LaneCalls(monkeypatch)
+    dataset = _FailsAt(200, {9, 37})
+    expected = torch_outcomes(torch.utils.data.DataLoader(dataset, batch_size=4), KeyError)
+    outcomes = driver.outcomes(_in_lane(aloader.DataLoader(dataset, batch_size=4)))
+    got = [("ok", value.tolist()) if kind == "ok" else ("err", type(value)) for kind, value in outcomes]
+    assert got == expected
+    errors = [value for kind, value in outcomes if kind == "err"]
+    assert "sample index 9" in str(errors[0])
+    assert isinstance(errors[0].__cause__, KeyError)
+    assert max(calls.units) > 1
+
+
+def test_lane_skips_under_a_failure_budget(driver: Driver) -> None:
+    dataset = _FailsAt(100, {3, 50})
+    batches = driver.collect(_in_lane(aloader.DataLoader(dataset, batch_size=10, max_failures=2)))
+    assert [int(x) for batch in batches for x in batch] == [i for i in range(100) if i not in (3, 50)]
+
+
+class _WithGetitems(Dataset[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i * 10
+
+    def __getitems__(self, indices: list[int]) -> list[int]:
+        self.calls += 1
+        return [i * 10 for i in indices]
+
+
+def test_lane_uses_getitems_once_per_batch(driver: Driver) -> None:
+    dataset = _WithGetitems(96)
+    reference = [b.tolist() for b in torch.utils.data.DataLoader(dataset, batch_size=8)]
+    dataset.calls = 0
+    got = [b.tolist() for b in driver.collect(_in_lane(aloader.DataLoader(dataset, batch_size=8)))]
+    assert got == reference
+    assert dataset.calls == 12
+
+
+class _AsyncSquares:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, i: int) -> int:
+        return i * i
+
+
+def test_lane_awaits_samples_a_sync_getitem_returns(driver: Driver) -> None:
+    """``ConcatDataset`` over async datasets: its sync ``__getitem__`` returns coroutines, finished on the loop."""
+    dataset = ConcatDataset([_AsyncSquares(30), _AsyncSquares(30)])  # type: ignore[list-item]
+    got = [int(x) for b in driver.collect(_in_lane(aloader.DataLoader(dataset, batch_size=4))) for x in b]
+    assert got == [i * i for i in range(30)] * 2
+
+
+class _TurnsSlow(Dataset[int]):
+    """Fast in-memory samples, then slow ones (a simulated storage wait); after the first slow batch, each slow
+    sample also waits until ``parties`` of them are in flight at once."""
+
+    def __init__(self, fast: int, slow: int, parties: int, batch_size: int) -> None:
+        self.fast, self.slow, self.batch_size = fast, slow, batch_size
+        self.rendezvous = Rendezvous(parties)
+
+    def __len__(self) -> int:
+        return self.fast + self.slow
+
+    def __getitem__(self, i: int) -> int:
+        if i >= self.fast:
+            time.sleep(0.01)  # the storage wait that makes the unit slow (a workload, not synchronisation)
+            if i >= self.fast + self.batch_size:
+                self.rendezvous.arrive_and_wait()
+        return i
+
+
+def test_slow_samples_take_the_lane_out_of_use(driver: Driver) -> None:
+    """Samples that turn slow end the lane: the first slow batch ends its lane call, and the samples after it are
+    fetched concurrently again (the rendezvous needs 8 of them in flight at once, which a lane call, one sample
+    after the other, could never reach)."""
+    dataset = _TurnsSlow(fast=64, slow=36, parties=8, batch_size=4)
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=4, concurrency=16))
+    got = [int(x) for b in driver.collect(loader) for x in b]
+    assert got == list(range(100))
+    assert dataset.rendezvous.max_inside >= 8
+    assert loader._speed.per_unit is not None
+    assert loader._speed.per_unit >= _pipeline._CHUNK_SECONDS
+
+
+def test_lane_break_and_close_leave_no_thread(driver: Driver) -> None:
+    """``break`` in the middle of lane calls: the lane's thread is gone when the iterator is (autouse leak check)."""
+    dataset = TensorDataset(torch.arange(4000))
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=2))
+    assert len(driver.collect(loader, limit=5)) == 5
+    before = {t for t in threading.enumerate() if t.name.startswith("aloader-lane")}
+    assert len(driver.collect(loader)) == 2000
+    assert {t for t in threading.enumerate() if t.name.startswith("aloader-lane")} <= before
