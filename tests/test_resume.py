@@ -471,6 +471,41 @@ def test_tar_shard_dataset_resumes_by_its_own_state(driver: Driver, shards: str)
     assert len(first) == 21 and sorted(first) == sorted(second) and first != second
 
 
+@pytest.fixture
+def unequal_shards(object_server: Any) -> Any:
+    from tests.servers import make_shard
+
+    object_server.objects = {f"unequal/s-{s}.tar": make_shard(s, size) for s, size in enumerate([2, 9, 4])}
+    yield f"{object_server.base_url}/unequal/s-{{0..2}}.tar"
+    object_server.objects = {}
+
+
+def test_tar_shards_with_samples_per_epoch_resume(driver: Driver, unequal_shards: str) -> None:
+    # 22 samples from shards holding 15: the reader reads its shards again, reshuffled; the state is the same
+    # position count, so a resume lands in the second pass as well as in the first.
+    def make(**kw: Any) -> aloader.DataLoader:
+        def decode(sample: dict[str, Any]) -> str:
+            return str(sample["txt"].decode())
+
+        dataset = TarShardDataset(
+            unequal_shards,
+            samples_per_epoch=22,
+            shuffle=True,
+            seed=4,
+            shuffle_buffer=3,
+            shard_concurrency=2,
+            decode=decode,
+        )
+        return aloader.DataLoader(dataset, batch_size=4, **kw)
+
+    def before_epoch(loader: aloader.DataLoader, epoch: int) -> None:
+        loader.dataset.set_epoch(epoch)
+
+    reference = check_resume(driver, make, before_epoch=before_epoch, stride=2)
+    first, second = ([s for batch in epoch for s in batch] for epoch in reference)
+    assert len(first) == len(second) == 22 and len(set(first)) == 15 and first != second
+
+
 def test_tar_shard_state_refuses_another_split(shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
     dataset = TarShardDataset(shards, split_by_rank=True)
     dataset.load_state_dict({"epoch": 0, "seed": 0, "position": 3, "reader": 1, "readers": 2})

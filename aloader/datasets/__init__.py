@@ -11,7 +11,8 @@ See docs/datasets.md.
 from __future__ import annotations
 
 from aloader.datasets._objects import ObjectDataset
-from aloader.datasets._shards import TarShardDataset, rank_and_world_size
+from aloader.datasets._shards import TarShardDataset
+from aloader.datasets._split import rank_and_world_size
 from aloader.datasets._tar import expand_braces, split_key
 
 __all__ = ["ObjectDataset", "TarShardDataset", "expand_braces", "split_key", "rank_and_world_size"]
