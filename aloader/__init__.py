@@ -8,9 +8,12 @@ dataset, sampler and collate names below are torch's own, re-exported so one imp
 (``aloader.DistributedSampler`` stays torch's own).
 
 ``aloader.storage`` reads by URL (local files, S3, GCS, Azure, HTTP) without blocking the loop, and
-``aloader.datasets`` has datasets over buckets: one object per sample, and WebDataset tar shards. ``loader.stats()``
-returns the snapshots defined in ``aloader.stats``.
+``aloader.datasets`` has datasets over buckets: one object per sample (map-style, or streamed and split across ranks
+by itself), and WebDataset tar shards; they are also importable from ``aloader`` (loaded on first use).
+``loader.stats()`` returns the snapshots defined in ``aloader.stats``.
 """
+
+from typing import Any
 
 from torch.utils.data import (
     BatchSampler,
@@ -71,4 +74,18 @@ __all__ = [
     "default_collate",
     "default_convert",
     "get_worker_info",
+    # aloader.datasets, imported on first use (it loads the storage clients)
+    "ObjectDataset",
+    "ObjectStreamDataset",
+    "TarShardDataset",
 ]
+
+_DATASETS = frozenset({"ObjectDataset", "ObjectStreamDataset", "TarShardDataset"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATASETS:
+        from aloader import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module 'aloader' has no attribute {name!r}")

@@ -16,7 +16,7 @@ import weakref
 from typing import Any
 
 from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
-from aloader._pipeline import END, Failed, Pipeline
+from aloader._pipeline import END, SKIPPED, Failed, Pipeline
 from aloader._state import Cursor
 from aloader._stats import open_progress
 
@@ -56,6 +56,12 @@ class _Consumer:
         # As torch's iterator: the number of batches (or samples) the index sampler gives.
         return len(self._index_sampler)
 
+    def _dropped(self, item: object) -> bool:
+        """Count ``item`` in the cursor; True when it is not for the consumer (it still frees its slot): a batch of
+        a resumed epoch re-run by worker copies that was already received, or a unit skipped whole (SKIPPED)."""
+        dropped = self._cursor is not None and self._cursor.took(item, END)
+        return dropped or item is SKIPPED
+
     def _count(self, item: object) -> Any:
         self._yielded += 1
         if self._bar is not None:
@@ -93,8 +99,7 @@ class AsyncLoaderIterator(_Consumer):
             )
         try:
             item = await self._channel.get()
-            while self._cursor is not None and self._cursor.took(item, END):
-                # A resumed epoch re-run by worker copies: already received. Dropped, it still frees its slot.
+            while self._dropped(item):
                 assert self._pipeline is not None
                 self._pipeline.taken()
                 item = await self._channel.get()
@@ -175,8 +180,7 @@ class LoaderIterator(_Consumer):
             raise StopIteration
         try:
             item = self._channel.get()
-            while self._cursor is not None and self._cursor.took(item, END):
-                # A resumed epoch re-run by worker copies: already received. Dropped, it still frees its slot.
+            while self._dropped(item):
                 self._pace()
                 item = self._channel.get()
         except BaseException:

@@ -40,7 +40,7 @@ from aloader._stats import Recorder, TimedSemaphore
 from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
 from aloader.errors import with_context
 
-__all__ = ["END", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink", "Speed", "pool_kind"]
+__all__ = ["END", "SKIPPED", "DatasetKind", "Failed", "Pipeline", "Plan", "Sink", "Speed", "pool_kind"]
 
 DatasetKind = Literal["map", "iterable", "async-iterable"]
 
@@ -65,6 +65,18 @@ END: Final = _End()
 
 # A unit that yields no batch: a worker whose copy of an iterable dataset was already exhausted.
 _SKIP: Final = object()
+
+
+class _SkippedUnit:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+SKIPPED: Final = _SkippedUnit()
+"""Handed to the sink in place of a unit that ``max_failures`` skipped whole (every sample failed): the consumer
+counts it as a consumed unit (so a resume skips it too) and yields nothing for it."""
 
 
 class Failed:
@@ -361,7 +373,8 @@ class Pipeline:
             await sink.put(item)
             if item is END:
                 return
-            self.stats.handed_off(isinstance(item, Failed), ready - waited, time.perf_counter() - ready, len(sink))
+            if item is not SKIPPED:
+                self.stats.handed_off(isinstance(item, Failed), ready - waited, time.perf_counter() - ready, len(sink))
             if not self.paced_by_consumer:
                 self._release_window()
 
@@ -384,7 +397,8 @@ class Pipeline:
 
     def _hand_off(self, outcome: object) -> None:
         if self._budget is not None:  # in hand-off order: the budget runs out at the same batch in every run
-            outcome = self._budget.settle(outcome, _SKIP, Failed)
+            # A unit skipped whole still goes to the consumer, as SKIPPED: it counts as consumed in the state.
+            outcome = self._budget.settle(outcome, SKIPPED, Failed)
         if outcome is _SKIP:
             self._release_window()  # no batch to hand to the sink: the slot is free now
         else:

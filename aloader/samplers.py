@@ -20,7 +20,7 @@ __all__ = ["DistributedSampler"]
 
 
 def _rank_and_world_size() -> tuple[int, int]:
-    from aloader.datasets._shards import rank_and_world_size
+    from aloader.datasets._split import rank_and_world_size
 
     return rank_and_world_size()
 

@@ -2,7 +2,9 @@
 
 Every rank records the sample indices it received; rank 0 gathers them and writes a JSON report to ``argv[1]``:
 epoch 0 with aloader's DistributedSampler; epoch 1 stopped after two batches, "killed" (the loaders dropped) and
-resumed by new loaders from rank 0's JSON state; one epoch of tar shards split by the dataset itself.
+resumed by new loaders from rank 0's JSON state; one epoch of tar shards split by the dataset itself; and one
+epoch of tar shards of very unequal sizes with ``samples_per_epoch``, stepped like DDP (an ``all_reduce`` per batch,
+which would wait forever -- here: time out -- on a rank that ran out of batches).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import sys
 import tarfile
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +49,14 @@ def gather(values: list[int]) -> list[list[int]]:
     return out
 
 
-def write_shards(directory: Path, shards: int, per_shard: int) -> None:
-    for s in range(shards):
+def write_shards(directory: Path, shards: int, per_shard: int, sizes: list[int] | None = None) -> None:
+    """``shards`` shards of ``per_shard`` samples (or of ``sizes``); samples are numbered from 0 across shards."""
+    sizes = sizes if sizes is not None else [per_shard] * shards
+    for s, size in enumerate(sizes):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-            for i in range(per_shard):
-                data = str(s * per_shard + i).encode()
+            for i in range(size):
+                data = str(sum(sizes[:s]) + i).encode()
                 info = tarfile.TarInfo(f"{s:03d}/{i:04d}.txt")
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
@@ -59,7 +64,8 @@ def write_shards(directory: Path, shards: int, per_shard: int) -> None:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    # A collective that waits longer than this fails the job (a hang would otherwise last until the test's timeout).
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     epochs: list[dict[str, Any]] = []
 
@@ -109,9 +115,57 @@ def main() -> None:
             "left_out": left_out,
         }
     )
+    unequal = unequal_shards_epoch(rank)
     if rank == 0:
-        Path(sys.argv[1]).write_text(json.dumps({"epochs": epochs}))
+        Path(sys.argv[1]).write_text(json.dumps({"epochs": epochs, "unequal": unequal}))
     dist.destroy_process_group()
+
+
+SIZES = [1, 2, 11, 3, 2, 13]  # 32 samples in shards of very unequal sizes
+PER_EPOCH = 26  # 13 per rank
+
+
+def unequal_shards_epoch(rank: int) -> dict[str, Any]:
+    """Tar shards of unequal sizes with ``samples_per_epoch``: every rank the same number of batches, stepped like DDP.
+
+    Each step all-reduces a value from the batch, as DDP all-reduces gradients: a rank with fewer batches would leave
+    the other waiting in its next step (here: failing after the process group's timeout).
+    """
+    with tempfile.TemporaryDirectory() as shared:
+        paths = [shared if rank == 0 else None]
+        dist.broadcast_object_list(paths, src=0)
+        shard_dir = Path(paths[0])  # type: ignore[arg-type]
+        if rank == 0:
+            write_shards(shard_dir, shards=len(SIZES), per_shard=0, sizes=SIZES)
+        dist.barrier()
+        urls = [str(shard_dir / f"shard-{s}.tar") for s in range(len(SIZES))]
+        dataset = TarShardDataset(
+            urls, shuffle=True, seed=0, samples_per_epoch=PER_EPOCH, decode=lambda sample: int(sample["txt"])
+        )
+        dataset.set_epoch(1)
+        shards = dataset.shards_for_this_reader()
+        seen: list[int] = []
+        steps = 0
+        for batch in aloader.DataLoader(dataset, batch_size=4):
+            total = batch.sum().double()
+            dist.all_reduce(total)  # DDP's gradient all-reduce: every rank must take part in every step
+            seen += batch.tolist()
+            steps += 1
+        batches = torch.tensor([steps])
+        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
+        dist.barrier()  # rank 0's directory outlives every reader
+    starts = [sum(SIZES[:s]) for s in range(len(SIZES))]
+    held = sum(SIZES[int(Path(url).stem.split("-")[1])] for url in shards)
+    own = sorted(
+        starts[int(Path(url).stem.split("-")[1])] + i
+        for url in shards
+        for i in range(SIZES[int(Path(url).stem.split("-")[1])])
+    )
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(
+        reports, {"steps": steps, "most_steps": int(batches), "seen": seen, "own": own, "held": held}
+    )
+    return {"per_rank": reports}
 
 
 if __name__ == "__main__":

@@ -445,6 +445,42 @@ def test_load_state_dict_rejects_what_is_not_a_state() -> None:
         loader.load_state_dict({**loader.state_dict(), "batches": "3"})
 
 
+class Failing(Dataset[Any]):
+    """Numbers whose indices in ``bad`` raise: under ``max_failures`` they are skipped."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if i in self.bad:
+            raise ValueError(f"bad sample {i}")
+        return torch.tensor(i)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_batch_skipped_whole_by_the_failure_budget_counts_as_consumed(driver: Driver, num_workers: int) -> None:
+    # Batches 1 (3, 4, 5) and 5 (15, 16, 17) fail whole and are skipped; batch 3 loses one sample. A state taken
+    # after them must count the skipped units, or the resumed loader starts early and repeats received batches.
+    torch_loader = torch.utils.data.DataLoader(range(N), batch_size=1, shuffle=True, generator=seeded(0))
+    order = [int(batch) for batch in torch_loader]  # the first epoch's order
+    bad = {*order[3:6], order[10], *order[15:18]}
+
+    def make(**kw: Any) -> aloader.DataLoader:
+        options: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": num_workers > 0, **kw}
+        dataset = Failing(N, bad=bad)
+        return aloader.DataLoader(dataset, batch_size=3, shuffle=True, generator=seeded(0), max_failures=20, **options)
+
+    reference = check_resume(
+        driver, make, seed_global=False, light=[{}, {"concurrency": 2}], stride=1 if num_workers == 0 else 3
+    )
+    assert len(reference[0]) == 8 - 2  # 8 units, 2 skipped whole
+    assert reference[0][1] == order[6:9] and reference[0][2] == [order[9], order[11]]
+    assert sorted(i for batch in reference[0] for i in batch) == sorted(set(range(N)) - bad)
+
+
 # ------------------------------------------------------------------------------------------------ tar shards
 @pytest.fixture
 def shards(object_server: Any) -> Any:
@@ -469,6 +505,41 @@ def test_tar_shard_dataset_resumes_by_its_own_state(driver: Driver, shards: str)
     reference = check_resume(driver, make, before_epoch=before_epoch, stride=2)
     first, second = ([s for batch in epoch for s in batch] for epoch in reference)
     assert len(first) == 21 and sorted(first) == sorted(second) and first != second
+
+
+@pytest.fixture
+def unequal_shards(object_server: Any) -> Any:
+    from tests.servers import make_shard
+
+    object_server.objects = {f"unequal/s-{s}.tar": make_shard(s, size) for s, size in enumerate([2, 9, 4])}
+    yield f"{object_server.base_url}/unequal/s-{{0..2}}.tar"
+    object_server.objects = {}
+
+
+def test_tar_shards_with_samples_per_epoch_resume(driver: Driver, unequal_shards: str) -> None:
+    # 22 samples from shards holding 15: the reader reads its shards again, reshuffled; the state is the same
+    # position count, so a resume lands in the second pass as well as in the first.
+    def make(**kw: Any) -> aloader.DataLoader:
+        def decode(sample: dict[str, Any]) -> str:
+            return str(sample["txt"].decode())
+
+        dataset = TarShardDataset(
+            unequal_shards,
+            samples_per_epoch=22,
+            shuffle=True,
+            seed=4,
+            shuffle_buffer=3,
+            shard_concurrency=2,
+            decode=decode,
+        )
+        return aloader.DataLoader(dataset, batch_size=4, **kw)
+
+    def before_epoch(loader: aloader.DataLoader, epoch: int) -> None:
+        loader.dataset.set_epoch(epoch)
+
+    reference = check_resume(driver, make, before_epoch=before_epoch, stride=2)
+    first, second = ([s for batch in epoch for s in batch] for epoch in reference)
+    assert len(first) == len(second) == 22 and len(set(first)) == 15 and first != second
 
 
 def test_tar_shard_state_refuses_another_split(shards: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -201,3 +201,15 @@ def test_torchrun_two_ranks_see_each_sample_once_per_epoch(tmp_path: Path) -> No
     assert tar["n"] == 24 and len(tar["left_out"]) == 6 and tar["left_out"][0] % 6 == 0
     names = [epoch["name"] for epoch in report["epochs"]]
     assert names == ["sampler epoch 0", "sampler epoch 1 resumed", "tar shards"]
+    # Unequal tar shards with samples_per_epoch=26: each rank 13 samples in 4 batches, stepped like DDP (a rank
+    # with fewer steps would have failed the other's all_reduce), from its own shards only, again if they hold fewer.
+    unequal = report["unequal"]["per_rank"]
+    assert [r["steps"] for r in unequal] == [4, 4] and [r["most_steps"] for r in unequal] == [4, 4]
+    assert [len(r["seen"]) for r in unequal] == [13, 13]
+    assert sorted(unequal[0]["own"] + unequal[1]["own"]) == list(range(32))  # the shards split, none left out
+    for r in unequal:
+        assert set(r["seen"]) == set(r["own"]) if r["held"] <= 13 else set(r["seen"]) < set(r["own"])
+        assert len(set(r["seen"])) == min(13, r["held"])  # a sample again only after all of the rank's shards
+    # Seed 0 gives one rank shards holding 26 samples, the other 6: split by shards alone, one rank would run
+    # 7 batches and the other 2 (and DDP would hang).
+    assert sorted(r["held"] for r in unequal) == [6, 26]

@@ -303,3 +303,158 @@ def test_public_names() -> None:
 
     for name in aloader.datasets.__all__:
         assert hasattr(aloader.datasets, name), name
+
+
+# ------------------------------------------------------------------------------------------- samples_per_epoch
+def write_local_shards(directory: Path, sizes: list[int]) -> list[str]:
+    """Shards of the given sample counts; sample ``"s/i"`` is the ``i``-th of shard ``s``."""
+    urls = []
+    for s, size in enumerate(sizes):
+        path = directory / f"shard-{s:03d}.tar"
+        path.write_bytes(
+            tar_bytes([(f"{s:03d}/{i:04d}.txt", f"{s}/{i}".encode()) for i in range(size)], tarfile.GNU_FORMAT)
+        )
+        urls.append(str(path))
+    return urls
+
+
+def read_as_reader(
+    dataset: TarShardDataset, rank: int, world: int, worker: int, workers: int
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """(its shards, its samples, its state at the end): iterate ``dataset`` as reader (rank, worker) of (world,
+    workers) would, straight (no DataLoader)."""
+    import asyncio
+    import os
+    from unittest import mock
+
+    import torch.utils.data
+
+    info = type("Info", (), {"id": worker, "num_workers": workers})()
+
+    async def collect() -> list[str]:
+        return [sample["txt"].decode() async for sample in dataset]
+
+    with (
+        mock.patch.dict(os.environ, {"RANK": str(rank), "WORLD_SIZE": str(world)}),
+        mock.patch.object(torch.utils.data, "get_worker_info", return_value=info),
+    ):
+        shards, got = dataset.shards_for_this_reader(), asyncio.run(collect())
+        return shards, got, dataset.state_dict()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=9), min_size=1, max_size=8),
+    world=st.integers(min_value=1, max_value=3),
+    workers=st.integers(min_value=1, max_value=3),
+    per_sample=st.floats(min_value=0.1, max_value=2.5),
+    shuffle=st.booleans(),
+    seed=st.integers(min_value=0, max_value=100),
+    concurrency=st.integers(min_value=1, max_value=3),
+)
+def test_samples_per_epoch_gives_every_reader_its_exact_count(
+    tmp_path_factory: pytest.TempPathFactory,
+    sizes: list[int],
+    world: int,
+    workers: int,
+    per_sample: float,
+    shuffle: bool,
+    seed: int,
+    concurrency: int,
+) -> None:
+    readers = world * workers
+    sizes = sizes + [1] * (readers - len(sizes))  # every reader needs a shard
+    for slot in range(readers):
+        if not any(sizes[slot::readers]):
+            sizes[slot] = 1  # ... holding a sample (else it raises, tested below)
+    if shuffle:
+        sizes = [max(size, 1) for size in sizes]  # shuffled, any shard may be a reader's only one
+    urls = write_local_shards(tmp_path_factory.mktemp("shards"), sizes)
+    total = max(1, int(sum(sizes) * per_sample))  # below, at or above the samples the shards hold
+
+    def make() -> TarShardDataset:
+        return TarShardDataset(
+            urls, samples_per_epoch=total, shuffle=shuffle, seed=seed, shuffle_buffer=3, shard_concurrency=concurrency
+        )
+
+    seen: list[str] = []
+    cycled = False
+    for rank in range(world):
+        per_rank = 0
+        for worker in range(workers):
+            dataset = make()
+            dataset.set_epoch(1)
+            shards, got, state = read_as_reader(dataset, rank, world, worker, workers)
+            quota = total // world // workers + (1 if worker < total // world % workers else 0)
+            assert len(got) == quota  # exactly its count, the same for worker `worker` on every rank
+            own = [f"{s}/{i}" for s in range(len(sizes)) if urls[s] in shards for i in range(sizes[s])]
+            assert set(got) <= set(own)  # only its own shards: a split, whatever the sizes
+            if quota <= len(own):
+                assert len(got) == len(set(got))  # no pass repeated when its shards hold enough
+            else:
+                cycled = True
+                assert set(got) == set(own)  # every sample of its shards, then again
+            per_rank += len(got)
+            seen += got
+            # Stable under resume: a new reader loading this one's state part way yields exactly the rest.
+            position = len(got) // 2
+            again = make()
+            again.load_state_dict({**state, "position": position})
+            assert read_as_reader(again, rank, world, worker, workers)[:2] == (shards, got[position:])
+        assert per_rank == total // world  # every rank the same number of samples, hence batches
+    if not cycled:
+        assert len(seen) == len(set(seen))  # disjoint across readers
+
+
+def test_samples_per_epoch_gives_ranks_equal_batches_through_the_loader(
+    driver: Driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two ranks: rank 0 reads shards 0 and 2 (3 + 1 samples), rank 1 shard 1 (12): very unequal. The dataset runs
+    # in the loader's process (async datasets fetch on its loop even with num_workers), so the rank decides.
+    urls = write_local_shards(tmp_path, [3, 12, 1])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        dataset = TarShardDataset(urls, samples_per_epoch=19, decode=lambda s: s["txt"].decode())
+        batches = driver.collect(aloader.DataLoader(dataset, batch_size=2, num_workers=2))
+        per_rank.append([s for batch in batches for s in batch])
+        assert len(batches) == 5  # 19 // 2 = 9 samples each: 5 batches on both ranks
+    # Rank 0 yields its 4 samples, again, and once more the first; rank 1 the first 9 of its 12.
+    assert Counter(per_rank[0]) == {"0/0": 3, "0/1": 2, "0/2": 2, "2/0": 2}
+    assert per_rank[1] == [f"1/{i}" for i in range(9)]
+    # Without samples_per_epoch: the same number of shards each (one cut: 2 of 3 read), unequal batch counts.
+    counts = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        counts.append(len(driver.collect(aloader.DataLoader(TarShardDataset(urls), batch_size=2))))
+    assert counts == [2, 6]
+
+
+def test_samples_per_epoch_stops_the_shard_readers(driver: Driver, http: ObjectServer) -> None:
+    dataset = TarShardDataset(f"{http.base_url}/shards/{PATTERN}", samples_per_epoch=5, prefetch_per_shard=2)
+    assert len([s for b in driver.collect(aloader.DataLoader(dataset, batch_size=None)) for s in [b]]) == 5
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "10"])
+def test_samples_per_epoch_must_be_a_positive_integer(value: Any) -> None:
+    with pytest.raises(
+        ValueError, match=rf"samples_per_epoch should be a positive integer .* got samples_per_epoch={value!r}"
+    ):
+        TarShardDataset("a.tar", samples_per_epoch=value)
+
+
+def test_samples_per_epoch_needs_a_shard_per_reader(
+    driver: Driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = write_local_shards(tmp_path, [4])
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    outcomes = driver.outcomes(aloader.DataLoader(TarShardDataset(urls, samples_per_epoch=4), batch_size=None))
+    assert len(outcomes) == 1 and isinstance(outcomes[0][1], ValueError)
+    assert "needs at least one shard per reader, but there are 1 shards for 2 readers" in str(outcomes[0][1])
+    empty = write_local_shards(tmp_path / "e", [0]) if (tmp_path / "e").mkdir() is None else []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    outcomes = driver.outcomes(aloader.DataLoader(TarShardDataset(empty, samples_per_epoch=4), batch_size=None))
+    assert len(outcomes) == 1 and "hold no samples" in str(outcomes[0][1])

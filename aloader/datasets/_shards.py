@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
-import torch
-import torch.utils.data
-
 from aloader.datasets._objects import apply_decode
+from aloader.datasets._split import Reader, rank_and_world_size, this_reader
 from aloader.datasets._tar import TarStreamParser, expand_braces, split_key
 from aloader.errors import ShardFormatError
 from aloader.storage import DEFAULT_CHUNK_SIZE, RetryPolicy, Store
@@ -27,14 +24,6 @@ class _ShardFailed:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of ranks: from ``torch.distributed`` once it is initialised, else from
-    the ``RANK`` and ``WORLD_SIZE`` environment variables (as ``torchrun`` sets them), else ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class TarShardDataset:
@@ -53,10 +42,21 @@ class TarShardDataset:
       DataLoader worker processes, so no sample is read twice. ``split_by_rank=False`` / ``split_by_worker=False``
       turn that off (e.g. when each rank is given its own URL list). With fewer shards than ranks times workers,
       some get none: make at least that many shards.
-    - With more than one rank, every reader gets the same number of shards: the epoch's shard order is cut to a
-      multiple of ranks x workers (the few shards left over are skipped this epoch; with ``shuffle`` they are others
-      each epoch). With shards of equal size, as WebDataset writers make them, every rank then yields the same number
-      of batches, so DDP never waits on a rank that ran out. ``even_split=False`` reads every shard instead.
+    - ``samples_per_epoch=N`` (like WebDataset's ``with_epoch``) fixes the epoch's length: ``N`` samples across all
+      ranks. Each rank yields exactly ``N // world_size`` (the remainder is left out), split over its DataLoader
+      workers so worker ``i`` yields the same count on every rank (``N // world_size // num_workers``, the first
+      ``(N // world_size) % num_workers`` workers one more). Every shard is read (no ``even_split`` cut); a reader
+      stops once it has yielded its count (its shard readers are cancelled), and a reader whose shards run out
+      first reads them again (same order, or with ``shuffle`` reshuffled by seed, epoch, reader and pass) until it
+      has. So every rank yields the same number of samples, hence of batches, whatever the shards' sizes: DDP never
+      waits on a rank that ran out. With ``N`` at most the samples that every reader's shards hold, no sample is
+      yielded twice in an epoch. Every reader needs at least one shard.
+    - Without ``samples_per_epoch``, with more than one rank, every reader gets the same number of *shards*: the
+      epoch's shard order is cut to a multiple of ranks x workers (the few shards left over are skipped this epoch;
+      with ``shuffle`` they are others each epoch). Only with shards of equal sample counts, as WebDataset writers
+      make them, does every rank then yield the same number of batches; with unequal shards a rank can run out
+      first and DDP hangs in its next collective: use ``samples_per_epoch``. ``even_split=False`` reads every shard
+      instead (ranks may then differ by a shard).
     - ``state_dict()`` / ``load_state_dict()``: the epoch and the samples yielded so far in it; a resumed iteration
       skips those without decoding them (they are read again, not held). ``aloader.DataLoader`` saves it with its own
       state. The state is per reader: resume with the same ranks and workers.
@@ -76,6 +76,7 @@ class TarShardDataset:
         split_by_rank: bool = True,
         split_by_worker: bool = True,
         even_split: bool = True,
+        samples_per_epoch: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
         retry: RetryPolicy | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -96,6 +97,14 @@ class TarShardDataset:
             raise ValueError(f"shuffle_buffer should be a non-negative integer, but got {shuffle_buffer!r}")
         if decode is not None and not callable(decode):
             raise TypeError(f"decode should be a callable or None, but got {decode!r}")
+        if samples_per_epoch is not None and (
+            isinstance(samples_per_epoch, bool) or not isinstance(samples_per_epoch, int) or samples_per_epoch < 1
+        ):
+            raise ValueError(
+                "samples_per_epoch should be a positive integer (the samples of one epoch across all ranks) or None, "
+                f"but got samples_per_epoch={samples_per_epoch!r}"
+            )
+        self.samples_per_epoch = samples_per_epoch
         self.shuffle = shuffle
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -133,28 +142,37 @@ class TarShardDataset:
         self._resume_at = state["position"]
         self._resume_readers = (state["reader"], state["readers"])
 
+    def _reader(self) -> Reader:
+        return this_reader(self.split_by_rank, self.split_by_worker)
+
     def _split(self) -> tuple[int, int]:
         """(this reader's slot, number of slots) over ranks times workers."""
-        rank, world = rank_and_world_size() if self.split_by_rank else (0, 1)
-        info = torch.utils.data.get_worker_info() if self.split_by_worker else None
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * workers + worker, world * workers
+        reader = self._reader()
+        return reader.slot, reader.slots
 
     def shards_for_this_reader(self) -> list[str]:
-        """The shards this process (and worker) reads this epoch, in the order it reads them."""
+        """The shards this process (and worker) reads this epoch, in the order it reads them (first pass)."""
         shards = list(self.shards)
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)  # the same on every rank: a split, no overlap
-        slot, slots = self._split()
-        if self.even_split and self.split_by_rank and rank_and_world_size()[1] > 1:
+        reader = self._reader()
+        slot, slots = reader.slot, reader.slots
+        if self.samples_per_epoch is None and self.even_split and reader.world > 1:
             shards = shards[: len(shards) - len(shards) % slots]  # the same count for every reader
         return shards[slot::slots]
+
+    def samples_for_this_reader(self) -> int | None:
+        """With ``samples_per_epoch``: the samples this process (and worker) yields per epoch; else None."""
+        if self.samples_per_epoch is None:
+            return None
+        return self._reader().share(self.samples_per_epoch)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._samples()
 
     async def _samples(self) -> AsyncIterator[Any]:
-        pending = collections.deque(self.shards_for_this_reader())
+        shards = self.shards_for_this_reader()
+        quota = self.samples_for_this_reader()
         slot, slots = self._split()
         skip, self._resume_at, self._position = self._resume_at, 0, 0
         readers, self._resume_readers = self._resume_readers, None
@@ -163,10 +181,36 @@ class TarShardDataset:
                 f"TarShardDataset: the loaded state is reader {readers[0]} of {readers[1]} (ranks x workers), this "
                 f"is reader {slot} of {slots}: resume with the same ranks and workers, or start a new epoch"
             )
+        if quota and not shards:
+            raise ValueError(
+                f"TarShardDataset: samples_per_epoch={self.samples_per_epoch} needs at least one shard per reader, "
+                f"but there are {len(self.shards)} shards for {slots} readers (ranks x workers): make more shards"
+            )
+        items = self._stream(shards, slot, cycle=quota is not None)
+        try:
+            while quota is None or self._position < quota:
+                item = await anext(items, _SHARD_END)
+                if item is _SHARD_END:
+                    return
+                if skip:
+                    skip -= 1  # received before the state was taken: read again, not decoded
+                    self._position += 1
+                    continue
+                decoded = await apply_decode(self.decode, item)
+                self._position += 1
+                yield decoded
+        finally:
+            await items.aclose()  # a reader that has its count stops its shard readers now
+
+    async def _stream(self, shards: list[str], slot: int, cycle: bool) -> AsyncGenerator[Any, None]:
+        """This reader's samples (undecoded) in their fixed order; with ``cycle``, its shards again and again
+        (reshuffled each pass with ``shuffle``), for as long as the caller pulls."""
         rng = random.Random(f"{self.seed}:{self.epoch}:{slot}")
         use_buffer = self.shuffle and self.shuffle_buffer > 1
+        pending = collections.deque(shards)
         active: collections.deque[tuple[asyncio.Queue[Any], asyncio.Task[None]]] = collections.deque()
         tasks: list[asyncio.Task[None]] = []
+        passes, samples_in_pass = 0, 0
 
         def start_next() -> None:
             url = pending.popleft()
@@ -177,45 +221,48 @@ class TarShardDataset:
 
         buffer: list[Any] = []
         try:
-            while pending and len(active) < self.shard_concurrency:
-                start_next()
-            while active:
-                queue, _ = active[0]
-                item = await queue.get()
-                if item is _SHARD_END:
-                    active.popleft()
-                    if pending:
-                        start_next()
-                    continue
-                if isinstance(item, _ShardFailed):
-                    raise item.error
-                active.rotate(-1)  # the next sample comes from the next shard: a fixed, timing-free order
-                if use_buffer:
-                    buffer.append(item)
-                    if len(buffer) < self.shuffle_buffer:
+            while True:
+                while pending and len(active) < self.shard_concurrency:
+                    start_next()
+                while active:
+                    queue, _ = active[0]
+                    item = await queue.get()
+                    if item is _SHARD_END:
+                        active.popleft()
+                        if pending:
+                            start_next()
                         continue
-                    chosen = rng.randrange(len(buffer))
-                    buffer[chosen], buffer[-1] = buffer[-1], buffer[chosen]
-                    item = buffer.pop()
-                if skip:
-                    skip -= 1  # received before the state was taken: read again, not decoded
-                    self._position += 1
-                    continue
-                decoded = await apply_decode(self.decode, item)
-                self._position += 1
-                yield decoded
-            rng.shuffle(buffer)
-            while buffer:
-                item = buffer.pop()
-                if skip:
-                    skip -= 1
-                    self._position += 1
-                    continue
-                decoded = await apply_decode(self.decode, item)
-                self._position += 1
-                yield decoded
+                    if isinstance(item, _ShardFailed):
+                        raise item.error
+                    samples_in_pass += 1
+                    active.rotate(-1)  # the next sample comes from the next shard: a fixed, timing-free order
+                    if use_buffer:
+                        buffer.append(item)
+                        if len(buffer) < self.shuffle_buffer:
+                            continue
+                        chosen = rng.randrange(len(buffer))
+                        buffer[chosen], buffer[-1] = buffer[-1], buffer[chosen]
+                        item = buffer.pop()
+                    yield item
+                # The end of a pass over this reader's shards: the buffer is emptied before any next pass starts,
+                # so a sample comes again only after every sample of its pass has been yielded.
+                rng.shuffle(buffer)
+                while buffer:
+                    yield buffer.pop()
+                if not cycle:
+                    return
+                if samples_in_pass == 0:
+                    raise ValueError(
+                        f"TarShardDataset: the shards of reader {slot} hold no samples, so it cannot yield its "
+                        f"samples_per_epoch share: {', '.join(shards)}"
+                    )
+                passes, samples_in_pass = passes + 1, 0
+                again = list(shards)
+                if self.shuffle:
+                    random.Random(f"{self.seed}:{self.epoch}:{slot}:{passes}").shuffle(again)
+                pending.extend(again)
         finally:
-            # Readers still running (a `break`, an error, a cancelled epoch) stop with the iteration.
+            # Readers still running (a `break`, an error, a cancelled epoch, the count reached) stop with it.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
