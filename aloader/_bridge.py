@@ -88,6 +88,12 @@ class ThreadChannel:
         while is_owned is not None and is_owned():
             self._lock.release()
 
+    def put_many(self, items: list[object]) -> None:
+        """Loop side: append ``items`` (there is room for them) under one lock, with one wake-up of the consumer."""
+        with self._cond:
+            self._items.extend(items)
+            self._cond.notify()
+
     def resize(self, capacity: int) -> None:
         """Loop side: hold up to ``capacity`` items from now on (items already held above it stay)."""
         with self._cond:
@@ -128,6 +134,10 @@ class LoopChannel:
             self._room.clear()
             await self._room.wait()
         self.put_final(item)
+
+    def put_many(self, items: list[object]) -> None:
+        self._items.extend(items)
+        self._readable.set()
 
     def resize(self, capacity: int) -> None:
         self._capacity = max(1, capacity)

@@ -36,7 +36,7 @@ from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
 from aloader._failures import Collated, FailureBudget, Skipped, logger, named, split_skipped, transform_each
 from aloader._pool import IterStop, Op, WorkerPool, describe_indices
-from aloader._stats import Recorder, TimedSemaphore
+from aloader._stats import Recorder, Stage, TimedSemaphore
 from aloader._threads import ThreadPool, _deliver, finish_through_cancellation
 from aloader.errors import with_context
 
@@ -98,6 +98,9 @@ class Sink(Protocol):
 
     @property
     def capacity(self) -> int: ...
+
+    def put_many(self, items: list[object]) -> None:
+        """Append ``items``, for which there is room now, at once (one wake-up of the consumer)."""
 
     def resize(self, capacity: int) -> None:
         """Hold up to ``capacity`` items from now on (items already held above it stay)."""
@@ -377,6 +380,26 @@ class Pipeline:
                 self.stats.handed_off(isinstance(item, Failed), ready - waited, time.perf_counter() - ready, len(sink))
             if not self.paced_by_consumer:
                 self._release_window()
+            if not self._done.empty() and self._emit_ready(sink):
+                return
+
+    def _emit_ready(self, sink: Sink) -> bool:
+        """Hand over the outcomes that are ready and fit in the sink, at once: a lane call completes ``k`` together,
+        and one hand-off wakes the consumer once for all of them instead of once each. True if END was among them."""
+        room = sink.capacity - len(sink)
+        items: list[object] = []
+        while len(items) < room and not self._done.empty():
+            items.append(self._done.get_nowait())
+            if items[-1] is END:
+                break
+        sink.put_many(items)
+        batches = [item for item in items if item is not END and item is not SKIPPED]
+        self.stats.handed_off_many([isinstance(item, Failed) for item in batches], len(sink))
+        if not self.paced_by_consumer:
+            for item in items:
+                if item is not END:
+                    self._release_window()
+        return bool(items) and items[-1] is END
 
     def taken(self) -> None:
         """The consumer took a batch (or an error) from the sink; called on the pipeline's loop."""
@@ -824,24 +847,32 @@ class Pipeline:
         access = self._access
         assert access is not None
         outcomes: list[Any] = []
-        for unit in units:
-            indices = list(unit) if self.plan.auto_collation else [unit]
-            started = time.perf_counter()
-            try:
-                if self.plan.auto_collation and access.getitems is not None:
-                    outcomes.append(self._getitems_sync(indices))
-                else:
-                    fetched, batch = self._fetch_run(indices, finish=True)
-                    outcomes.append(_Unfinished(fetched) if batch is _UNFINISHED else batch)
-            except BaseException as exc:  # the consumer raises it at this batch, as for a batch task
-                outcomes.append(Failed(exc))
-            seconds = time.perf_counter() - started
-            self._time_unit(seconds)
-            if seconds >= _LANE_EXIT_SECONDS:
-                break  # slow after all (I/O, a cache miss): the rest of the units go back to concurrent fetching
+        entries: list[tuple[Stage, int, float]] = []  # the call's stage times, recorded at once at its end
+
+        def record(stage: Stage, items: int, seconds: float) -> None:
+            entries.append((stage, items, seconds))
+
+        try:
+            for unit in units:
+                indices = list(unit) if self.plan.auto_collation else [unit]
+                started = time.perf_counter()
+                try:
+                    if self.plan.auto_collation and access.getitems is not None:
+                        outcomes.append(self._getitems_sync(indices, record))
+                    else:
+                        fetched, batch = self._fetch_run(indices, True, record)
+                        outcomes.append(_Unfinished(fetched) if batch is _UNFINISHED else batch)
+                except BaseException as exc:  # the consumer raises it at this batch, as for a batch task
+                    outcomes.append(Failed(exc))
+                seconds = time.perf_counter() - started
+                self._time_unit(seconds)
+                if seconds >= _LANE_EXIT_SECONDS:
+                    break  # slow after all (I/O, a cache miss): the rest go back to concurrent fetching
+        finally:
+            self.stats.add_all(entries)
         return outcomes
 
-    def _getitems_sync(self, indices: list[Any]) -> Any:
+    def _getitems_sync(self, indices: list[Any], record: _Record) -> Any:
         """Thread side: a batch through the dataset's sync ``__getitems__``, as ``_fetch_getitems`` does it."""
         access = self._access
         assert access is not None
@@ -854,10 +885,10 @@ class Pipeline:
                 self.stats.failure("fetch")
                 where = f"fetching the batch of sample indices {_describe_indices(indices)} with __getitems__"
                 raise with_context(exc, where)
-            fetched, batch = self._fetch_run(indices, finish=True)  # only the samples that fail are skipped
+            fetched, batch = self._fetch_run(indices, True, record)  # only the samples that fail are skipped
             return _Unfinished(fetched) if batch is _UNFINISHED else batch
-        self.stats.add("fetch", len(indices), time.perf_counter() - started)
-        return self._finish_sync(indices, list(samples), "sample index")
+        record("fetch", len(indices), time.perf_counter() - started)
+        return self._finish_sync(indices, list(samples), "sample index", record=record)
 
     def _time_unit(self, seconds: float) -> None:
         # A benign race, as for Speed.per_sample.
@@ -910,8 +941,10 @@ class Pipeline:
             fetched, _ = await self._pool.run(lambda: self._fetch_run(indices, finish=False))
         return fetched
 
-    def _fetch_run(self, indices: list[Any], finish: bool) -> tuple[list[Any], Any]:
-        """Thread side: fetch ``indices`` in order; with ``finish``, also transform, collate and pin."""
+    def _fetch_run(self, indices: list[Any], finish: bool, record: _Record | None = None) -> tuple[list[Any], Any]:
+        """Thread side: fetch ``indices`` in order; with ``finish``, also transform, collate and pin. Stage times go
+        to ``record`` (the lane collects a call's and records them at once), else straight to the stats."""
+        record = record or self.stats.add
         access = self._access
         assert access is not None
         started = time.perf_counter()
@@ -923,13 +956,14 @@ class Pipeline:
                 samples.append(getitem(key))
             except Exception as exc:
                 samples.append(self._failed("fetch", exc, f"fetching sample index {index!r}"))
-        self.stats.add("fetch", len(indices), time.perf_counter() - started)
-        elapsed = (time.perf_counter() - started) / len(indices)
+        elapsed = time.perf_counter() - started
+        record("fetch", len(indices), elapsed)
+        elapsed /= len(indices)
         # A benign race: runs in threads update the average without a lock; any recent value is good enough.
         previous = self._speed.per_sample
         self._speed.per_sample = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
         if finish and not _any_awaitable(samples):
-            return samples, self._finish_sync(indices, samples, "sample index")
+            return samples, self._finish_sync(indices, samples, "sample index", record=record)
         return samples, _UNFINISHED
 
     async def _resolve_awaitables(self, samples: list[Any], indices: list[Any]) -> list[Any]:
@@ -986,7 +1020,15 @@ class Pipeline:
             return await self._pool.run(lambda: self._finish_sync(positions, samples, label, transformed=True))
         return await self._pool.run(lambda: self._finish_sync(positions, samples, label))
 
-    def _finish_sync(self, positions: list[Any], samples: list[Any], label: str, transformed: bool = False) -> Any:
+    def _finish_sync(
+        self,
+        positions: list[Any],
+        samples: list[Any],
+        label: str,
+        transformed: bool = False,
+        record: _Record | None = None,
+    ) -> Any:
+        record = record or self.stats.add
         plan = self.plan
         transform = plan.transform
         if transform is not None and not transformed:
@@ -994,7 +1036,7 @@ class Pipeline:
             out = transform_each(
                 transform, samples, positions, label, lambda exc, where: self._failed("transform", exc, where)
             )
-            self.stats.add("transform", len(samples), time.perf_counter() - started)
+            record("transform", len(samples), time.perf_counter() - started)
             samples = out
         skipped: list[Skipped] = []
         seen = len(samples)
@@ -1012,7 +1054,7 @@ class Pipeline:
             raise with_context(exc, what)
         if plan.pin_memory_device is not None:
             batch = _pin_memory(batch, plan.pin_memory_device)
-        self.stats.add("collate", len(samples), time.perf_counter() - started)
+        record("collate", len(samples), time.perf_counter() - started)
         return Collated(batch, skipped, seen) if self._skipping else batch
 
     def _failed(self, stage: Literal["fetch", "transform"], exc: Exception, where: str) -> Skipped:
@@ -1025,6 +1067,8 @@ class Pipeline:
 
 
 _UNFINISHED: Final = object()
+
+_Record = Callable[[Stage, int, float], None]  # where a thread call's stage times go (Recorder.add, or a lane list)
 
 
 class _Unfinished:

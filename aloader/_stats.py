@@ -101,6 +101,16 @@ class Recorder:
             counters.busy += seconds
             counters.histogram.add(seconds / items, items)
 
+    def add_all(self, entries: list[tuple[Stage, int, float]]) -> None:
+        """Several ``add`` calls under one acquisition of the lock (a lane call's batches)."""
+        with self._lock:
+            for stage, items, seconds in entries:
+                if items > 0:
+                    counters = self._stages[stage]
+                    counters.items += items
+                    counters.busy += seconds
+                    counters.histogram.add(seconds / items, items)
+
     def blocked(self, stage: Stage, seconds: float) -> None:
         with self._lock:
             self._stages[stage].blocked += seconds
@@ -121,6 +131,16 @@ class Recorder:
             self._queue_blocked += blocked_seconds
             self._occupancy = occupancy
             self._occupancy_sum += occupancy
+
+    def handed_off_many(self, failed: list[bool], occupancy: int) -> None:
+        """Batches handed off together the moment they were ready (no wait for them, no wait for room)."""
+        with self._lock:
+            for i, one in enumerate(failed):
+                self._batches += 1
+                self._failed_batches += one
+                self._ready.add(0.0, 1)
+                self._occupancy_sum += occupancy - (len(failed) - 1 - i)  # the queue as each one joined it
+            self._occupancy = occupancy
 
     def snapshot(self) -> LoaderStats:
         with self._lock:
