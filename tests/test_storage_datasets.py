@@ -163,6 +163,36 @@ def test_tar_decode_and_batching(driver: Driver, http: ObjectServer) -> None:
     assert len(texts) == 10 and labels.shape == (10,)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_tar_decode_runs_keep_order_and_fail_at_the_sample(driver: Driver, http: ObjectServer, kind: str) -> None:
+    """Samples are decoded in runs (one thread call per run for a sync decode, awaited together for an async one):
+    the order is the undecoded order, and a decode that raises at sample 37 yields the 37 before it, then raises
+    its own exception there, chained, with the iterable's position."""
+    seen: list[str] = []
+
+    def decode_sync(sample: dict[str, Any]) -> str:
+        seen.append(sample["txt"].decode())
+        if len(seen) == 38:
+            raise ValueError(f"cannot decode {sample['__key__']}")
+        return sample["txt"].decode()
+
+    async def decode_async(sample: dict[str, Any]) -> str:
+        return decode_sync(sample)
+
+    url = f"{http.base_url}/shards/{PATTERN}"
+    plain = [
+        sample["txt"].decode() for sample in driver.collect(aloader.DataLoader(TarShardDataset(url), batch_size=None))
+    ]
+    dataset = TarShardDataset(url, decode=decode_sync if kind == "sync" else decode_async)
+    outcomes = driver.outcomes(aloader.DataLoader(dataset, batch_size=None))
+    assert [value for k, value in outcomes if k == "ok"] == plain[:37]
+    kind_of_last, error = outcomes[37]
+    assert kind_of_last == "err" and isinstance(error, ValueError)
+    assert "cannot decode" in str(error) and "item 37" in str(error)
+    assert isinstance(error.__cause__, ValueError)
+    assert len(outcomes) == 38
+
+
 @pytest.mark.parametrize(("world", "workers"), [(2, 1), (3, 2)])
 def test_tar_shards_split_across_ranks_and_workers(
     http: ObjectServer, monkeypatch: pytest.MonkeyPatch, world: int, workers: int

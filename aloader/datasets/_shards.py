@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
-from aloader.datasets._objects import apply_decode
 from aloader.datasets._split import Reader, rank_and_world_size, this_reader
 from aloader.datasets._tar import TarStreamParser, expand_braces, split_key
 from aloader.errors import ShardFormatError
@@ -17,6 +17,37 @@ from aloader.storage import DEFAULT_CHUNK_SIZE, RetryPolicy, Store
 __all__ = ["TarShardDataset", "rank_and_world_size"]
 
 _SHARD_END: Final = object()
+
+
+# Samples decoded per thread call (sync ``decode``) or awaited together (``async def`` decode).
+_DECODE_RUN: Final = 16
+
+
+async def _decode_run(
+    decode: Callable[[dict[str, Any]], Any] | None, run: list[Any]
+) -> tuple[list[Any], Exception | None]:
+    """``run`` decoded in order, up to the first failure: (decoded samples, the failure or None)."""
+    if decode is None:
+        return run, None
+    if inspect.iscoroutinefunction(decode):
+        results = await asyncio.gather(*(decode(item) for item in run), return_exceptions=True)
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                return list(results[:i]), result
+        return list(results), None
+
+    def decode_all() -> tuple[list[Any], Exception | None]:
+        out: list[Any] = []
+        for item in run:
+            try:
+                out.append(decode(item))
+            except Exception as exc:
+                return out, exc
+        return out, None
+
+    return await asyncio.to_thread(decode_all)
 
 
 class _ShardFailed:
@@ -188,17 +219,34 @@ class TarShardDataset:
             )
         items = self._stream(shards, slot, cycle=quota is not None)
         try:
-            while quota is None or self._position < quota:
-                item = await anext(items, _SHARD_END)
-                if item is _SHARD_END:
+            while skip and (quota is None or self._position < quota):
+                if await anext(items, _SHARD_END) is _SHARD_END:
                     return
-                if skip:
-                    skip -= 1  # received before the state was taken: read again, not decoded
-                    self._position += 1
-                    continue
-                decoded = await apply_decode(self.decode, item)
+                skip -= 1  # received before the state was taken: read again, not decoded
                 self._position += 1
-                yield decoded
+            while quota is None or self._position < quota:
+                # A run of samples decoded together: a sync ``decode`` costs one thread call per run, not per sample.
+                run: list[Any] = []
+                limit = _DECODE_RUN if quota is None else min(_DECODE_RUN, quota - self._position)
+                stream_error: Exception | None = None
+                while len(run) < limit:
+                    try:
+                        item = await anext(items, _SHARD_END)
+                    except Exception as exc:  # a shard failed: the samples read before it come first
+                        stream_error = exc
+                        break
+                    if item is _SHARD_END:
+                        break
+                    run.append(item)
+                decoded, error = await _decode_run(self.decode, run)
+                for sample in decoded:
+                    self._position += 1
+                    yield sample
+                failure = error if error is not None else stream_error
+                if failure is not None:
+                    raise failure  # at its sample's position, after the samples before it
+                if len(run) < limit:
+                    return
         finally:
             await items.aclose()  # a reader that has its count stops its shard readers now
 
