@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.quick:
         results = latency_workload(n_async=64, n_torch=16) + in_memory_workload(n=2_000, repeats=1)
     else:
-        results = latency_workload(n_async=4_096, n_torch=160) + in_memory_workload(n=200_000, repeats=5)
+        results = latency_workload(n_async=4_096, n_torch=160) + in_memory_workload(n=200_000, repeats=11)
     table = render(results)
     print(f"Machine: {machine()}\n")
     print(table)
