@@ -125,6 +125,21 @@ class FailingAt(Dataset[Any]):
         return torch.tensor(i)
 
 
+class FailingSet(Dataset[Any]):
+    """Samples whose indices are in ``bad`` raise ``error(f"bad sample {i}")``; the others return their index."""
+
+    def __init__(self, n: int, bad: set[int], error: type[Exception] = ValueError) -> None:
+        self.n, self.bad, self.error = n, bad, error
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if i in self.bad:
+            raise self.error(f"bad sample {i}")
+        return torch.tensor(i)
+
+
 class Rendezvous:
     """Each caller blocks until ``parties`` callers are inside at once: proof of that much concurrency.
 

@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 import aloader
 from aloader import _pipeline
 from tests.conftest import Driver, torch_outcomes
-from tests.datasets import Rendezvous
+from tests.datasets import AsyncSquares, FailingSet, Rendezvous
 
 
 def _in_lane(loader: aloader.DataLoader) -> aloader.DataLoader:
@@ -69,23 +69,10 @@ def test_lane_gives_torchs_batches(driver: Driver, kwargs: dict[str, Any], monke
     assert max(calls.units) > 1, "the lane made several units per call"
 
 
-class _FailsAt(Dataset[int]):
-    def __init__(self, n: int, bad: set[int]) -> None:
-        self.n, self.bad = n, bad
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        if i in self.bad:
-            raise KeyError(i)
-        return i
-
-
 def test_a_failure_inside_a_lane_call_fails_only_its_batch(driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches 2 and 9 of one call fail: the consumer gets torch's sequence, the other batches of the call intact."""
     calls = _LaneCalls(monkeypatch)
-    dataset = _FailsAt(200, {9, 37})
+    dataset = FailingSet(200, {9, 37}, KeyError)
     expected = torch_outcomes(torch.utils.data.DataLoader(dataset, batch_size=4), KeyError)
     outcomes = driver.outcomes(_in_lane(aloader.DataLoader(dataset, batch_size=4)))
     got = [("ok", value.tolist()) if kind == "ok" else ("err", type(value)) for kind, value in outcomes]
@@ -97,7 +84,7 @@ def test_a_failure_inside_a_lane_call_fails_only_its_batch(driver: Driver, monke
 
 
 def test_lane_skips_under_a_failure_budget(driver: Driver) -> None:
-    dataset = _FailsAt(100, {3, 50})
+    dataset = FailingSet(100, {3, 50})
     batches = driver.collect(_in_lane(aloader.DataLoader(dataset, batch_size=10, max_failures=2)))
     assert [int(x) for batch in batches for x in batch] == [i for i in range(100) if i not in (3, 50)]
 
@@ -127,22 +114,11 @@ def test_lane_uses_getitems_once_per_batch(driver: Driver) -> None:
     assert dataset.calls == 12
 
 
-class _AsyncSquares:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    async def __getitem__(self, i: int) -> int:
-        return i * i
-
-
 def test_lane_awaits_samples_a_sync_getitem_returns(driver: Driver) -> None:
     """``ConcatDataset`` over async datasets: its sync ``__getitem__`` returns coroutines, finished on the loop."""
-    dataset = ConcatDataset([_AsyncSquares(30), _AsyncSquares(30)])  # type: ignore[list-item]
-    got = [int(x) for b in driver.collect(_in_lane(aloader.DataLoader(dataset, batch_size=4))) for x in b]
-    assert got == [i * i for i in range(30)] * 2
+    dataset = ConcatDataset([AsyncSquares(30), AsyncSquares(30)])  # type: ignore[list-item]
+    got = [row for b in driver.collect(_in_lane(aloader.DataLoader(dataset, batch_size=4))) for row in b.tolist()]
+    assert got == [[i, i * i] for i in range(30)] * 2
 
 
 class _TurnsSlow(Dataset[int]):

@@ -23,7 +23,7 @@ import aloader
 from aloader.datasets import TarShardDataset
 from aloader.samplers import DistributedSampler
 from tests.conftest import Driver
-from tests.datasets import AsyncSquares
+from tests.datasets import AsyncSquares, FailingSet
 
 N = 23
 
@@ -445,21 +445,6 @@ def test_load_state_dict_rejects_what_is_not_a_state() -> None:
         loader.load_state_dict({**loader.state_dict(), "batches": "3"})
 
 
-class Failing(Dataset[Any]):
-    """Numbers whose indices in ``bad`` raise: under ``max_failures`` they are skipped."""
-
-    def __init__(self, n: int, bad: set[int]) -> None:
-        self.n, self.bad = n, bad
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        if i in self.bad:
-            raise ValueError(f"bad sample {i}")
-        return torch.tensor(i)
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_batch_skipped_whole_by_the_failure_budget_counts_as_consumed(driver: Driver, num_workers: int) -> None:
     # Batches 1 (3, 4, 5) and 5 (15, 16, 17) fail whole and are skipped; batch 3 loses one sample. A state taken
@@ -470,7 +455,7 @@ def test_a_batch_skipped_whole_by_the_failure_budget_counts_as_consumed(driver: 
 
     def make(**kw: Any) -> aloader.DataLoader:
         options: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": num_workers > 0, **kw}
-        dataset = Failing(N, bad=bad)
+        dataset = FailingSet(N, bad=bad)
         return aloader.DataLoader(dataset, batch_size=3, shuffle=True, generator=seeded(0), max_failures=20, **options)
 
     reference = check_resume(
