@@ -136,7 +136,7 @@ def _warm_up_forkserver() -> None:
 _warm_up_forkserver()
 
 
-def _open_fds() -> set[str]:
+def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
@@ -253,7 +253,7 @@ def _ours_or_orphaned(entry: str) -> bool:
 def no_leaks() -> Any:
     """Fail a test that leaves a thread running, a file descriptor open, a child process, or a /dev/shm entry."""
     threads_before = set(threading.enumerate())
-    fds_before = _open_fds()
+    fds_before = open_fds()
     children_before = _child_processes()
     shm_before = _shm_entries()
     yield
@@ -266,14 +266,21 @@ def no_leaks() -> Any:
     assert not new_shm, f"/dev/shm entries left behind: {sorted(new_shm)}"
     leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
     assert not leaked, f"threads left running: {leaked}"
+    left_open = fds_opened_since(fds_before)
+    assert not left_open, f"file descriptors left open: {left_open}"
+
+
+def fds_opened_since(before: set[str]) -> list[str]:
+    """What the descriptors opened since ``before`` (an ``open_fds()``) and still open point to, leaving out the
+    test servers' pooled keep-alive connections. Descriptors that closed meanwhile are not counted either way."""
     # Listing /proc/self/fd opens one descriptor itself; compare the sets, ignoring ones that closed.
-    new_fds = {fd for fd in _open_fds() - fds_before if os.path.exists(f"/proc/self/fd/{fd}")}
+    new_fds = {fd for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
     if new_fds and KEEPALIVE_PORTS:
         pooled = _keepalive_socket_inodes()
         # A pooled connection may be closing at this very moment: a descriptor that is gone is not a leak.
         new_fds = {fd for fd in new_fds if _readlink(fd) not in pooled}
         new_fds = {fd for fd in new_fds if _readlink(fd)}
-    assert not new_fds, f"file descriptors left open: {[_readlink(fd) for fd in new_fds]}"
+    return sorted(_readlink(fd) for fd in new_fds)
 
 
 def assert_same(ours: Any, theirs: Any, path: str = "batch") -> None:
