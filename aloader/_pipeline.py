@@ -785,6 +785,7 @@ class Pipeline:
         self._window_debt += max(0, before - after)  # slots given back as batches are handed off
         if self._sink is not None and self._depth is not None:
             self._sink.resize(max(self._depth, units))
+            self.stats.resized(self._sink.capacity)
         self._lane_width = units
 
     def _release_window(self) -> None:

@@ -87,6 +87,10 @@ class Recorder:
         if self._started is None:
             self._started = time.perf_counter()
 
+    def resized(self, capacity: int) -> None:
+        """The queue's capacity changed (the fast lane widens it)."""
+        self._capacity = capacity
+
     def end(self) -> None:
         if self._ended is None:
             self._ended = time.perf_counter()

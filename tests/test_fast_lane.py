@@ -161,3 +161,16 @@ def test_lane_break_and_close_leave_no_thread(driver: Driver) -> None:
     before = {t for t in threading.enumerate() if t.name.startswith("aloader-lane")}
     assert len(driver.collect(loader)) == 2000
     assert {t for t in threading.enumerate() if t.name.startswith("aloader-lane")} <= before
+
+
+def test_lane_stats_count_every_batch(driver: Driver) -> None:
+    """Batches handed over several at once are each counted; the queue reports the lane's widened capacity."""
+    dataset = FailingSet(400, {17})
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=4))
+    outcomes = driver.outcomes(loader)
+    stats = loader.stats()
+    assert len(outcomes) == stats.batches == 100
+    assert stats.failed_batches == 1
+    assert stats.queue.capacity == _pipeline._LANE_UNITS
+    assert (stats.fetch.items, stats.fetch.failures) == (396, 1)  # the failed batch counts as a failure
+    assert stats.queue.items == 100
