@@ -9,13 +9,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, M
 from typing import Any
 
 from aloader.datasets._objects import ObjectDataset
-from aloader.datasets._split import Reader, this_reader
+from aloader.datasets._split import Reader, check_same_reader, load_reader_state, reader_state, this_reader
 from aloader.errors import with_context
 from aloader.storage import RetryPolicy
 
 __all__ = ["ObjectStreamDataset"]
-
-_STATE_KEYS = ("epoch", "seed", "position", "reader", "readers")
 
 
 class ObjectStreamDataset:
@@ -115,23 +113,11 @@ class ObjectStreamDataset:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "seed", "position", "reader", "readers"}``: where this reader's iteration is."""
-        reader = self._reader()
-        return {
-            "epoch": self.epoch,
-            "seed": self.seed,
-            "position": self._position,
-            "reader": reader.slot,
-            "readers": reader.slots,
-        }
+        return reader_state(self.epoch, self.seed, self._position, self._reader())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next iteration continue ``state``'s epoch after its ``position`` objects."""
-        for key in _STATE_KEYS:
-            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int):
-                raise ValueError(f"ObjectStreamDataset.load_state_dict(): the state's {key!r} should be an integer")
-        self.epoch, self.seed = state["epoch"], state["seed"]
-        self._resume_at = state["position"]
-        self._resume_readers = (state["reader"], state["readers"])
+        self.epoch, self.seed, self._resume_at, self._resume_readers = load_reader_state("ObjectStreamDataset", state)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._samples()
@@ -141,12 +127,8 @@ class ObjectStreamDataset:
         reader = self._reader()
         start, self._resume_at = self._resume_at, 0
         readers, self._resume_readers = self._resume_readers, None
-        if start and readers is not None and readers != (reader.slot, reader.slots):
-            raise ValueError(
-                f"ObjectStreamDataset: the loaded state is reader {readers[0]} of {readers[1]} (ranks x workers), "
-                f"this is reader {reader.slot} of {reader.slots}: resume with the same ranks and workers, or start "
-                "a new epoch"
-            )
+        if start:
+            check_same_reader("ObjectStreamDataset", readers, reader)
         self._position = min(start, len(indices))  # skipped by index: nothing before it is read
         loop = asyncio.get_running_loop()
         in_flight: collections.deque[asyncio.Task[Any]] = collections.deque()

@@ -9,7 +9,14 @@ import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
-from aloader.datasets._split import Reader, rank_and_world_size, this_reader
+from aloader.datasets._split import (
+    Reader,
+    check_same_reader,
+    load_reader_state,
+    rank_and_world_size,
+    reader_state,
+    this_reader,
+)
 from aloader.datasets._tar import TarStreamParser, expand_braces, split_key
 from aloader.errors import ShardFormatError
 from aloader.storage import DEFAULT_CHUNK_SIZE, RetryPolicy, Store
@@ -161,25 +168,14 @@ class TarShardDataset:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "seed", "position", "reader", "readers"}``: where this reader's iteration is."""
-        slot, slots = self._split()
-        return {"epoch": self.epoch, "seed": self.seed, "position": self._position, "reader": slot, "readers": slots}
+        return reader_state(self.epoch, self.seed, self._position, self._reader())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next iteration continue ``state``'s epoch after its ``position`` samples."""
-        for key in ("epoch", "seed", "position", "reader", "readers"):
-            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int):
-                raise ValueError(f"TarShardDataset.load_state_dict(): the state's {key!r} should be an integer")
-        self.epoch, self.seed = state["epoch"], state["seed"]
-        self._resume_at = state["position"]
-        self._resume_readers = (state["reader"], state["readers"])
+        self.epoch, self.seed, self._resume_at, self._resume_readers = load_reader_state("TarShardDataset", state)
 
     def _reader(self) -> Reader:
         return this_reader(self.split_by_rank, self.split_by_worker)
-
-    def _split(self) -> tuple[int, int]:
-        """(this reader's slot, number of slots) over ranks times workers."""
-        reader = self._reader()
-        return reader.slot, reader.slots
 
     def shards_for_this_reader(self) -> list[str]:
         """The shards this process (and worker) reads this epoch, in the order it reads them (first pass)."""
@@ -204,14 +200,12 @@ class TarShardDataset:
     async def _samples(self) -> AsyncIterator[Any]:
         shards = self.shards_for_this_reader()
         quota = self.samples_for_this_reader()
-        slot, slots = self._split()
+        reader = self._reader()
+        slot, slots = reader.slot, reader.slots
         skip, self._resume_at, self._position = self._resume_at, 0, 0
         readers, self._resume_readers = self._resume_readers, None
-        if skip and readers is not None and readers != (slot, slots):
-            raise ValueError(
-                f"TarShardDataset: the loaded state is reader {readers[0]} of {readers[1]} (ranks x workers), this "
-                f"is reader {slot} of {slots}: resume with the same ranks and workers, or start a new epoch"
-            )
+        if skip:
+            check_same_reader("TarShardDataset", readers, reader)
         if quota and not shards:
             raise ValueError(
                 f"TarShardDataset: samples_per_epoch={self.samples_per_epoch} needs at least one shard per reader, "

@@ -8,12 +8,14 @@ rank has the same number of them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils.data
 
-__all__ = ["Reader", "rank_and_world_size", "this_reader"]
+__all__ = ["Reader", "check_same_reader", "load_reader_state", "rank_and_world_size", "reader_state", "this_reader"]
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -58,3 +60,26 @@ def this_reader(split_by_rank: bool, split_by_worker: bool) -> Reader:
     info = torch.utils.data.get_worker_info() if split_by_worker else None
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return Reader(rank, world, worker, workers)
+
+
+# A streaming dataset's state: where one reader is in one epoch. Resuming needs the same split.
+def reader_state(epoch: int, seed: int, position: int, reader: Reader) -> dict[str, Any]:
+    """``{"epoch", "seed", "position", "reader", "readers"}``: where ``reader``'s iteration is."""
+    return {"epoch": epoch, "seed": seed, "position": position, "reader": reader.slot, "readers": reader.slots}
+
+
+def load_reader_state(owner: str, state: Mapping[str, Any]) -> tuple[int, int, int, tuple[int, int]]:
+    """``state`` checked: (epoch, seed, position, (reader, readers)); ``owner`` names the dataset in errors."""
+    for key in ("epoch", "seed", "position", "reader", "readers"):
+        if isinstance(state.get(key), bool) or not isinstance(state.get(key), int):
+            raise ValueError(f"{owner}.load_state_dict(): the state's {key!r} should be an integer")
+    return state["epoch"], state["seed"], state["position"], (state["reader"], state["readers"])
+
+
+def check_same_reader(owner: str, saved: tuple[int, int] | None, reader: Reader) -> None:
+    """Refuse to resume a position saved by another reader of another split (it would skip others' samples)."""
+    if saved is not None and saved != (reader.slot, reader.slots):
+        raise ValueError(
+            f"{owner}: the loaded state is reader {saved[0]} of {saved[1]} (ranks x workers), this is reader "
+            f"{reader.slot} of {reader.slots}: resume with the same ranks and workers, or start a new epoch"
+        )
