@@ -54,7 +54,10 @@ def main() -> None:
     stats = loader.stats()
     print(stats)
     assert (stats.skipped, stats.transform.failures, stats.batches) == (3, 3, 13)
-    assert (stats.fetch.items, stats.queue.capacity) == (200, 2)
+    # The queue holds prefetch_factor (2) batches, or more once the fast lane makes several batches per call: these
+    # records decode in well under a millisecond, so how wide it gets depends on the machine's speed.
+    assert stats.fetch.items == 200
+    assert stats.queue.capacity >= 2
 
     # 2. The same through `async for`, with a budget given as a share of the samples seen.
     async def consume() -> int:

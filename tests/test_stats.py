@@ -37,7 +37,11 @@ def test_counts_per_stage_after_an_epoch(driver: Driver, num_workers: int) -> No
     for stage in (stats.sampler, stats.fetch, stats.queue):
         assert stage.rate > 0
         assert stage.p50 is not None and stage.p99 is not None and 0 <= stage.p50 <= stage.p99
-    assert stats.queue.items == 7 and stats.queue.capacity == (2 if num_workers == 0 else 2 * num_workers)
+    assert stats.queue.items == 7
+    if num_workers:
+        assert stats.queue.capacity == 2 * num_workers  # prefetch_factor * num_workers, as torch
+    else:  # the prefetch depth, or wider once the fast lane makes several of these tiny batches per call
+        assert stats.queue.capacity >= 2
     assert 0 <= stats.queue.mean_occupancy <= stats.queue.capacity
     assert stats.skipped == 0 and stats.failed_batches == 0
 
