@@ -174,13 +174,58 @@ def test_concurrency_must_be_a_positive_integer(value: Any) -> None:
         ObjectStreamDataset(["a", "b"], concurrency=value)
 
 
-def test_state_refuses_another_split(http: ObjectServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def read_as_rank(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch, http: ObjectServer, rank: int, world: int, **kw: Any
+) -> tuple[list[str], dict[str, Any]]:
+    """(the samples rank ``rank`` of ``world`` yields through the loader, the loader's state after them). ``kw``:
+    ``limit`` (stop after that many batches) and ``state`` (a loader state to resume)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    loader = aloader.DataLoader(ObjectStreamDataset(urls_of(http), decode=text, shuffle=True, seed=3), batch_size=2)
+    if kw.get("state") is not None:
+        loader.load_state_dict(kw["state"])
+    batches = driver.collect(loader, limit=kw.get("limit"))
+    return [s for batch in batches for s in batch], loader.state_dict()
+
+
+@pytest.mark.parametrize(("world", "new_world"), [(2, 3), (3, 2), (2, 1), (1, 2)])
+def test_a_resume_with_another_world_size_splits_the_rest(
+    driver: Driver, http: ObjectServer, monkeypatch: pytest.MonkeyPatch, world: int, new_world: int
+) -> None:
+    # Every rank takes its state after the same step (as a DDP checkpoint does); rank 0's resumes every new rank.
+    before = [read_as_rank(driver, monkeypatch, http, rank, world, limit=3) for rank in range(world)]
+    state = before[0][1]
+    after = [read_as_rank(driver, monkeypatch, http, rank, new_world, state=state)[0] for rank in range(new_world)]
+    assert len({len(samples) for samples in after}) == 1  # every new rank the same count, hence batches
+    seen = [s for samples, _ in before for s in samples] + [s for samples in after for s in samples]
+    assert len(seen) == len(set(seen))  # none read twice
+    per_reader = COUNT // world
+    # Complete but for the remainders left out by the first split (< world) and by the re-split (< new_world).
+    assert COUNT - len(seen) <= (COUNT - per_reader * world) + new_world - 1
+    # The resumed split resumes again: a state part way through it, loaded by a new rank 0, yields exactly the rest.
+    _, middle = read_as_rank(driver, monkeypatch, http, 0, new_world, state=state, limit=1)
+    rest, _ = read_as_rank(driver, monkeypatch, http, 0, new_world, state=middle)
+    assert rest == after[0][2:]
+    # The next epoch is the plain split of the new world size.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(new_world))
+    fresh = ObjectStreamDataset(urls_of(http), shuffle=True, seed=3)
+    fresh.set_epoch(1)
+    resumed = ObjectStreamDataset(urls_of(http), shuffle=True, seed=3)
+    resumed.load_state_dict({**state["dataset"], "epoch": 1, "position": 0, "history": []})
+    assert resumed.indices_for_this_reader() == fresh.indices_for_this_reader()
+
+
+def test_a_state_is_checked(http: ObjectServer) -> None:
     dataset = ObjectStreamDataset(urls_of(http))
-    dataset.load_state_dict({"epoch": 0, "seed": 0, "position": 3, "reader": 1, "readers": 2})
-    with pytest.raises(ValueError, match="the loaded state is reader 1 of 2"):
-        list(aloader.DataLoader(dataset, batch_size=None))
     with pytest.raises(ValueError, match="the state's 'position' should be an integer"):
         dataset.load_state_dict({"epoch": 0, "seed": 0, "position": "3", "reader": 0, "readers": 1})
+    with pytest.raises(ValueError, match="the state's 'history' should be a list of"):
+        dataset.load_state_dict({"epoch": 0, "seed": 0, "position": 3, "reader": 0, "readers": 1, "history": [[1]]})
+    # A state of two readers, 3 objects each read, loaded by the only reader: it reads the rest of both streams.
+    dataset.load_state_dict({"epoch": 0, "seed": 0, "position": 3, "reader": 1, "readers": 2})
+    rest = list(range(6, COUNT - 1, 2)) + list(range(7, COUNT - 1, 2))
+    assert dataset.indices_for_this_reader() == rest
 
 
 def test_exported_from_aloader() -> None:

@@ -527,11 +527,51 @@ def test_tar_shards_with_samples_per_epoch_resume(driver: Driver, unequal_shards
     assert len(first) == len(second) == 22 and len(set(first)) == 15 and first != second
 
 
-def test_tar_shard_state_refuses_another_split(shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tar_shard_state_needs_samples_per_epoch_for_another_split(
+    shards: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dataset = TarShardDataset(shards, split_by_rank=True)
     dataset.load_state_dict({"epoch": 0, "seed": 0, "position": 3, "reader": 1, "readers": 2})
-    with pytest.raises(ValueError, match="the loaded state is reader 1 of 2"):
+    with pytest.raises(ValueError, match=r"is from 2 readers .* has 1: resuming with another number of readers needs"):
         list(aloader.DataLoader(dataset, batch_size=None))
+
+
+def _tar_rank(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch, urls: str, rank: int, world: int, **kw: Any
+) -> tuple[list[str], dict[str, Any]]:
+    """(what rank ``rank`` of ``world`` yields of a 12-sample epoch, the loader's state after it); ``kw``: ``limit``
+    (batches) and ``state`` (a loader state to resume)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+
+    def decode(sample: dict[str, Any]) -> str:
+        return str(sample["txt"].decode())
+
+    dataset = TarShardDataset(urls, samples_per_epoch=12, shard_concurrency=2, decode=decode)
+    loader = aloader.DataLoader(dataset, batch_size=2)
+    if kw.get("state") is not None:
+        loader.load_state_dict(kw["state"])
+    return [s for batch in driver.collect(loader, limit=kw.get("limit")) for s in batch], loader.state_dict()
+
+
+@pytest.mark.parametrize("new_world", [1, 2, 3])
+def test_tar_shards_resume_with_another_world_size(
+    driver: Driver, unequal_shards: str, monkeypatch: pytest.MonkeyPatch, new_world: int
+) -> None:
+    # Shards of 2, 9 and 4 samples, 12 per epoch: 6 per rank of 2. Each rank takes its state after one batch; rank
+    # 0's resumes every rank of the new world size, which share what the old ranks had left.
+    whole = [_tar_rank(driver, monkeypatch, unequal_shards, rank, 2)[0] for rank in range(2)]
+    before = [_tar_rank(driver, monkeypatch, unequal_shards, rank, 2, limit=1) for rank in range(2)]
+    assert [samples for samples, _ in before] == [samples[:2] for samples in whole]
+    state = before[0][1]
+    after = [_tar_rank(driver, monkeypatch, unequal_shards, r, new_world, state=state)[0] for r in range(new_world)]
+    rest = whole[0][2:] + whole[1][2:]  # the old ranks' streams after the state, in rank order
+    share = len(rest) // new_world
+    assert [len(samples) for samples in after] == [share] * new_world  # the same batches on every new rank
+    assert [s for samples in after for s in samples] == rest[: share * new_world]  # none twice, none else lost
+    if new_world > 1:  # the resumed split resumes again: rank 1's state after one batch of it, then the rest
+        _, middle = _tar_rank(driver, monkeypatch, unequal_shards, 1, new_world, state=state, limit=1)
+        assert _tar_rank(driver, monkeypatch, unequal_shards, 1, new_world, state=middle)[0] == after[1][2:]
 
 
 class Recording(Dataset[Any]):

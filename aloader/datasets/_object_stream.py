@@ -9,7 +9,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, M
 from typing import Any
 
 from aloader.datasets._objects import ObjectDataset
-from aloader.datasets._split import Reader, check_same_reader, load_reader_state, reader_state, this_reader
+from aloader.datasets._split import (
+    LoadedState,
+    Reader,
+    load_reader_state,
+    reader_state,
+    resplit,
+    resume_point,
+    this_reader,
+)
 from aloader.errors import with_context
 from aloader.storage import RetryPolicy
 
@@ -34,9 +42,12 @@ class ObjectStreamDataset:
       ``n - 1`` objects left over are different ones each epoch with ``shuffle``.
     - **Concurrency.** ``concurrency`` objects are read (and decoded) at once; they are yielded in the fixed order
       above whatever finishes first. A read that fails raises at its position, naming the object's index and URL.
-    - **Resumable.** ``state_dict()`` is ``{"epoch", "seed", "position", "reader", "readers"}``; after
-      ``load_state_dict`` the next iteration starts at ``position`` in this reader's list without reading the
-      objects before it. Resume with the same ranks and workers.
+    - **Resumable.** ``state_dict()`` is ``{"epoch", "seed", "position", "reader", "readers", "workers",
+      "history"}``; after ``load_state_dict`` the next iteration starts at ``position`` in this reader's list without
+      reading the objects before it. Every reader of a split is taken to be at the same position (the state taken at
+      the same step on every rank), so rank 0's state resumes every rank. With another number of ranks, the objects
+      not yet read are split again over the new ranks, each the same count (at most ``n - 1`` left out), none
+      read twice.
     """
 
     def __init__(
@@ -68,8 +79,8 @@ class ObjectStreamDataset:
         self.split_by_worker = split_by_worker
         self.epoch = 0
         self._position = 0  # objects yielded (or skipped on resume) by the current iteration
-        self._resume_at = 0
-        self._resume_readers: tuple[int, int] | None = None
+        self._loaded: LoadedState | None = None  # load_state_dict: where the next iteration resumes
+        self._history: tuple[tuple[int, int, int], ...] = ()  # the current epoch's earlier splits (see _split)
 
     @classmethod
     async def from_prefix(
@@ -103,33 +114,46 @@ class ObjectStreamDataset:
         return this_reader(self.split_by_rank, self.split_by_worker)
 
     def indices_for_this_reader(self) -> list[int]:
-        """The object indices this process (and worker) yields this epoch, in order."""
+        """The object indices this process (and worker) yields this epoch, in order (after a resume with another
+        number of ranks: its share of what was left)."""
+        reader = self._reader()
+        if self._loaded is not None:  # a loaded state: the list its resume will read
+            return self._indices(reader, resume_point("ObjectStreamDataset", self._loaded, reader, None).history)
+        return self._indices(reader, self._history)
+
+    def _indices(self, reader: Reader, history: tuple[tuple[int, int, int], ...]) -> list[int]:
         order = list(range(len(self.objects)))
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)  # the same on every rank: a split, no overlap
-        reader = self._reader()
-        order = order[: len(order) - len(order) % reader.slots]  # the same count for every reader
-        return order[reader.slot :: reader.slots]
+        first = history[0][0] if history else reader.slots
+        order = order[: len(order) - len(order) % first]  # the same count for every reader
+        streams = [order[slot::first] for slot in range(first)]
+        if not history:
+            return streams[reader.slot]
+        parts = resplit([len(stream) for stream in streams], history, reader.slots)[reader.slot]
+        return [index for part in parts for index in streams[part.reader][part.start : part.stop]]
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "seed", "position", "reader", "readers"}``: where this reader's iteration is."""
-        return reader_state(self.epoch, self.seed, self._position, self._reader())
+        """``{"epoch", "seed", "position", "reader", "readers", "workers", "history"}``: where this reader's
+        iteration is (``history``: the epoch's earlier splits, after a resume with another number of ranks)."""
+        return reader_state(self.epoch, self.seed, self._position, self._reader(), self._history)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Make the next iteration continue ``state``'s epoch after its ``position`` objects."""
-        self.epoch, self.seed, self._resume_at, self._resume_readers = load_reader_state("ObjectStreamDataset", state)
+        """Make the next iteration continue ``state``'s epoch after its ``position`` objects; with another number of
+        ranks, the objects the saved split had not read yet are split over the new ranks (docs/resume.md)."""
+        self._loaded = load_reader_state("ObjectStreamDataset", state)
+        self.epoch, self.seed = self._loaded.epoch, self._loaded.seed
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._samples()
 
     async def _samples(self) -> AsyncGenerator[Any, None]:
-        indices = self.indices_for_this_reader()
         reader = self._reader()
-        start, self._resume_at = self._resume_at, 0
-        readers, self._resume_readers = self._resume_readers, None
-        if start:
-            check_same_reader("ObjectStreamDataset", readers, reader)
-        self._position = min(start, len(indices))  # skipped by index: nothing before it is read
+        loaded, self._loaded = self._loaded, None
+        point = resume_point("ObjectStreamDataset", loaded, reader, None)
+        self._history = point.history
+        indices = self._indices(reader, point.history)
+        self._position = min(point.position, len(indices))  # skipped by index: nothing before it is read
         loop = asyncio.get_running_loop()
         in_flight: collections.deque[asyncio.Task[Any]] = collections.deque()
         upcoming = iter(indices[self._position :])

@@ -10,11 +10,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from typing import Any, Final
 
 from aloader.datasets._split import (
+    LoadedState,
+    Part,
     Reader,
-    check_same_reader,
     load_reader_state,
     rank_and_world_size,
     reader_state,
+    resplit,
+    resume_point,
     this_reader,
 )
 from aloader.datasets._tar import TarStreamParser, expand_braces, split_key
@@ -97,7 +100,11 @@ class TarShardDataset:
       instead (ranks may then differ by a shard).
     - ``state_dict()`` / ``load_state_dict()``: the epoch and the samples yielded so far in it; a resumed iteration
       skips those without decoding them (they are read again, not held). ``aloader.DataLoader`` saves it with its own
-      state. The state is per reader: resume with the same ranks and workers.
+      state. Every reader of a split is taken to be at the same position (the state taken at the same step on every
+      rank, as a DDP checkpoint is), so rank 0's state resumes every rank. With ``samples_per_epoch``, a resume with
+      another number of ranks splits the samples the saved split had not yielded yet over the new ranks: each the
+      same count (at most ``ranks - 1`` left out), none yielded twice. Without it, each rank's count is not known, and
+      such a resume is refused with a ``ValueError``.
 
     It is an async iterable (``__aiter__``): give it to ``aloader.DataLoader`` as the dataset.
     """
@@ -156,8 +163,8 @@ class TarShardDataset:
         self.prefetch_per_shard = prefetch_per_shard
         self.epoch = 0
         self._position = 0  # samples yielded by the current iteration
-        self._resume_at = 0  # samples the next iteration skips (load_state_dict)
-        self._resume_readers: tuple[int, int] | None = None
+        self._loaded: LoadedState | None = None  # load_state_dict: where the next iteration resumes
+        self._history: tuple[tuple[int, int, int], ...] = ()  # the current epoch's earlier splits (see _split)
 
     def __repr__(self) -> str:
         return f"TarShardDataset({len(self.shards)} shards, shuffle={self.shuffle}, store={self.store!r})"
@@ -167,22 +174,28 @@ class TarShardDataset:
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "seed", "position", "reader", "readers"}``: where this reader's iteration is."""
-        return reader_state(self.epoch, self.seed, self._position, self._reader())
+        """``{"epoch", "seed", "position", "reader", "readers", "workers", "history"}``: where this reader's
+        iteration is (``history``: the epoch's earlier splits, after a resume with another number of ranks)."""
+        return reader_state(self.epoch, self.seed, self._position, self._reader(), self._history)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Make the next iteration continue ``state``'s epoch after its ``position`` samples."""
-        self.epoch, self.seed, self._resume_at, self._resume_readers = load_reader_state("TarShardDataset", state)
+        """Make the next iteration continue ``state``'s epoch after its ``position`` samples; with another number of
+        ranks (``samples_per_epoch`` set), the samples the saved split had not yielded yet are split over the new
+        ranks (docs/resume.md)."""
+        self._loaded = load_reader_state("TarShardDataset", state)
+        self.epoch, self.seed = self._loaded.epoch, self._loaded.seed
 
     def _reader(self) -> Reader:
         return this_reader(self.split_by_rank, self.split_by_worker)
 
     def shards_for_this_reader(self) -> list[str]:
         """The shards this process (and worker) reads this epoch, in the order it reads them (first pass)."""
+        return self._shards_for(self._reader())
+
+    def _shards_for(self, reader: Reader) -> list[str]:
         shards = list(self.shards)
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)  # the same on every rank: a split, no overlap
-        reader = self._reader()
         slot, slots = reader.slot, reader.slots
         if self.samples_per_epoch is None and self.even_split and reader.world > 1:
             shards = shards[: len(shards) - len(shards) % slots]  # the same count for every reader
@@ -194,24 +207,43 @@ class TarShardDataset:
             return None
         return self._reader().share(self.samples_per_epoch)
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._samples()
-
-    async def _samples(self) -> AsyncIterator[Any]:
-        shards = self.shards_for_this_reader()
-        quota = self.samples_for_this_reader()
-        reader = self._reader()
-        slot, slots = reader.slot, reader.slots
-        skip, self._resume_at, self._position = self._resume_at, 0, 0
-        readers, self._resume_readers = self._resume_readers, None
-        if skip:
-            check_same_reader("TarShardDataset", readers, reader)
-        if quota and not shards:
+    def _check_has_shards(self, shards: list[str], slots: int) -> None:
+        if not shards:
             raise ValueError(
                 f"TarShardDataset: samples_per_epoch={self.samples_per_epoch} needs at least one shard per reader, "
                 f"but there are {len(self.shards)} shards for {slots} readers (ranks x workers): make more shards"
             )
-        items = self._stream(shards, slot, cycle=quota is not None)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._samples()
+
+    async def _samples(self) -> AsyncIterator[Any]:
+        reader = self._reader()
+        slot, slots = reader.slot, reader.slots
+        loaded, self._loaded = self._loaded, None
+        needs = None if self.samples_per_epoch is not None else "needs samples_per_epoch (each rank's count)"
+        point = resume_point("TarShardDataset", loaded, reader, needs)
+        self._history = point.history
+        skip, self._position = point.position, 0
+        items: AsyncGenerator[Any, None]
+        if point.history:
+            # Resumed with another number of ranks: this reader's share of what the earlier readers had left.
+            first_readers, first_workers, _ = point.history[0]
+            first = [
+                Reader(r // first_workers, first_readers // first_workers, r % first_workers, first_workers)
+                for r in range(first_readers)
+            ]
+            assert self.samples_per_epoch is not None
+            lengths = [old.share(self.samples_per_epoch) for old in first]
+            parts = resplit(lengths, point.history, slots)[slot]
+            quota: int | None = sum(part.stop - part.start for part in parts)
+            items = self._parts_stream(parts, first)
+        else:
+            shards = self.shards_for_this_reader()
+            quota = self.samples_for_this_reader()
+            if quota:
+                self._check_has_shards(shards, slots)
+            items = self._stream(shards, slot, cycle=quota is not None)
         try:
             while skip and (quota is None or self._position < quota):
                 if await anext(items, _SHARD_END) is _SHARD_END:
@@ -243,6 +275,24 @@ class TarShardDataset:
                     return
         finally:
             await items.aclose()  # a reader that has its count stops its shard readers now
+
+    async def _parts_stream(self, parts: list[Part], first: list[Reader]) -> AsyncGenerator[Any, None]:
+        """The samples (undecoded) of ``parts``: runs of the streams of the epoch's first readers ``first``, each read
+        again from its start and the samples before the run skipped without decoding."""
+        for part in parts:
+            reader = first[part.reader]
+            shards = self._shards_for(reader)
+            self._check_has_shards(shards, reader.slots)
+            stream = self._stream(shards, reader.slot, cycle=True)
+            try:
+                for position in range(part.stop):
+                    item = await anext(stream, _SHARD_END)
+                    if item is _SHARD_END:
+                        return
+                    if position >= part.start:
+                        yield item
+            finally:
+                await stream.aclose()
 
     async def _stream(self, shards: list[str], slot: int, cycle: bool) -> AsyncGenerator[Any, None]:
         """This reader's samples (undecoded) in their fixed order; with ``cycle``, its shards again and again
