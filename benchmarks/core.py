@@ -7,6 +7,9 @@ Workloads:
   aloader and through torch's DataLoader with ``num_workers=0``.
 - ``in-memory``: a ``TensorDataset`` of tiny samples, batch 64: aloader (``for`` and ``async for``) against torch's
   DataLoader with ``num_workers=0``, the fastest torch setting for in-memory data.
+- ``in-memory + model step``: the same, with the consumer running a small MLP's forward pass on each batch (about
+  0.5 ms on one thread), as a training loop would: torch's ops release the GIL while they compute, so the loader's
+  thread can make the next batches meanwhile; torch's ``num_workers=0`` makes them only between steps.
 
 Run ``python -m benchmarks.core`` (``--quick`` for a smoke run). Results go to ``docs/benchmarks.md`` with
 ``--write`` (and a bar chart, ``core.png``, beside it); ratios are what to compare, since absolute figures depend on
@@ -134,14 +137,68 @@ def in_memory_workload(n: int, repeats: int) -> list[Result]:
     ]
 
 
+class ModelStep:
+    """A small MLP's forward pass on ``(features, labels)`` batches: the consumer's share of a training step."""
+
+    def __init__(self, features: int = 32) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.weights = [
+            torch.randn(features, 512, generator=generator),
+            torch.randn(512, 512, generator=generator),
+            torch.randn(512, 10, generator=generator),
+        ]
+
+    def __call__(self, batch: Any) -> float:
+        hidden = batch[0]
+        for weight in self.weights[:-1]:
+            hidden = torch.relu(hidden @ weight)
+        return float((hidden @ self.weights[-1]).sum())
+
+
+def time_steps(loader: Any, step: ModelStep) -> tuple[int, float]:
+    started = time.perf_counter()
+    samples = 0
+    for batch in loader:
+        step(batch)
+        samples += count_samples(batch)
+    return samples, time.perf_counter() - started
+
+
+def model_step_workload(n: int, repeats: int) -> list[Result]:
+    dataset = TensorDataset(torch.randn(n, 32), torch.randint(0, 10, (n,)))
+    kwargs: dict[str, Any] = {"batch_size": 64, "shuffle": True}
+    step = ModelStep()
+    reference = torch.utils.data.DataLoader(dataset, **kwargs)
+    ours = aloader.DataLoader(dataset, **kwargs)
+    rows = [
+        ("torch DataLoader, num_workers=0, with a model step", lambda: time_steps(reference, step)),
+        ("aloader, for, with a model step", lambda: time_steps(ours, step)),
+    ]
+    timings: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in rows}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the step on one core, the other left to the loader (and to torch's nothing)
+    try:
+        for _ in range(repeats):
+            for name, fn in rows:
+                timings[name].append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return [
+        Result("in-memory + model step", name, runs[0][0], statistics.median(s for _, s in runs))
+        for name, runs in timings.items()
+    ]
+
+
+WORKLOADS = ("latency", "in-memory", "in-memory + model step")
+
+
 def render(results: list[Result]) -> str:
     lines = []
-    for workload, baseline_name in (("latency", "torch DataLoader, num_workers=0"), ("in-memory", None)):
+    for workload in WORKLOADS:
         rows = [r for r in results if r.workload == workload]
         if not rows:
             continue
         baseline = next(r for r in rows if r.system.startswith("torch"))
-        del baseline_name
         lines += [f"### {workload}", "", "| system | samples | samples/s | vs torch |", "|---|---:|---:|---:|"]
         for r in rows:
             ratio = r.samples_per_second / baseline.samples_per_second
@@ -156,9 +213,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--write", type=Path, help="write the Markdown table into this file's core section")
     args = parser.parse_args(argv)
     if args.quick:
-        results = latency_workload(n_async=64, n_torch=16) + in_memory_workload(n=2_000, repeats=1)
+        results = (
+            latency_workload(n_async=64, n_torch=16)
+            + in_memory_workload(n=2_000, repeats=1)
+            + model_step_workload(n=2_000, repeats=1)
+        )
     else:
-        results = latency_workload(n_async=4_096, n_torch=160) + in_memory_workload(n=200_000, repeats=11)
+        results = (
+            latency_workload(n_async=4_096, n_torch=160)
+            + in_memory_workload(n=200_000, repeats=11)
+            + model_step_workload(n=100_000, repeats=7)
+        )
     table = render(results)
     print(f"Machine: {machine()}\n")
     print(table)
@@ -168,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             plot,
             [
                 (f"{workload}: samples/s (higher is better)", [(r.system, r.samples_per_second) for r in rows])
-                for workload in ("latency", "in-memory")
+                for workload in WORKLOADS
                 if (rows := [r for r in results if r.workload == workload])
             ],
             xlabel="samples/s",
