@@ -88,6 +88,38 @@ def default_context() -> multiprocessing.context.BaseContext:
 _FORKSERVER_PRELOAD: Final = ["torch", "numpy", "aloader._pool"]
 
 
+# The parent's side of sharing memory with forked workers. A forked worker shares the parent's pages until either
+# process writes to one. Workers freeze what they inherit (see _worker_main); the parent freezes its heap too, right
+# before the fork, as the gc module's documentation advises: collections in the parent during the epoch then never
+# walk the objects the workers share, whose headers they would write. Measured with the pool benchmark: without it,
+# depending on where the parent's collections fell, its PSS rose by ~23 MiB and each worker's by ~6 MiB (peak
+# memory of all processes 1.14x torch's instead of 0.97x). The heap is unfrozen when the last such pool closes, so
+# objects of the program that became garbage meanwhile are collected then. A program that froze its heap itself is
+# left alone (its own unfreeze stays its own).
+_frozen_lock = threading.Lock()
+_frozen_pools = 0  # pools started by fork that froze the parent's heap and are not closed yet
+
+
+def _freeze_parent() -> bool:
+    """Freeze the parent's heap before forking workers; False if the program had frozen it itself."""
+    global _frozen_pools
+    with _frozen_lock:
+        if _frozen_pools == 0 and gc.get_freeze_count() > 0:
+            return False
+        gc.freeze()
+        _frozen_pools += 1
+        return True
+
+
+def _thaw_parent() -> None:
+    """A pool that froze the parent's heap closed: unfreeze it once no such pool is left."""
+    global _frozen_pools
+    with _frozen_lock:
+        _frozen_pools -= 1
+        if _frozen_pools == 0:
+            gc.unfreeze()
+
+
 def fork_is_safe() -> bool:
     """Whether forking the calling thread now copies no lock that another thread holds.
 
@@ -485,6 +517,7 @@ class WorkerPool:
         self._wake_w: multiprocessing.connection.Connection | None = None
         self._started = False
         self._closed = False
+        self._froze_parent = False  # this pool's fork froze the parent's heap (see _freeze_parent)
 
     @property
     def started(self) -> bool:
@@ -533,6 +566,8 @@ class WorkerPool:
             # A forked worker gets the setup itself (no pickling, as torch's fork workers); others its pickle.
             forked = self._context.get_start_method() == "fork"
             setup_arg = self.setup if forked else pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
+            if forked:
+                self._froze_parent = _freeze_parent()
             try:
                 for worker_id in range(self.num_workers):
                     ours, theirs = self._context.Pipe(duplex=True)
@@ -741,6 +776,9 @@ class WorkerPool:
         for end in (self._wake_r, self._wake_w):
             if end is not None:
                 end.close()
+        if self._froze_parent:
+            self._froze_parent = False
+            _thaw_parent()
 
     def __del__(self) -> None:
         if getattr(self, "_started", False) and not self._closed:

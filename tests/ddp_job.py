@@ -4,7 +4,11 @@ Every rank records the sample indices it received; rank 0 gathers them and write
 epoch 0 with aloader's DistributedSampler; epoch 1 stopped after two batches, "killed" (the loaders dropped) and
 resumed by new loaders from rank 0's JSON state; one epoch of tar shards split by the dataset itself; and one
 epoch of tar shards of very unequal sizes with ``samples_per_epoch``, stepped like DDP (an ``all_reduce`` per batch,
-which would wait forever -- here: time out -- on a rank that ran out of batches).
+which would wait forever -- here: time out -- on a rank that ran out of batches); and, in the directory
+``argv[2]``, tar shards with ``samples_per_epoch`` and rank 0's loader state after one batch.
+
+``torchrun --nproc_per_node=3 ddp_job.py OUT DIR --resume`` resumes that state with 3 ranks instead of 2 (the rest
+of the epoch split again over them), stepped like DDP, and writes what each rank saw to ``OUT``.
 """
 
 from __future__ import annotations
@@ -116,8 +120,55 @@ def main() -> None:
         }
     )
     unequal = unequal_shards_epoch(rank)
+    elastic = elastic_save(rank, Path(sys.argv[2]))
     if rank == 0:
-        Path(sys.argv[1]).write_text(json.dumps({"epochs": epochs, "unequal": unequal}))
+        Path(sys.argv[1]).write_text(json.dumps({"epochs": epochs, "unequal": unequal, "elastic": elastic}))
+    dist.destroy_process_group()
+
+
+ELASTIC_SHARDS = 6  # of 5 samples: 30, and 24 per epoch, 12 per rank of 2 (each rank's 3 shards hold 15)
+
+
+def elastic_loader(directory: Path) -> aloader.DataLoader[Any]:
+    urls = [str(directory / f"shard-{s}.tar") for s in range(ELASTIC_SHARDS)]
+    dataset = TarShardDataset(urls, samples_per_epoch=24, decode=lambda sample: int(sample["txt"]))
+    return aloader.DataLoader(dataset, batch_size=4)
+
+
+def elastic_save(rank: int, directory: Path) -> dict[str, Any]:
+    """The whole epoch on each rank, then the same epoch again stopped after one batch (the same step on every rank),
+    with rank 0's state written to ``directory / "state.json"`` for a job with another number of ranks."""
+    if rank == 0:
+        write_shards(directory, shards=ELASTIC_SHARDS, per_shard=5)
+    dist.barrier()
+    whole = [i for batch in elastic_loader(directory) for i in batch.tolist()]
+    loader = elastic_loader(directory)
+    iterator = iter(loader)
+    before = next(iterator).tolist()
+    if rank == 0:
+        (directory / "state.json").write_text(json.dumps(loader.state_dict()))
+    iterator.close()  # "killed" after the checkpoint
+    dist.barrier()
+    return {"whole": gather(whole), "before": gather(before)}
+
+
+def elastic_resume() -> None:
+    """Resume ``argv[2]``'s state with this job's ranks, stepped like DDP; rank 0 writes what each rank saw."""
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    directory = Path(sys.argv[2])
+    loader = elastic_loader(directory)
+    loader.load_state_dict(json.loads((directory / "state.json").read_text()))
+    seen: list[int] = []
+    steps = 0
+    for batch in loader:
+        total = batch.sum().double()
+        dist.all_reduce(total)  # every rank takes part in every step: the same number of batches on each
+        seen += batch.tolist()
+        steps += 1
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, {"seen": seen, "steps": steps})
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps({"per_rank": reports}))
     dist.destroy_process_group()
 
 
@@ -169,4 +220,7 @@ def unequal_shards_epoch(rank: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    if "--resume" in sys.argv:
+        elastic_resume()
+    else:
+        main()

@@ -6,6 +6,7 @@ Every test runs through both drivers; the autouse ``no_leaks`` fixture also chec
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 import aloader
 from tests import pool_datasets as pd
@@ -213,6 +215,34 @@ def test_workers_freeze_the_inherited_heap(driver: Driver) -> None:
     # Their garbage collections must not walk (and so copy on write) the heap they share with the parent.
     counts = torch.cat(driver.collect(aloader.DataLoader(pd.FrozenObjects(), batch_size=2, num_workers=2)))
     assert all(count > 1000 for count in counts.tolist())
+
+
+def test_a_forked_pool_freezes_the_parents_heap_until_it_closes(driver: Driver) -> None:
+    # The parent's collections must not walk (and copy on write) what the forked workers share with it either.
+    numbers = TensorDataset(torch.arange(12))
+    assert gc.get_freeze_count() == 0
+    loader = aloader.DataLoader(numbers, batch_size=4, num_workers=2, persistent_workers=True, **FORK)
+    assert len(driver.collect(loader, limit=1)) == 1
+    assert gc.get_freeze_count() > 0  # the persistent pool is alive
+    loader.close()
+    assert gc.get_freeze_count() == 0
+    # Without persistent workers the pool, and the freeze, end with the epoch.
+    assert len(driver.collect(aloader.DataLoader(numbers, batch_size=4, num_workers=2, **FORK))) == 3
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_heap_the_program_froze_is_left_to_it(driver: Driver) -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        loader = aloader.DataLoader(TensorDataset(torch.arange(12)), batch_size=4, num_workers=2, **FORK)
+        assert len(driver.collect(loader)) == 3
+        assert gc.get_freeze_count() == frozen  # not unfrozen by the loader
+    finally:
+        gc.unfreeze()
+
+
+FORK: dict[str, Any] = {"multiprocessing_context": "fork"}
 
 
 def test_default_start_method_is_forkserver_while_another_thread_runs(driver: Driver) -> None:

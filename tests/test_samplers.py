@@ -166,9 +166,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_torchrun_two_ranks_see_each_sample_once_per_epoch(tmp_path: Path) -> None:
-    """A real 2-process job (gloo, CPU): ranks gather what they saw; each epoch covers every sample exactly once."""
-    out = tmp_path / "seen.json"
+def _torchrun(ranks: int, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -177,12 +175,12 @@ def test_torchrun_two_ranks_see_each_sample_once_per_epoch(tmp_path: Path) -> No
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--nproc_per_node=2",
+            f"--nproc_per_node={ranks}",
             "--nnodes=1",
             "--master_addr=127.0.0.1",
             f"--master_port={_free_port()}",
             str(ROOT / "tests" / "ddp_job.py"),
-            str(out),
+            *args,
         ],
         env=env,
         capture_output=True,
@@ -191,6 +189,13 @@ def test_torchrun_two_ranks_see_each_sample_once_per_epoch(tmp_path: Path) -> No
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torchrun_two_ranks_see_each_sample_once_per_epoch(tmp_path: Path) -> None:
+    """A real 2-process job (gloo, CPU): ranks gather what they saw; each epoch covers every sample exactly once.
+    Then a 3-process job resumes a tar shard epoch the 2 ranks had begun: it reads exactly the rest, split evenly."""
+    out = tmp_path / "seen.json"
+    _torchrun(2, str(out), str(tmp_path))
     report = json.loads(out.read_text())
     for epoch in report["epochs"]:
         ranks = epoch["per_rank"]
@@ -213,3 +218,15 @@ def test_torchrun_two_ranks_see_each_sample_once_per_epoch(tmp_path: Path) -> No
     # Seed 0 gives one rank shards holding 26 samples, the other 6: split by shards alone, one rank would run
     # 7 batches and the other 2 (and DDP would hang).
     assert sorted(r["held"] for r in unequal) == [6, 26]
+
+    # World size 2 -> 3: rank 0's state after one batch (4 samples on each rank) resumes 3 ranks, stepped like DDP.
+    elastic = report["elastic"]
+    whole, before = elastic["whole"], elastic["before"]
+    assert [len(r) for r in whole] == [12, 12] and before == [r[:4] for r in whole]
+    resumed = tmp_path / "resumed.json"
+    _torchrun(3, str(resumed), str(tmp_path), "--resume")
+    after = json.loads(resumed.read_text())["per_rank"]
+    assert [r["steps"] for r in after] == [2, 2, 2]  # every rank the same batches: 16 left, 5 each, 1 left out
+    assert [len(r["seen"]) for r in after] == [5, 5, 5]
+    # Exactly the old ranks' rest, in rank order, cut evenly: none twice, none lost but the one left over.
+    assert [i for r in after for i in r["seen"]] == (whole[0][4:] + whole[1][4:])[:15]
