@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> Report | None:
     work = calibrate(work_seconds)
     n, batch_size = (16, 8) if args.quick else (1024, 16)
     # Interleaved repeats, median per figure: noise from other users of the machine hits both systems alike.
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else 5
     # The smoke run skips the opt-in forkserver row: it only checks that the script works end to end.
     names = ["torch", "aloader"] if args.quick else list(SYSTEMS)
     runs: dict[str, list[dict[str, float]]] = {system: [] for system in names}
