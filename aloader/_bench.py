@@ -424,18 +424,22 @@ class RssSampler:
         self._started = time.perf_counter()
         self.peak = 0
         self.timeline: list[tuple[float, int, int]] = []
+        self._lock = threading.Lock()  # the sampling thread and sample() calls append in time order
         self._thread = threading.Thread(target=self._run, name="aloader-bench-rss", daemon=True)
         self._thread.start()
 
-    def _sample(self) -> None:
-        rss = tree_rss(self._process)
-        if rss:
-            self.peak = max(self.peak, rss)
-            self.timeline.append((time.perf_counter() - self._started, self._progress(), rss))
+    def sample(self) -> None:
+        """Take a sample now, besides the periodic ones: a stream shorter than the interval still gets a point
+        while the process runs with data delivered (the first batch is a good moment)."""
+        with self._lock:
+            rss = tree_rss(self._process)
+            if rss:
+                self.peak = max(self.peak, rss)
+                self.timeline.append((time.perf_counter() - self._started, self._progress(), rss))
 
     def _run(self) -> None:
         while True:
-            self._sample()
+            self.sample()
             if self._stop.wait(self._interval):  # a measurement, not a synchronisation
                 return
 
@@ -443,7 +447,7 @@ class RssSampler:
         """Stop sampling (one last sample first); the peak RSS in bytes."""
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self.sample()
         return self.peak
 
 
@@ -491,9 +495,11 @@ def run_system(
             kind = event[0]
             if kind == "batch":
                 _, at, count, size, lat = event
-                first = at if first is None else first
                 samples += count
                 nbytes += size
+                if first is None and rss is not None:
+                    rss.sample()  # the child goes on streaming: a point with data, however short the stream
+                first = at if first is None else first
                 latencies.extend(lat)
                 seconds = at
                 timeline.append((at, samples))
