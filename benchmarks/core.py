@@ -82,9 +82,14 @@ def count_samples(batch: Any) -> int:
     return int(first.shape[0])
 
 
-def time_sync(loader: Any) -> tuple[int, float]:
+def time_sync(loader: Any, step: Callable[[Any], Any] | None = None) -> tuple[int, float]:
+    """An epoch's samples and seconds; ``step`` (the consumer's work, as a training step) runs on each batch."""
     started = time.perf_counter()
-    samples = sum(count_samples(batch) for batch in loader)
+    samples = 0
+    for batch in loader:
+        if step is not None:
+            step(batch)
+        samples += count_samples(batch)
     return samples, time.perf_counter() - started
 
 
@@ -127,14 +132,16 @@ def in_memory_workload(n: int, repeats: int) -> list[Result]:
         ("aloader, for", lambda: time_sync(ours)),
         ("aloader, async for", lambda: time_async(ours)),
     ]
-    # Interleave the systems' repeats so that machine noise hits all of them alike.
+    return interleaved("in-memory", rows, repeats)
+
+
+def interleaved(workload: str, rows: list[tuple[str, Callable[[], tuple[int, float]]]], repeats: int) -> list[Result]:
+    """Each system's median over ``repeats``, the systems' runs interleaved so machine noise hits them alike."""
     timings: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in rows}
     for _ in range(repeats):
         for name, fn in rows:
             timings[name].append(fn())
-    return [
-        Result("in-memory", name, runs[0][0], statistics.median(s for _, s in runs)) for name, runs in timings.items()
-    ]
+    return [Result(workload, name, runs[0][0], statistics.median(s for _, s in runs)) for name, runs in timings.items()]
 
 
 class ModelStep:
@@ -155,15 +162,6 @@ class ModelStep:
         return float((hidden @ self.weights[-1]).sum())
 
 
-def time_steps(loader: Any, step: ModelStep) -> tuple[int, float]:
-    started = time.perf_counter()
-    samples = 0
-    for batch in loader:
-        step(batch)
-        samples += count_samples(batch)
-    return samples, time.perf_counter() - started
-
-
 def model_step_workload(n: int, repeats: int) -> list[Result]:
     dataset = TensorDataset(torch.randn(n, 32), torch.randint(0, 10, (n,)))
     kwargs: dict[str, Any] = {"batch_size": 64, "shuffle": True}
@@ -171,22 +169,15 @@ def model_step_workload(n: int, repeats: int) -> list[Result]:
     reference = torch.utils.data.DataLoader(dataset, **kwargs)
     ours = aloader.DataLoader(dataset, **kwargs)
     rows = [
-        ("torch DataLoader, num_workers=0, with a model step", lambda: time_steps(reference, step)),
-        ("aloader, for, with a model step", lambda: time_steps(ours, step)),
+        ("torch DataLoader, num_workers=0, with a model step", lambda: time_sync(reference, step)),
+        ("aloader, for, with a model step", lambda: time_sync(ours, step)),
     ]
-    timings: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in rows}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the step on one core, the other left to the loader (and to torch's nothing)
     try:
-        for _ in range(repeats):
-            for name, fn in rows:
-                timings[name].append(fn())
+        return interleaved("in-memory + model step", rows, repeats)
     finally:
         torch.set_num_threads(threads)
-    return [
-        Result("in-memory + model step", name, runs[0][0], statistics.median(s for _, s in runs))
-        for name, runs in timings.items()
-    ]
 
 
 WORKLOADS = ("latency", "in-memory", "in-memory + model step")

@@ -236,7 +236,7 @@ class TarShardDataset:
             assert self.samples_per_epoch is not None
             lengths = [old.share(self.samples_per_epoch) for old in first]
             parts = resplit(lengths, point.history, slots)[slot]
-            quota: int | None = sum(part.stop - part.start for part in parts)
+            quota: int | None = sum(part.size for part in parts)
             items = self._parts_stream(parts, first)
         else:
             shards = self.shards_for_this_reader()

@@ -178,6 +178,10 @@ class Part:
     start: int
     stop: int
 
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
 
 def resplit(lengths: Sequence[int], history: Sequence[tuple[int, int, int]], slots: int) -> list[list[Part]]:
     """The parts each of ``slots`` readers yields in an epoch split anew after ``history``.
@@ -192,33 +196,19 @@ def resplit(lengths: Sequence[int], history: Sequence[tuple[int, int, int]], slo
     for i, (count, _workers, position) in enumerate(history):
         if count != len(readers):
             raise ValueError(f"the state's history does not chain: a split of {count} readers follows {len(readers)}")
-        rest = [part for parts in readers for part in _after(parts, position)]
+        rest = [part for parts in readers for part in _window(parts, position, sum(p.size for p in parts))]
         following = history[i + 1][0] if i + 1 < len(history) else slots
-        share = sum(part.stop - part.start for part in rest) // following
+        share = sum(part.size for part in rest) // following
         readers = [_window(rest, k * share, (k + 1) * share) for k in range(following)]
     return readers
-
-
-def _after(parts: list[Part], skip: int) -> list[Part]:
-    """``parts`` without their first ``skip`` samples."""
-    out = []
-    for part in parts:
-        size = part.stop - part.start
-        if skip >= size:
-            skip -= size
-            continue
-        out.append(Part(part.reader, part.start + skip, part.stop))
-        skip = 0
-    return out
 
 
 def _window(parts: list[Part], start: int, stop: int) -> list[Part]:
     """Samples ``start`` to ``stop`` of ``parts`` joined."""
     out, offset = [], 0
     for part in parts:
-        size = part.stop - part.start
-        lo, hi = max(start, offset), min(stop, offset + size)
+        lo, hi = max(start, offset), min(stop, offset + part.size)
         if lo < hi:
             out.append(Part(part.reader, part.start + lo - offset, part.start + hi - offset))
-        offset += size
+        offset += part.size
     return out
