@@ -16,7 +16,8 @@ import weakref
 from typing import Any
 
 from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
-from aloader._pipeline import END, SKIPPED, Failed, Pipeline
+from aloader._core.outcomes import END, SKIPPED, Failed
+from aloader._core.pipeline import Pipeline
 from aloader._state import Cursor
 from aloader._stats import open_progress
 

@@ -45,7 +45,7 @@ import struct
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler, recvfds, sendfds
 from typing import Any, Final, Literal
@@ -55,11 +55,14 @@ import torch
 import torch.multiprocessing  # registers torch's shared-memory reductions with ForkingPickler
 import torch.utils.data._utils.worker as torch_worker
 
+from aloader._core.access import describe_indices
+from aloader._core.outcomes import NO_BATCH
+from aloader._core.plan import PoolKind
 from aloader._failures import Collated, Skipped, split_skipped, transform_each
 from aloader._threads import _deliver
 from aloader.errors import WorkerDiedError, with_context
 
-__all__ = ["IterStop", "WorkerPool", "WorkerSetup", "default_context", "describe_indices", "fork_is_safe"]
+__all__ = ["WorkerPool", "WorkerSetup", "default_context", "fork_is_safe"]
 
 # Arrays smaller than this are pickled inline: a shared segment costs a file descriptor round trip (~100 us).
 _SHARE_MIN_BYTES: Final = 64 * 1024
@@ -136,16 +139,11 @@ def fork_is_safe() -> bool:
     return store is None or not store.object_store_started()
 
 
-def describe_indices(indices: Sequence[Any]) -> str:
-    shown = ", ".join(map(repr, indices[:8]))
-    return f"[{shown}{', ...' if len(indices) > 8 else ''}] ({len(indices)} samples)"
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerSetup:
     """What every worker gets once, at start (pickled: the dataset is copied into each worker)."""
 
-    kind: Literal["map", "iterable", "items"]  # items: samples come from the parent (async datasets)
+    kind: PoolKind  # items: samples come from the parent (async datasets)
     dataset: Any
     auto_collation: bool
     batch_size: int | None
@@ -157,20 +155,6 @@ class WorkerSetup:
     base_seed: int
     # max_failures is set: a failing sample becomes a Skipped marker, and batches come back as Collated.
     skip_failures: bool = False
-
-
-class _IterStop:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "IterStop"
-
-    def __reduce__(self) -> str:
-        return "IterStop"
-
-
-IterStop: Final = _IterStop()
-"""A worker's answer to ``next`` when its copy of an iterable dataset is exhausted for this epoch."""
 
 
 # ----------------------------------------------------------------------------------------------- worker process
@@ -334,13 +318,13 @@ class _Worker:
         # As torch's _IterableDatasetFetcher: a short last batch unless drop_last; then the worker is exhausted.
         setup = self.setup
         if self.ended or self.iterator is None:
-            return IterStop
+            return NO_BATCH
         if not setup.auto_collation:
             try:
                 item = next(self.iterator)
             except StopIteration:
                 self.ended = True
-                return IterStop
+                return NO_BATCH
             except Exception as exc:
                 item = self.failed(exc, "fetching an item of the iterable dataset", "fetch")
             return self.collate(["item"], [item], "item")
@@ -356,7 +340,7 @@ class _Worker:
                 items.append(self.failed(exc, "fetching items of the iterable dataset", "fetch"))
         if not items or (setup.drop_last and len(items) < setup.batch_size):
             self.ended = True
-            return IterStop
+            return NO_BATCH
         return self.collate(["item"] * len(items), items, "item")
 
     def collate(self, positions: list[Any], samples: list[Any], label: str) -> Any:
@@ -520,6 +504,10 @@ class WorkerPool:
         self._froze_parent = False  # this pool's fork froze the parent's heap (see _freeze_parent)
 
     @property
+    def kind(self) -> PoolKind:
+        return self.setup.kind
+
+    @property
     def started(self) -> bool:
         return self._started
 
@@ -598,7 +586,7 @@ class WorkerPool:
                 sender.start()
 
     # ------------------------------------------------------------------------------------------------ tasks
-    def submit(self, worker_id: int, op: Op, payload: Any, what: str) -> asyncio.Future[Any]:
+    def submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
         """Queue a task for ``worker_id`` (never blocks); its future resolves with the result or raises.
 
         Tasks reach a worker in the order they are submitted (one sender thread per worker): with the same seeds,

@@ -26,14 +26,39 @@ import contextlib
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import torch
 
 from aloader.samplers import DistributedSampler
 
-if TYPE_CHECKING:
-    from aloader.loader import DataLoader
+
+class _Loader(Protocol):
+    """What the state reads of a DataLoader (a protocol: this module sits below ``loader.py``)."""
+
+    @property
+    def dataset(self) -> Any: ...
+    @property
+    def sampler(self) -> Any: ...
+    @property
+    def batch_sampler(self) -> Any: ...
+    @property
+    def batch_size(self) -> int | None: ...
+    @property
+    def generator(self) -> torch.Generator | None: ...
+    @property
+    def _auto_collation(self) -> bool: ...
+    @property
+    def _dataset_kind(self) -> Any: ...
+    @property
+    def _base_seed(self) -> int: ...
+    @property
+    def _persistent_pool(self) -> _Pool | None: ...
+
+
+class _Pool(Protocol):
+    @property
+    def broken(self) -> bool: ...
 
 __all__ = ["STATE_FORMAT", "Cursor", "LoaderState"]
 
@@ -216,7 +241,7 @@ class _Start:
         return start
 
 
-def _generators(loader: DataLoader[Any]) -> tuple[torch.Generator | None, torch.Generator | None]:
+def _generators(loader: _Loader) -> tuple[torch.Generator | None, torch.Generator | None]:
     """(the loader's generator, a sampler's own other generator) that an epoch draws from."""
     own = loader.generator
     for holder in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
@@ -226,7 +251,7 @@ def _generators(loader: DataLoader[Any]) -> tuple[torch.Generator | None, torch.
     return own, None
 
 
-def _unit_size(loader: DataLoader[Any]) -> int:
+def _unit_size(loader: _Loader) -> int:
     return loader.batch_size if loader._auto_collation and loader.batch_size is not None else 1
 
 
@@ -242,7 +267,7 @@ class LoaderState:
         self._resuming: dict[str, Any] | None = None  # the pending mid-epoch state while _plan() runs
 
     # ------------------------------------------------------------------------------------------ saving
-    def state_dict(self, loader: DataLoader[Any]) -> dict[str, Any]:
+    def state_dict(self, loader: _Loader) -> dict[str, Any]:
         if self.pending is not None:
             return dict(self.pending)  # loaded and not yet started: still that state
         cursor, start = self.cursor, self.start
@@ -268,7 +293,7 @@ class LoaderState:
                 state["dataset"] = _state_of(dataset)
         return state
 
-    def _boundary(self, loader: DataLoader[Any]) -> dict[str, Any]:
+    def _boundary(self, loader: _Loader) -> dict[str, Any]:
         """Between epochs: the next ``iter()`` starts epoch ``self.epoch`` from the generators as they are now."""
         own, other = _generators(loader)
         start = _Start()
@@ -293,7 +318,7 @@ class LoaderState:
         }
 
     # ----------------------------------------------------------------------------------------- loading
-    def load_state_dict(self, loader: DataLoader[Any], state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, loader: _Loader, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise TypeError(f"load_state_dict() expects the dict returned by state_dict(), got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
@@ -317,7 +342,7 @@ class LoaderState:
 
     # -------------------------------------------------------------------------------------- one epoch
     @contextlib.contextmanager
-    def epoch_scope(self, loader: DataLoader[Any]) -> Iterator[None]:
+    def epoch_scope(self, loader: _Loader) -> Iterator[None]:
         """Around ``_plan()``: record how the epoch starts, or set it up to continue a loaded state."""
         pending, self.pending = self.pending, None
         own, other = _generators(loader)
@@ -358,7 +383,7 @@ class LoaderState:
 
     @staticmethod
     def _apply_start(
-        loader: DataLoader[Any],
+        loader: _Loader,
         start: _Start,
         own: torch.Generator | None,
         other: torch.Generator | None,
@@ -393,7 +418,7 @@ class LoaderState:
         if self.start is not None:
             self.start.drew_base_seed = False
 
-    def position(self, loader: DataLoader[Any], kind: str, source: Any, async_batching: bool, in_workers: bool) -> Any:
+    def position(self, loader: _Loader, kind: str, source: Any, async_batching: bool, in_workers: bool) -> Any:
         """The epoch's source, moved to the resumed position (without fetching) and snapshotting if it must."""
         cursor = self.cursor
         assert cursor is not None

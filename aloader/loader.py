@@ -3,7 +3,7 @@
 It subclasses ``torch.utils.data.DataLoader`` so that everything torch defines stays torch's own: the signature,
 defaults and positional order, every argument check with its exact message, ``len()``, the attributes users and
 frameworks read (``loader.dataset``, ``loader.batch_sampler``, ...), and ``isinstance(loader, torch DataLoader)``.
-What changes is iteration: ``__iter__`` and ``__aiter__`` run the async core (``_pipeline``), and two keyword-only
+What changes is iteration: ``__iter__`` and ``__aiter__`` run the async core (``_core``), and two keyword-only
 options are added, ``concurrency`` and ``transform``.
 """
 
@@ -20,9 +20,10 @@ import torch.utils.data
 from torch.utils.data import BatchSampler, IterableDataset
 from torch.utils.data.dataloader import _DatasetKind
 
+from aloader._core.pipeline import Pipeline
+from aloader._core.plan import DatasetKind, Plan, Speed, pool_kind, window_for
 from aloader._failures import check_max_failures
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
-from aloader._pipeline import DatasetKind, Pipeline, Plan, Speed, pool_kind, window_for
 from aloader._pool import WorkerPool, WorkerSetup
 from aloader._state import LoaderState
 from aloader._stats import Recorder

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 import aloader
-from aloader import _pipeline
+from aloader._core import lane
 from tests.conftest import Driver
 from tests.datasets import Rendezvous
 
@@ -161,7 +161,7 @@ def test_fast_lane_prefetch_is_bounded(driver: Driver) -> None:
     to k batches: still a fixed bound. With the lane's widest k (units known to be very fast), the pipeline stops
     at 3k batches: two calls of k in flight, k in the prefetch queue, one of them taken by the consumer, and the
     dispatcher waiting for room for a whole call."""
-    batch_size, k = 4, _pipeline._LANE_UNITS
+    batch_size, k = 4, lane.LANE_UNITS
     dataset = _Counted()
     loader = aloader.DataLoader(dataset, batch_size=batch_size)
     loader._speed.per_unit = 1e-6  # as learnt in an earlier epoch: the lane from the first batch, k at its widest

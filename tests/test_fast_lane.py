@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 import aloader
-from aloader import _pipeline
+from aloader._core import fetch, lane
 from tests.conftest import Driver, torch_outcomes
 from tests.datasets import AsyncSquares, FailingSet, Rendezvous
 
@@ -32,14 +32,14 @@ class _LaneCalls:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.units: list[int] = []
-        original = _pipeline.Pipeline._lane_run
+        original = lane.Lane._run_thread
 
-        def counted(pipeline: _pipeline.Pipeline, units: list[Any]) -> list[Any]:
-            outcomes = original(pipeline, units)
+        def counted(self_: lane.Lane, units: list[Any]) -> list[Any]:
+            outcomes = original(self_, units)
             self.units.append(len(outcomes))
             return outcomes
 
-        monkeypatch.setattr(_pipeline.Pipeline, "_lane_run", counted)
+        monkeypatch.setattr(lane.Lane, "_run_thread", counted)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_slow_samples_take_the_lane_out_of_use(driver: Driver) -> None:
     assert got == list(range(100))
     assert dataset.rendezvous.max_inside >= 8
     assert loader._speed.per_unit is not None
-    assert loader._speed.per_unit >= _pipeline._CHUNK_SECONDS
+    assert loader._speed.per_unit >= fetch.CHUNK_SECONDS
 
 
 def test_lane_break_and_close_leave_no_thread(driver: Driver) -> None:
@@ -171,6 +171,6 @@ def test_lane_stats_count_every_batch(driver: Driver) -> None:
     stats = loader.stats()
     assert len(outcomes) == stats.batches == 100
     assert stats.failed_batches == 1
-    assert stats.queue.capacity == _pipeline._LANE_UNITS
+    assert stats.queue.capacity == lane.LANE_UNITS
     assert (stats.fetch.items, stats.fetch.failures) == (396, 1)  # the failed batch counts as a failure
     assert stats.queue.items == 100

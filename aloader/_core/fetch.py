@@ -1,0 +1,205 @@
+"""Fetching a map-style unit: its samples from the dataset, then finished into a batch.
+
+In: a unit of indices. Out: its outcome (a batch, or the exception to raise at its position). ``async def``
+``__getitem__``/``__getitems__`` run as tasks on the loop; a sync ``__getitem__`` runs in threads, in runs sized by
+how fast samples have been (:class:`~aloader._core.plan.Speed`): slow (I/O-bound) samples get a thread call each, so
+``concurrency`` of them wait at once, fast ones are fetched, transformed and collated in one call. At most
+``concurrency`` fetch calls are in flight (``Context.slots``). User code never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from typing import Any, Final
+
+from aloader._core.access import MapAccess, any_awaitable, describe_indices
+from aloader._core.collate import Finisher
+from aloader._core.context import Context, Record, gather_ordered
+from aloader.errors import with_context
+
+__all__ = ["CHUNK_SECONDS", "UNFINISHED", "Fetcher"]
+
+# A run of fast samples is fetched in one thread call of about this many seconds; slow samples get a call each.
+CHUNK_SECONDS: Final = 0.002
+
+UNFINISHED: Final = object()
+"""In place of a batch from a thread call whose samples are awaitables: they are finished on the loop."""
+
+
+class Fetcher:
+    """Fetches the units of a map-style dataset and finishes them (``Finisher``)."""
+
+    def __init__(self, ctx: Context, access: MapAccess, finisher: Finisher) -> None:
+        self._ctx = ctx
+        self.access = access
+        self._finisher = finisher
+        self._timing = 0  # whole units being made in threads right now (see _timed_unit)
+        self._timing_lock = threading.Lock()
+
+    def indices(self, unit: Any) -> list[Any]:
+        return list(unit) if self._ctx.plan.auto_collation else [unit]
+
+    async def unit(self, unit: Any) -> Any:
+        """The outcome of one unit (raises its failure)."""
+        access = self.access
+        indices = self.indices(unit)
+        if self._ctx.plan.auto_collation and access.getitems is not None:
+            return await self._getitems(indices)
+        if access.getitem_is_async:
+            samples = await gather_ordered([self._fetch_async(index) for index in indices])
+            return await self._finisher.finish(indices, samples, "sample index")
+        return await self._fetch_sync(indices)
+
+    async def finish_awaitables(self, samples: list[Any], indices: list[Any]) -> Any:
+        """Finish a unit whose sync fetch returned awaitables (a thread call gave :data:`UNFINISHED`)."""
+        return await self._finisher.finish(indices, await self._resolve_awaitables(samples, indices), "sample index")
+
+    # ------------------------------------------------------------------------------------------- loop side
+    async def _getitems(self, indices: list[Any]) -> Any:
+        ctx, access = self._ctx, self.access
+        getitems = access.getitems
+        assert getitems is not None
+        keys = [access.key(index) for index in indices]
+        where = f"fetching the batch of sample indices {describe_indices(indices)} with __getitems__"
+        started = time.perf_counter()
+        try:
+            async with ctx.slots:  # one __getitems__ call is one fetch call
+                if access.getitems_is_async:
+                    try:
+                        samples = await getitems(keys)
+                    except Exception as exc:
+                        raise with_context(exc, where)
+                else:
+
+                    def fetch() -> Any:
+                        try:
+                            return getitems(keys)
+                        except Exception as exc:
+                            raise with_context(exc, where)
+
+                    samples = await ctx.threads.run(fetch)
+        except Exception:
+            if not ctx.plan.skipping:
+                ctx.stats.failure("fetch")
+                raise
+            # Under max_failures a failed batch call is fetched again sample by sample, so only the samples that
+            # fail are skipped (__getitem__ may be called twice for the others).
+            if access.getitem_is_async:
+                fetched = await gather_ordered([self._fetch_async(index) for index in indices])
+                return await self._finisher.finish(indices, fetched, "sample index")
+            return await self._fetch_sync(indices)
+        ctx.stats.add("fetch", len(indices), time.perf_counter() - started)
+        return await self._finisher.finish(indices, list(samples), "sample index")
+
+    async def _fetch_async(self, index: Any) -> Any:
+        ctx, access = self._ctx, self.access
+        async with ctx.slots:
+            started = time.perf_counter()
+            try:
+                sample = await access.getitem(access.key(index))
+            except Exception as exc:
+                return ctx.failed("fetch", exc, f"fetching sample index {index!r}")
+            ctx.stats.add("fetch", 1, time.perf_counter() - started)
+            return sample
+
+    async def _fetch_sync(self, indices: list[Any]) -> Any:
+        """Fetch with sync ``__getitem__`` in threads, in runs sized so each call takes about 2 ms.
+
+        The run size follows a moving average of the time per sample. A sample that is usually fast can still
+        block (a cache miss), so even a fast run is a thread call: the loop keeps the other fetches going.
+        """
+        ctx = self._ctx
+        per_sample = ctx.speed.per_sample
+        # Unknown speed (the first batches): a call per sample, so slow samples are fetched concurrently from the
+        # start. Fast datasets pay this once: a few short-lived calls, then whole-batch runs.
+        run = 1 if per_sample is None else max(1, min(len(indices), int(CHUNK_SECONDS / max(per_sample, 1e-9))))
+        if run >= len(indices) and not inspect.iscoroutinefunction(ctx.plan.transform):
+            # The common fast case: one call does the whole batch, fetch to pinned batch.
+            async with ctx.slots:
+                fetched, batch = await ctx.threads.run(lambda: self._timed_unit(indices))
+            if batch is not UNFINISHED:
+                return batch
+            return await self.finish_awaitables(fetched, indices)
+        runs = [indices[i : i + run] for i in range(0, len(indices), run)]
+        parts = await gather_ordered([self._fetch_sync_run(part) for part in runs])
+        return await self.finish_awaitables([sample for part in parts for sample in part], indices)
+
+    async def _fetch_sync_run(self, indices: list[Any]) -> list[Any]:
+        async with self._ctx.slots:
+            fetched, _ = await self._ctx.threads.run(lambda: self.run(indices, finish=False))
+        return fetched
+
+    async def _resolve_awaitables(self, samples: list[Any], indices: list[Any]) -> list[Any]:
+        # A sync __getitem__ may return an awaitable, e.g. a ConcatDataset over async datasets: await it here.
+        if not any_awaitable(samples):
+            return samples
+        ctx = self._ctx
+
+        async def settle(sample: Any, index: Any) -> Any:
+            if not inspect.isawaitable(sample):
+                return sample
+            async with ctx.slots:
+                try:
+                    return await sample
+                except Exception as exc:
+                    return ctx.failed("fetch", exc, f"fetching sample index {index!r}")
+
+        return await gather_ordered([settle(s, i) for s, i in zip(samples, indices, strict=True)])
+
+    # ----------------------------------------------------------------------------------------- thread side
+    def _timed_unit(self, indices: list[Any]) -> tuple[list[Any], Any]:
+        """A whole unit in one call, timed for the lane. Units made at the same time in other threads share the GIL
+        with this one: the time is divided by how many ran, or a fast dataset fetched two units at a time would
+        look twice as slow as it is."""
+        with self._timing_lock:
+            self._timing += 1
+            sharing = self._timing
+        started = time.perf_counter()
+        try:
+            return self.run(indices, finish=True)
+        finally:
+            seconds = time.perf_counter() - started
+            with self._timing_lock:
+                sharing = max(sharing, self._timing)
+                self._timing -= 1
+            self._ctx.speed.unit_took(seconds / sharing)
+
+    def run(self, indices: list[Any], finish: bool, record: Record | None = None) -> tuple[list[Any], Any]:
+        """Fetch ``indices`` in order; with ``finish``, also transform, collate and pin: (samples, batch or
+        UNFINISHED). Stage times go to ``record`` (the lane collects a call's and records them at once)."""
+        ctx, access = self._ctx, self.access
+        record = record or ctx.stats.add
+        started = time.perf_counter()
+        samples = []
+        getitem = access.getitem
+        keys = [access.key(index) for index in indices] if access.remaps else indices
+        for index, key in zip(indices, keys, strict=True):
+            try:
+                samples.append(getitem(key))
+            except Exception as exc:
+                samples.append(ctx.failed("fetch", exc, f"fetching sample index {index!r}"))
+        elapsed = time.perf_counter() - started
+        record("fetch", len(indices), elapsed)
+        ctx.speed.sample_took(elapsed / len(indices))
+        if finish and not any_awaitable(samples):
+            return samples, self._finisher.finish_sync(indices, samples, "sample index", record=record)
+        return samples, UNFINISHED
+
+    def getitems_sync(self, indices: list[Any], record: Record) -> tuple[list[Any], Any]:
+        """A batch through the dataset's sync ``__getitems__``, as the loop side does it: (samples, batch or
+        UNFINISHED)."""
+        ctx, access = self._ctx, self.access
+        assert access.getitems is not None
+        started = time.perf_counter()
+        try:
+            samples = access.getitems([access.key(index) for index in indices])
+        except Exception as exc:
+            if not ctx.plan.skipping:
+                ctx.stats.failure("fetch")
+                where = f"fetching the batch of sample indices {describe_indices(indices)} with __getitems__"
+                raise with_context(exc, where)
+            return self.run(indices, True, record)  # only the samples that fail are skipped
+        record("fetch", len(indices), time.perf_counter() - started)
+        return [], self._finisher.finish_sync(indices, list(samples), "sample index", record=record)

@@ -1,0 +1,161 @@
+"""The fast lane: consecutive fast units of a sync map-style dataset made ``k`` at a time in one thread call.
+
+A fast unit (a batch of in-memory samples: well under a millisecond of ``__getitem__`` and collate) costs less than
+the hand-offs around it: the scheduler's task, the thread call and its return to the loop. The lane makes ``k`` of
+them per call on a thread of its own, so those costs are paid once per ``k`` batches, and widens the window and the
+sink to ``2k`` and ``k`` units (two calls in flight, one call's batches waiting), a few milliseconds of work. Units
+that turn slow (waiting on I/O after all) take the lane out of use again, and the rest of a call's units go back to
+concurrent fetching.
+
+In: units from the scheduler. Out: their outcomes, completed in order (``Order.complete``). It owns its thread and
+the lane's width.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal
+
+from aloader._core.context import Context
+from aloader._core.fetch import CHUNK_SECONDS, UNFINISHED, Fetcher
+from aloader._core.order import Order, Window
+from aloader._core.outcomes import Failed
+from aloader._core.sink import Emitter
+from aloader._stats import Stage
+from aloader._threads import ThreadPool
+
+__all__ = ["LANE_UNITS", "Lane"]
+
+# Consecutive units that each take less than CHUNK_SECONDS are made in one thread call of about _LANE_SECONDS, at
+# most LANE_UNITS of them, until units average _LANE_EXIT_SECONDS.
+_LANE_SECONDS: Final = 0.006
+LANE_UNITS: Final = 16
+_LANE_EXIT_SECONDS: Final = 0.008
+
+# Starts a unit's usual (concurrent) work as a task: (seq, unit).
+StartUnit = Callable[[int, Any], None]
+
+
+class _Unfinished:
+    """A lane unit whose samples are awaitables: fetched in the thread, finished on the loop."""
+
+    __slots__ = ("samples",)
+
+    def __init__(self, samples: list[Any]) -> None:
+        self.samples = samples
+
+
+class Lane:
+    """Decides how many units a call makes (``units``) and makes them (``run``)."""
+
+    def __init__(self, ctx: Context, fetcher: Fetcher, window: Window, order: Order, emitter: Emitter) -> None:
+        self._ctx = ctx
+        self._fetcher = fetcher
+        self._window = window
+        self._order = order
+        self._emitter = emitter
+        self._width = 0  # units the window and the sink were widened for
+        # Its calls run one after another, so the next call's units are queued while the current one runs, and lane
+        # calls never contend with each other for the GIL.
+        self.thread = ThreadPool(1, name="aloader-lane")
+
+    def units(self) -> int:
+        """How many consecutive units to make in the next call: more than one once units are known to be fast."""
+        per_unit = self._ctx.speed.per_unit
+        if per_unit is None:
+            return 1
+        # Hysteresis: in at under CHUNK_SECONDS a unit, out at over _LANE_EXIT_SECONDS, so that one unit slowed by
+        # a pause (a garbage collection, another process) does not take the lane out of use.
+        if per_unit >= (_LANE_EXIT_SECONDS if self._width else CHUNK_SECONDS):
+            if self._width:
+                self._widen(0)
+            return 1
+        units = max(1, min(LANE_UNITS, int(_LANE_SECONDS / max(per_unit, 1e-9))))
+        if units > self._width:
+            self._widen(units)
+        return units
+
+    def _widen(self, units: int) -> None:
+        """Size the window and the sink for calls of ``units`` (0: no lane, the plan's own sizes)."""
+        self._window.resize(max(self._ctx.plan.window, 2 * units))
+        self._emitter.widen(units)
+        self._width = units
+
+    async def draw(
+        self, next_unit: Callable[[], Awaitable[Any]], wanted: int
+    ) -> tuple[list[Any], BaseException | Literal["end"] | None]:
+        """``wanted`` more units (fewer at the end): (units, None | "end" | the sampler's error).
+
+        It waits for room in the window for each: a call of fewer units would pay the same hand-offs for less
+        work, and the window (``2k``) always has a full call's worth of room once the previous call is handed off.
+        """
+        units: list[Any] = []
+        while len(units) < wanted:
+            await self._window.acquire()
+            drawn = time.perf_counter()
+            try:
+                unit = await next_unit()
+            except StopAsyncIteration:
+                self._window.release()
+                return units, "end"
+            except Exception as exc:
+                return units, exc
+            self._ctx.stats.add("sampler", len(self._fetcher.indices(unit)), time.perf_counter() - drawn)
+            units.append(unit)
+        return units, None
+
+    async def run(self, first: int, units: list[Any], start: StartUnit) -> None:
+        """Make ``units`` (sequence numbers from ``first``) in one thread call and complete them in order; units
+        after one that turned slow are given to ``start``."""
+        try:
+            async with self._ctx.slots:
+                outcomes = await self.thread.run(lambda: self._run_thread(units))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the thread call itself failed (not a sample: those are outcomes)
+            outcomes = [Failed(exc)] * len(units)
+        for seq, unit in enumerate(units, first):
+            if seq - first >= len(outcomes):
+                start(seq, unit)  # the lane stopped at a slow unit: the rest are fetched as usual, concurrently
+                continue
+            outcome = outcomes[seq - first]
+            if type(outcome) is _Unfinished:  # a sync __getitem__ returned awaitables: finish on the loop
+                try:
+                    outcome = await self._fetcher.finish_awaitables(outcome.samples, self._fetcher.indices(unit))
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    outcome = Failed(exc)
+            self._order.complete(seq, outcome)
+
+    def _run_thread(self, units: list[Any]) -> list[Any]:
+        """Thread side: each unit fetched, transformed, collated and pinned, or its failure."""
+        ctx, fetcher = self._ctx, self._fetcher
+        getitems = ctx.plan.auto_collation and fetcher.access.getitems is not None
+        outcomes: list[Any] = []
+        entries: list[tuple[Stage, int, float]] = []  # the call's stage times, recorded at once at its end
+
+        def record(stage: Stage, items: int, seconds: float) -> None:
+            entries.append((stage, items, seconds))
+
+        try:
+            for unit in units:
+                indices = fetcher.indices(unit)
+                started = time.perf_counter()
+                try:
+                    if getitems:
+                        fetched, batch = fetcher.getitems_sync(indices, record)
+                    else:
+                        fetched, batch = fetcher.run(indices, True, record)
+                    outcomes.append(_Unfinished(fetched) if batch is UNFINISHED else batch)
+                except BaseException as exc:  # the consumer raises it at this batch, as for a batch task
+                    outcomes.append(Failed(exc))
+                seconds = time.perf_counter() - started
+                ctx.speed.unit_took(seconds)
+                if seconds >= _LANE_EXIT_SECONDS:
+                    break  # slow after all (I/O, a cache miss): the rest go back to concurrent fetching
+        finally:
+            ctx.stats.add_all(entries)
+        return outcomes

@@ -1,0 +1,48 @@
+"""What travels between the stages: a unit's outcome, and the markers that are not batches.
+
+A *unit* is what one batch is made from: a list of sample indices (auto-collation), a single index, or the items
+pulled from an iterable dataset. Every unit has an *outcome*, handed from stage to stage and finally to the consumer:
+a batch, a :class:`Failed` (the consumer raises it at that position), :data:`SKIPPED` (``max_failures`` dropped the
+whole unit: counted, not yielded) or, inside the core only, :data:`NO_BATCH` (a worker's copy of an iterable
+dataset was already exhausted). :data:`END` follows the last outcome of an epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["END", "NO_BATCH", "SKIPPED", "Failed"]
+
+
+class _Marker:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+    def __reduce__(self) -> str:
+        return self._name  # the same object after crossing from a worker process
+
+
+END: Final = _Marker("END")
+"""The last item a pipeline hands to its sink: the epoch is complete."""
+
+SKIPPED: Final = _Marker("SKIPPED")
+"""Handed to the sink in place of a unit that ``max_failures`` skipped whole (every sample failed): the consumer
+counts it as a consumed unit (so a resume skips it too) and yields nothing for it."""
+
+NO_BATCH: Final = _Marker("NO_BATCH")
+"""A unit that yields nothing and is not counted: a worker's answer to ``next`` when its copy of an iterable dataset
+is exhausted for this epoch. Never reaches the sink; its window slot is released at once."""
+
+
+class Failed:
+    """An outcome that is an exception: the consumer raises ``error`` at this batch's position."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error

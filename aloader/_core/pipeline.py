@@ -1,0 +1,163 @@
+"""The pipeline: wires the stages of one epoch and owns their tasks, threads and shutdown, nothing else.
+
+Data path, one file per stage::
+
+    schedule.py  sampler / iterable -> units, at most ``window`` in flight (order.Window)
+        |           map-style: fetch.py (tasks, threads, __getitems__), or lane.py (fast units k per thread call),
+        |                      or workers.py (the units' batches made in worker processes)
+        |           iterable:  the pulled items are the fetch
+        v
+    collate.py   transform (transform.py), collate_fn, pin_memory -> the unit's outcome
+        v
+    order.py     reorder buffer (in_order) and failure budget -> done queue, END at the end
+        v
+    sink.py      done -> the driver's sink (prefetch depth), timeout, pacing
+
+Both drivers run it unchanged: ``async for`` in the caller's loop with an asyncio channel as sink, ``for`` on the
+bridge's background loop with a cross-thread channel as sink. Failures are outcomes, not crashes: a sample that
+raises becomes a ``Failed`` item at its batch's position, the consumer raises it there, and iteration may go on
+with the next batch, as with torch's DataLoader. Only a timeout ends the pipeline early. Memory is bounded by
+``window + depth`` batches whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Coroutine
+from typing import Any
+
+from aloader._core.access import MapAccess
+from aloader._core.collate import Finisher
+from aloader._core.context import Context
+from aloader._core.fetch import Fetcher
+from aloader._core.lane import Lane
+from aloader._core.order import Order, Window
+from aloader._core.outcomes import END, Failed
+from aloader._core.plan import Plan
+from aloader._core.schedule import Scheduler
+from aloader._core.sink import Emitter, Sink
+from aloader._core.workers import WorkerStage
+from aloader._failures import FailureBudget
+from aloader._stats import Recorder
+from aloader._threads import finish_through_cancellation
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """One epoch of the async core; ``run(sink)`` drives it to the end (or until cancelled)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        ctx = self._ctx = Context(plan)
+        self._tasks: set[asyncio.Task[None]] = set()
+        window = self._window = Window(plan.window)
+        budget = (
+            FailureBudget(plan.max_failures, lambda s: ctx.stats.failure(s.stage, skipped=True))
+            if plan.max_failures is not None
+            else None
+        )
+        order = Order(plan.in_order, window, budget)
+        self._workers = WorkerStage(ctx, plan.workers) if plan.workers is not None else None
+        paced = self._workers is not None and self._workers.paced
+        self._emitter = Emitter(order.done, window, ctx.stats, plan.timeout, paced)
+        offload = self._workers.finish_items if self._workers is not None and self._workers.kind == "items" else None
+        finisher = Finisher(ctx, offload)
+        access = MapAccess(plan.dataset) if plan.kind == "map" else None
+        fetcher = Fetcher(ctx, access, finisher) if access is not None else None
+        self._lane: Lane | None = None
+        if (
+            fetcher is not None
+            and access is not None
+            and plan.lane
+            and plan.workers is None
+            and access.is_sync
+            and not inspect.iscoroutinefunction(plan.transform)
+        ):
+            self._lane = Lane(ctx, fetcher, window, order, self._emitter)
+        self._scheduler = Scheduler(ctx, window, order, self._spawn, finisher, fetcher, self._lane, self._workers)
+
+    @property
+    def stats(self) -> Recorder:
+        return self._ctx.stats
+
+    @property
+    def paced_by_consumer(self) -> bool:
+        """The consumer must call ``taken()`` for each batch it takes (see ``Emitter.taken``)."""
+        return self._emitter.paced
+
+    def taken(self) -> None:
+        """The consumer took a batch (or an error) from the sink; called on the pipeline's loop."""
+        self._emitter.taken()
+
+    def fork_workers_if_safe(self) -> None:
+        """Sync driver only, in the consumer's thread before the bridge starts: fork the worker processes now if
+        that is safe (see ``WorkerPool.start_by_fork_if_safe``). The ``async for`` driver never forks here: a fork
+        takes tens of milliseconds, which would block the caller's loop; its workers start off the loop in run()."""
+        workers = self.plan.workers
+        if workers is not None and not workers.started:
+            workers.start_by_fork_if_safe()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, sink: Sink) -> None:
+        """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
+        scheduler: asyncio.Task[None] | None = None
+        self.stats.start(sink.capacity)
+        try:
+            if self._workers is not None:
+                await self._workers.start()  # off the loop: forkserver round trips, pickling the dataset
+            scheduler = asyncio.get_running_loop().create_task(self._scheduler.run())
+            await self._emitter.run(sink)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a defect in the pipeline itself: never leave the consumer waiting
+            sink.put_final(Failed(exc))
+            sink.put_final(END)
+        finally:
+            self.stats.end()
+            await self._shut_down(scheduler)
+
+    async def _shut_down(self, scheduler: asyncio.Task[None] | None) -> None:
+        """Structured shutdown: no task of ours outlives this call, and no thread outlives its pool.
+
+        Every wait goes on through cancellation (the consumer's close() may cancel us while we are already
+        finishing, and a closing loop cancels every task), then the cancellation is passed on.
+        """
+        pending = [*([scheduler] if scheduler is not None else []), *self._tasks]
+        for task in pending:
+            task.cancel()
+        ctx, workers = self._ctx, self._workers
+        try:
+            await finish_through_cancellation(asyncio.gather(*pending, return_exceptions=True))
+            if workers is not None:
+                workers.send_owed(self._emitter.taken_count)  # persistent workers: their state carries on
+            # An async dataset's iterator (e.g. an async generator reading shards) may hold tasks and connections
+            # of its own: close it now rather than whenever it is garbage collected.
+            await finish_through_cancellation(asyncio.ensure_future(self._close_source()))
+        finally:
+            try:
+                if workers is not None and self.plan.owns_workers:
+                    await finish_through_cancellation(workers.close())
+            finally:
+                try:
+                    if self._lane is not None:
+                        await finish_through_cancellation(self._lane.thread.close())
+                finally:
+                    await finish_through_cancellation(ctx.threads.close())
+                    ctx.threads.join()
+                    if self._lane is not None:
+                        self._lane.thread.join()
+
+    async def _close_source(self) -> None:
+        aclose = getattr(self.plan.source, "aclose", None) if self.plan.kind == "async-iterable" else None
+        if aclose is None:
+            return
+        try:
+            await aclose()
+        except Exception:
+            pass  # the iterator failed while closing; the epoch's own outcome has already been reported

@@ -1,0 +1,140 @@
+"""What one epoch of the core is given: the :class:`Plan`, captured at ``iter(loader)`` in the caller's thread.
+
+Also the core's view of the process pool (:class:`Workers`, a protocol: the core never imports the pool, whose
+workers run this same core), what the pool has to do for a dataset (:func:`pool_kind`), the loader's memory of how
+fast its samples are (:class:`Speed`) and the window's size (:func:`window_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from aloader._core.access import MapAccess
+
+__all__ = ["DatasetKind", "Plan", "PoolKind", "Speed", "Workers", "pool_kind", "window_for"]
+
+DatasetKind = Literal["map", "iterable", "async-iterable"]
+PoolKind = Literal["map", "iterable", "items"]
+
+
+class Workers(Protocol):
+    """The process pool as the core sees it. ``start()`` and ``close()`` block: the core calls them off the loop."""
+
+    @property
+    def kind(self) -> PoolKind:
+        """What the workers do: fetch a sync map-style dataset (``map``), iterate their copies of an iterable
+        dataset (``iterable``), or transform and collate samples fetched here (``items``)."""
+
+    @property
+    def num_workers(self) -> int: ...
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def broken(self) -> bool:
+        """A worker has died: the pool cannot serve another epoch."""
+
+    def start(self) -> None: ...
+
+    def start_by_fork_if_safe(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
+        """Queue a task for ``worker_id`` (never blocks); the future resolves with its result or raises."""
+
+
+class Speed:
+    """How fast a loader's sync samples and units have been: moving averages of seconds per call, in threads.
+
+    The loader keeps one across its epochs, so an epoch starts with what the last one learnt (whole-batch calls,
+    the fast lane) instead of learning it again from a call per sample.
+    """
+
+    __slots__ = ("per_sample", "per_unit")
+
+    def __init__(self) -> None:
+        self.per_sample: float | None = None
+        self.per_unit: float | None = None
+
+    def sample_took(self, seconds: float) -> None:
+        # A benign race: calls in threads update the average without a lock; any recent value is good enough.
+        previous = self.per_sample
+        self.per_sample = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+    def unit_took(self, seconds: float) -> None:
+        previous = self.per_unit  # the same benign race
+        self.per_unit = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one epoch needs, captured at ``iter(loader)`` time in the caller's thread."""
+
+    kind: DatasetKind
+    dataset: Any
+    # map: an iterator (sync or async) of index lists (auto-collation) or of single indices; iterable kinds:
+    # the dataset's own iterator.
+    source: Iterator[Any] | AsyncIterator[Any]
+    auto_collation: bool
+    # Set when indices come one by one from an async sampler and we batch them (torch's BatchSampler cannot
+    # iterate an async iterable): (batch_size, drop_last).
+    batch_async_indices: tuple[int, bool] | None
+    batch_size: int | None
+    drop_last: bool
+    collate_fn: Callable[[Any], Any]
+    transform: Callable[[Any], Any] | None
+    concurrency: int
+    window: int  # units between dispatch and hand-off to the sink
+    timeout: float
+    in_order: bool
+    pin_memory_device: str | None  # None: do not pin
+    # num_workers > 0 and work for processes (see pool_kind): the pool, and whether this epoch owns it (closes it
+    # at its end) or the loader does (persistent_workers).
+    workers: Workers | None = None
+    owns_workers: bool = False
+    # max_failures: failing samples are skipped (see _failures) up to this count or share; None: torch's behaviour.
+    max_failures: int | float | None = None
+    # Failing samples become Skipped markers and batches Collated, without a budget here: a worker process's core,
+    # whose batches the main process settles against the budget.
+    skip_failures: bool = False
+    progress: bool = False
+    speed: Speed = field(default_factory=Speed)
+    # The fast lane may be used (see lane.py): off in worker processes, whose units arrive one by one.
+    lane: bool = True
+
+    @property
+    def skipping(self) -> bool:
+        """Failing samples are skipped (as markers) rather than raised."""
+        return self.max_failures is not None or self.skip_failures
+
+
+def pool_kind(kind: DatasetKind, dataset: Any, transform: Any) -> PoolKind | None:
+    """What the process pool does for a dataset, or None when it has nothing to do.
+
+    A sync map-style dataset is fetched, transformed and collated in the workers, as in torch; each worker iterates
+    its own copy of a sync iterable dataset. Async datasets fetch on the event loop (processes would only add a
+    hop); their samples go to the workers for a sync ``transform`` (and collate), and with no transform there is no
+    CPU work for processes, so no pool is started. Nor is one with an ``async def`` transform, which runs on the
+    event loop of the main process.
+    """
+    if transform is not None and inspect.iscoroutinefunction(transform):
+        return None  # an async transform runs on the event loop: everything stays in the main process
+    if kind == "map":
+        if MapAccess(dataset).is_sync:
+            return "map"
+    elif kind == "iterable":
+        return "iterable"
+    return "items" if transform is not None else None
+
+
+def window_for(concurrency: int, batch_size: int | None) -> int:
+    """Units in flight needed to keep ``concurrency`` samples fetching, plus one to overlap batch boundaries."""
+    per_unit = batch_size if batch_size else 1
+    return math.ceil(concurrency / per_unit) + 1

@@ -1,0 +1,114 @@
+"""The hand-off to the drivers: outcomes leave the core through a :class:`Sink`.
+
+In: the ``done`` queue of the order stage. Out: the sink, which the driver reads (an ``asyncio`` channel for
+``async for``, a cross-thread channel for ``for``; see ``_bridge``); ``put`` waits while the consumer is behind, so
+the sink's capacity is the prefetch depth. It owns the ``timeout`` (torch's error when no batch comes in time) and
+the pacing: a window slot is given back when a batch reaches the sink, or, for work in worker processes, when the
+consumer takes it (torch's pacing, see ``Emitter.taken``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from aloader._core.order import Window
+from aloader._core.outcomes import END, SKIPPED, Failed
+from aloader._stats import Recorder
+
+__all__ = ["Emitter", "Sink"]
+
+
+class Sink(Protocol):
+    """Where finished batches go; ``put`` waits while the consumer is behind (the prefetch bound)."""
+
+    async def put(self, item: object) -> None: ...
+
+    def put_final(self, item: object) -> None:
+        """Append without waiting for room: only for the last items of a pipeline that cannot go on."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    def put_many(self, items: list[object]) -> None:
+        """Append ``items``, for which there is room now, at once (one wake-up of the consumer)."""
+
+    def resize(self, capacity: int) -> None:
+        """Hold up to ``capacity`` items from now on (items already held above it stay)."""
+
+    def __len__(self) -> int: ...
+
+
+class Emitter:
+    """Moves outcomes from ``done`` to the sink, in order, until END (or the timeout)."""
+
+    def __init__(
+        self, done: asyncio.Queue[object], window: Window, stats: Recorder, timeout: float, paced: bool
+    ) -> None:
+        self._done = done
+        self._window = window
+        self._stats = stats
+        self._timeout = timeout
+        # paced: a slot is freed when the consumer takes a batch rather than when the batch reaches the sink.
+        self.paced = paced
+        self.taken_count = 0  # batches the consumer has taken
+        self._sink: Sink | None = None
+        self._depth = 1  # the sink's own capacity
+
+    def taken(self) -> None:
+        """The consumer took a batch (or an error) from the sink; called on the pipeline's loop."""
+        self.taken_count += 1
+        if self.paced:
+            self._window.release()
+
+    def widen(self, units: int) -> None:
+        """Hold at least ``units`` batches in the sink (a fast-lane call's worth; 0: the sink's own depth)."""
+        if self._sink is not None:
+            self._sink.resize(max(self._depth, units))
+            self._stats.resized(self._sink.capacity)
+
+    async def run(self, sink: Sink) -> None:
+        self._sink, self._depth = sink, sink.capacity
+        timeout = self._timeout
+        while True:
+            waited = time.perf_counter()
+            if timeout > 0:
+                try:
+                    async with asyncio.timeout(timeout):
+                        item = await self._done.get()
+                except TimeoutError:
+                    # torch's text, so handlers written for torch's DataLoader keep working.
+                    await sink.put(Failed(RuntimeError(f"DataLoader timed out after {timeout} seconds")))
+                    await sink.put(END)
+                    return
+            else:
+                item = await self._done.get()
+            ready = time.perf_counter()
+            await sink.put(item)
+            if item is END:
+                return
+            if item is not SKIPPED:
+                self._stats.handed_off(isinstance(item, Failed), ready - waited, time.perf_counter() - ready, len(sink))
+            if not self.paced:
+                self._window.release()
+            if not self._done.empty() and self._put_ready(sink):
+                return
+
+    def _put_ready(self, sink: Sink) -> bool:
+        """Hand over the outcomes that are ready and fit in the sink, at once: a lane call completes ``k`` together,
+        and one hand-off wakes the consumer once for all of them instead of once each. True if END was among them."""
+        room = sink.capacity - len(sink)
+        items: list[object] = []
+        while len(items) < room and not self._done.empty():
+            items.append(self._done.get_nowait())
+            if items[-1] is END:
+                break
+        sink.put_many(items)
+        batches = [item for item in items if item is not END and item is not SKIPPED]
+        self._stats.handed_off_many([isinstance(item, Failed) for item in batches], len(sink))
+        if not self.paced:
+            for item in items:
+                if item is not END:
+                    self._window.release()
+        return bool(items) and items[-1] is END

@@ -1,0 +1,174 @@
+"""The hand-off to worker processes (``num_workers > 0``), as the main process's core sees it.
+
+In: units from the scheduler (``map``: the epoch's i-th batch to worker ``i % num_workers``, sent at dispatch in
+sampler order, as torch does), samples to finish (``items``: an async dataset's samples, transformed and collated in
+a worker), or requests for the next batch of a worker's copy of an iterable dataset (``iterable``, round-robin over
+the workers whose copy is not exhausted). Out: the batches, pinned here, as outcomes. It owns the count of tasks
+sent, which keeps a persistent pool's workers exactly where torch's would be when an epoch ends early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aloader._core.access import describe_indices
+from aloader._core.collate import pin_batch, plural
+from aloader._core.context import Context
+from aloader._core.order import Order, Window
+from aloader._core.outcomes import NO_BATCH
+from aloader._core.plan import Workers
+from aloader._threads import _deliver
+
+__all__ = ["WorkerStage"]
+
+# Starts a unit's task: (seq, work).
+Start = Callable[[int, Callable[[], Awaitable[Any]]], None]
+
+
+class WorkerStage:
+    """Tasks for the pool of one epoch (or of the loader, with ``persistent_workers``)."""
+
+    def __init__(self, ctx: Context, workers: Workers) -> None:
+        self._ctx = ctx
+        self.workers = workers
+        self.kind = workers.kind
+        self._submitted = 0  # tasks sent to workers
+        self._items_sent = 0  # "items" tasks so far: they go round-robin over the workers
+        # Tasks for worker processes follow torch's pacing: prefetch_factor * num_workers tasks ahead of the batches
+        # the consumer has taken (the window is that bound), a slot freed when the consumer takes a batch rather
+        # than when the batch reaches the sink. So when an epoch ends early the workers have run exactly the tasks
+        # torch's would have, and with persistent workers the random state they carry into the next epoch is the same.
+        self.paced = self.kind in ("map", "iterable")
+
+    async def start(self) -> None:
+        """Start the processes if they are not running yet; blocking work, so in a thread."""
+        if self.workers.started:
+            return
+        try:
+            await self._ctx.threads.run(self.workers.start)
+        except Exception as exc:
+            exc.add_note(
+                "aloader: starting the DataLoader's worker processes failed; the dataset, collate_fn, "
+                "transform and worker_init_fn must be picklable to reach them"
+            )
+            raise
+
+    def _submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
+        self._submitted += 1
+        return self.workers.submit(worker_id, op, payload, what)
+
+    # ------------------------------------------------------------------------------------------------ map
+    def map_work(self, unit: Any) -> Callable[[], Awaitable[Any]]:
+        """Send ``unit`` to its worker now (dispatch order is the order each worker gets its batches in), and
+        return the work that awaits its batch."""
+        indices = list(unit) if self._ctx.plan.auto_collation else [unit]
+        future = self._submit_map(indices)
+        return functools.partial(self._await_batch, future, time.perf_counter(), len(indices))
+
+    def _submit_map(self, indices: list[Any]) -> asyncio.Future[Any]:
+        what = f"holding the batch of sample indices {describe_indices(indices)}"
+        return self._submit(self._submitted % self.workers.num_workers, "map", indices, what)
+
+    async def _await_batch(self, future: asyncio.Future[Any], submitted: float, samples: int) -> Any:
+        batch = await future
+        # fetch, transform and collate, all in the worker, with the round trip
+        self._ctx.stats.add("fetch", samples, time.perf_counter() - submitted)
+        return await pin_batch(self._ctx, batch)
+
+    def send_owed(self, taken: int) -> None:
+        """An epoch of a persistent pool ended early: send the map tasks torch would have sent by now.
+
+        torch has sent ``prefetch_factor * num_workers`` tasks plus one per batch the consumer took, and its
+        persistent workers run them all before the next epoch (their results discarded). The scheduler may lag
+        behind that count when the consumer stops; the missing tasks go out here, their results ignored, so the
+        workers' random state at the next epoch is torch's. Only for a sync sampler (an async one cannot be
+        advanced outside a task).
+        """
+        plan = self._ctx.plan
+        source = plan.source
+        if self.kind != "map" or plan.owns_workers or isinstance(source, AsyncIterator) or self.workers.broken:
+            return
+        while self._submitted < plan.window + taken:
+            try:
+                unit = next(source)
+            except Exception:  # the end of the sampler (or its failure, already past the consumer): nothing owed
+                return
+            self._submit_map(list(unit) if plan.auto_collation else [unit])
+
+    # ---------------------------------------------------------------------------------------------- items
+    async def finish_items(self, positions: list[Any], samples: list[Any], label: str) -> Any:
+        """Samples of an async dataset: the sync transform (CPU work) and collate run in a worker process."""
+        worker_id = self._items_sent % self.workers.num_workers
+        self._items_sent += 1
+        what = f"holding the batch of {plural(label)} {describe_indices(positions)}"
+        return await self._submit(worker_id, "items", (positions, samples, label), what)
+
+    # ------------------------------------------------------------------------------------------- iterable
+    async def dispatch_iterable(self, window: Window, order: Order, start: Start) -> None:
+        """Each worker iterates its own copy; batches come round-robin from the workers whose copy is not exhausted,
+        as in torch. A request to an exhausted worker yields no batch (``NO_BATCH``), so dispatching ahead of
+        knowing which workers are exhausted still gives torch's sequence."""
+        n = self.workers.num_workers
+        active = [True] * n
+        what = "starting to iterate its copy of the dataset"
+        resets: list[asyncio.Future[Any] | None] = [self._submit(w, "reset", None, what) for w in range(n)]
+        what = "fetching the next batch of its copy of the iterable dataset"
+
+        async def next_batch(worker_id: int, future: asyncio.Future[Any]) -> Any:
+            reset = resets[worker_id]
+            if reset is not None:
+                resets[worker_id] = None
+                try:
+                    await reset  # iter(dataset) in the worker failed: raise it at this worker's first batch
+                except Exception:
+                    active[worker_id] = False
+                    raise
+            batch = await future
+            if batch is NO_BATCH:  # this worker's copy is exhausted
+                active[worker_id] = False
+                return NO_BATCH
+            return await pin_batch(self._ctx, batch)
+
+        seq, worker_id = 0, 0
+        while True:
+            await window.acquire()
+            if not any(active):
+                window.release()
+                return
+            while not active[worker_id]:
+                worker_id = (worker_id + 1) % n
+            order.open()
+            # Submitted here, not in the task: requests reach each worker in dispatch order, and a task cancelled
+            # before it runs has still sent its request, as torch's would have.
+            future = self._submit(
+                worker_id, "next", None, "fetching the next batch of its copy of the iterable dataset"
+            )
+            start(seq, functools.partial(next_batch, worker_id, future))
+            seq, worker_id = seq + 1, (worker_id + 1) % n
+
+    # ---------------------------------------------------------------------------------------------- close
+    def close(self) -> asyncio.Future[None]:
+        """Close the process pool in a thread of its own (joining processes blocks); a plain future, so a loop
+        shutting down cannot cancel the wait (see ``finish_through_cancellation``)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        workers = self.workers
+
+        def close() -> None:
+            try:
+                workers.close()
+            finally:
+                try:
+                    loop.call_soon_threadsafe(_deliver, done, True, None)
+                except RuntimeError:  # the loop is gone: nobody waits
+                    pass
+
+        thread = threading.Thread(target=close, name="aloader-pool-close", daemon=True)
+        thread.start()
+        done.add_done_callback(lambda _: thread.join())
+        return done
