@@ -19,7 +19,7 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from aloader._bench import SystemName, default_systems
+    from aloader.bench.config import SystemName, default_systems
 
     parser = argparse.ArgumentParser(prog="aloader", description="aloader: an asyncio streaming data loader")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,15 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aloader`` console script and ``python -m aloader``; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    from aloader import _bench
+    from aloader.bench.config import SYSTEMS, BenchConfig
+    from aloader.bench.report import dump_json, render_table, write_plot
+    from aloader.bench.runner import run_bench
+    from aloader.bench.sources import open_source
 
     systems = tuple(name.strip() for name in args.systems.split(",") if name.strip())
-    unknown = [name for name in systems if name not in _bench.SYSTEMS]
+    unknown = [name for name in systems if name not in SYSTEMS]
     if unknown or not systems:
-        parser.error(f"--systems: unknown {unknown}; choose from {', '.join(_bench.SYSTEMS)}")
-    with _bench.open_source(args.source, samples=args.samples, latency=args.latency, format=args.format) as source:
+        parser.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
+    with open_source(args.source, samples=args.samples, latency=args.latency, format=args.format) as source:
         label, urls = source.label, source.urls
-        config = _bench.BenchConfig(
+        config = BenchConfig(
             urls=tuple(urls),
             format=source.format,
             shard_concurrency=args.shard_concurrency,
@@ -93,19 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_epoch = config.samples_per_epoch
         what = f"{per_epoch} samples" if per_epoch is not None else "every sample"
         print(f"aloader bench: {label}, {what} x {args.epochs} epoch(s)", flush=True)
-        report = _bench.run_bench(config, label, show_progress=not args.no_progress)
+        report = run_bench(config, label, show_progress=not args.no_progress)
     print()
     print(f"Machine: {report.machine}")
     print(f"Source: {report.source}")
     print()
-    print(_bench.render_table(report))
+    print(render_table(report))
     if report.interrupted:
         print("\nInterrupted: the figures above cover what was measured until Ctrl-C.")
     if args.json:
-        _bench.dump_json(report, args.json)
+        dump_json(report, args.json)
         print(f"\nJSON written to {args.json}")
     if args.plot:
-        _bench.write_plot(report, args.plot)
+        write_plot(report, args.plot)
         print(f"Plot written to {args.plot}")
     failed = [r for r in report.results if r.error]
     for r in failed:

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import aloader
-from aloader._bench import machine
-from aloader._plot import save_bars
+from aloader.bench.plot import save_bars
+from aloader.bench.report import machine
 
 LATENCY_SECONDS = 0.03
 

@@ -3,7 +3,7 @@
 An object server (in a process of its own) holds ``--distinct`` objects of ``--size`` bytes and the sample list
 names them over and over, so several GB are streamed (and decoded into tensors, batched, collated) while the server
 holds a few dozen MB and nothing is written to disk. Each system runs in a child process of its own (``aloader
-bench``'s machinery, ``aloader._bench``), while the parent samples the RSS of that child and all its descendants
+bench``'s machinery, ``aloader.bench``), while the parent samples the RSS of that child and all its descendants
 (torch's workers included) every 50 ms, beside the bytes delivered so far.
 
 Per system: RSS once the first batch has arrived (start), the peak, RSS at the end, and the slope of RSS against
@@ -22,12 +22,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from aloader import _bench
-from aloader._plot import save_lines
+from aloader.bench.config import BenchConfig, SystemName
+from aloader.bench.plot import save_lines
+from aloader.bench.report import SystemResult
+from aloader.bench.runner import run_bench
 from benchmarks.core import write_section
 from benchmarks.storage import served
 
-SYSTEMS: tuple[_bench.SystemName, ...] = ("aloader", "torch")
+SYSTEMS: tuple[SystemName, ...] = ("aloader", "torch")
 WARM_UP = 0.25  # the share of the data after which RSS should no longer grow
 
 
@@ -57,7 +59,7 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
-def memory_of(result: _bench.SystemResult) -> Memory:
+def memory_of(result: SystemResult) -> Memory:
     if result.error or not result.rss_timeline:
         raise RuntimeError(f"{result.title} failed: {result.error or 'no memory samples'}")
     streamed = [(nbytes / 2**30, rss / 2**20) for _, nbytes, rss in result.rss_timeline if nbytes > 0]
@@ -78,7 +80,7 @@ def memory_of(result: _bench.SystemResult) -> Memory:
     )
 
 
-def render(memories: list[Memory], label: str, config: _bench.BenchConfig) -> str:
+def render(memories: list[Memory], label: str, config: BenchConfig) -> str:
     lines = [
         f"{label}; batch size {config.batch_size}, aloader's concurrency {config.concurrency}, torch's "
         f"num_workers {config.num_workers}. RSS: the process tree of each system (torch's workers included, so "
@@ -96,7 +98,7 @@ def render(memories: list[Memory], label: str, config: _bench.BenchConfig) -> st
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[_bench.SystemResult], path: Path) -> None:
+def plot(results: list[SystemResult], path: Path) -> None:
     series = []
     for r in results:
         total = r.rss_timeline[-1][1] if r.rss_timeline else 0
@@ -127,12 +129,12 @@ def main(argv: list[str] | None = None) -> list[Memory]:
     distinct = min(args.distinct, samples)
     with served(distinct, args.size, latency=0.0) as base:
         urls = tuple(f"{base}/obj/{i % distinct:06d}.bin" for i in range(samples))
-        config = _bench.BenchConfig(urls=urls, batch_size=16, concurrency=32, num_workers=2, systems=SYSTEMS)
+        config = BenchConfig(urls=urls, batch_size=16, concurrency=32, num_workers=2, systems=SYSTEMS)
         label = (
             f"{samples} samples of {args.size / 2**20:g} MiB ({samples * args.size / 2**30:.2f} GiB, {distinct} "
             f"distinct objects named over and over) from an object server on 127.0.0.1, no added latency"
         )
-        report = _bench.run_bench(config, label, show_progress=False)
+        report = run_bench(config, label, show_progress=False)
     memories = [memory_of(r) for r in report.results]
     load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
     table = render(memories, label, config)

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 import aloader
 from aloader import _pool
-from aloader._plot import save_bars
+from aloader.bench.plot import save_bars
 from benchmarks.core import machine, write_section
 
 SYSTEMS = {

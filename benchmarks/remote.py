@@ -14,28 +14,31 @@ import argparse
 import os
 from pathlib import Path
 
-from aloader import _bench
+from aloader.bench.config import BenchConfig, default_systems
+from aloader.bench.report import BenchReport, render_table, write_plot
+from aloader.bench.runner import run_bench
+from aloader.bench.sources import FormatChoice, open_source
 from benchmarks.core import write_section
 
-SECTIONS: dict[_bench.FormatChoice, tuple[str, str]] = {
+SECTIONS: dict[FormatChoice, tuple[str, str]] = {
     "objects": ("bench", "bench-default.png"),
     "tar": ("bench-tar", "bench-tar.png"),
 }
 
 
-def run(format: _bench.FormatChoice, quick: bool, write: Path | None) -> _bench.BenchReport:
+def run(format: FormatChoice, quick: bool, write: Path | None) -> BenchReport:
     samples, latency = (48, 0.005) if quick else (None, 0.03)
-    with _bench.open_source(None, samples=samples, latency=latency, format=format) as source:
-        config = _bench.BenchConfig(
-            urls=tuple(source.urls), systems=_bench.default_systems(), format=source.format, limit=source.limit
+    with open_source(None, samples=samples, latency=latency, format=format) as source:
+        config = BenchConfig(
+            urls=tuple(source.urls), systems=default_systems(), format=source.format, limit=source.limit
         )
-        report = _bench.run_bench(config, source.label, show_progress=False)
-    table = _bench.render_table(report)
+        report = run_bench(config, source.label, show_progress=False)
+    table = render_table(report)
     print(f"Machine: {report.machine}\n\n{table}\n")
     if write is not None:
         section, plot_name = SECTIONS[format]
         plot = write.parent / plot_name
-        _bench.write_plot(report, plot)
+        write_plot(report, plot)
         command = "aloader bench" + (" --format tar" if format == "tar" else "")
         shards = f", {config.shard_concurrency} shards at once" if format == "tar" else ""
         load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -49,13 +52,13 @@ def run(format: _bench.FormatChoice, quick: bool, write: Path | None) -> _bench.
     return report
 
 
-def main(argv: list[str] | None = None) -> list[_bench.BenchReport]:
+def main(argv: list[str] | None = None) -> list[BenchReport]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run with a tiny dataset")
     parser.add_argument("--write", type=Path, help="write the tables into this file's bench and bench-tar sections")
     parser.add_argument("--format", choices=("objects", "tar", "both"), default="both")
     args = parser.parse_args(argv)
-    formats: list[_bench.FormatChoice] = ["objects", "tar"] if args.format == "both" else [args.format]
+    formats: list[FormatChoice] = ["objects", "tar"] if args.format == "both" else [args.format]
     return [run(format, args.quick, args.write) for format in formats]
 
 

@@ -31,9 +31,9 @@ from typing import Any
 import psutil
 
 import aloader
-from aloader._bench import machine
-from aloader._objectserver import Faults, ObjectServer
-from aloader._plot import save_lines
+from aloader.bench.objectserver import Faults, ObjectServer
+from aloader.bench.plot import save_lines
+from aloader.bench.report import machine
 from aloader.datasets import TarShardDataset
 from aloader.storage import RetryPolicy
 from benchmarks.core import write_section

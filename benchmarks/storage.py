@@ -1,6 +1,6 @@
 """Storage benchmark: reading thousands of small objects over HTTP with per-request latency, side by side.
 
-An object server (``aloader._objectserver``, in a process of its own) serves ``--objects`` synthetic objects of
+An object server (``aloader.bench.objectserver``, in a process of its own) serves ``--objects`` synthetic objects of
 ``--size`` bytes on 127.0.0.1 and answers each GET after ``--latency`` seconds, as a remote store would. Each
 system then reads every object once, in a fresh process, while the parent samples the resident memory of that
 process and all its children (torch's workers included):
@@ -36,9 +36,9 @@ import torch
 from torch.utils.data import Dataset
 
 import aloader
-from aloader._bench import RssSampler
 from aloader._bridge import new_event_loop
-from aloader._plot import save_bars
+from aloader.bench.memory import RssSampler
+from aloader.bench.plot import save_bars
 from benchmarks.core import machine, write_section
 
 CONCURRENCY = 64
@@ -153,7 +153,7 @@ def served(objects: int, size: int, latency: float) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "aloader._objectserver",
+            "aloader.bench.objectserver",
             f"--synthetic={objects}",
             f"--size={size}",
             f"--latency={latency}",

@@ -31,8 +31,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 import aloader
-from aloader import _bench
-from aloader._plot import save_bars
+from aloader.bench import runner
+from aloader.bench.config import BenchConfig
+from aloader.bench.plot import save_bars
+from aloader.bench.report import machine
+from aloader.bench.sources import open_source
 from benchmarks.core import write_section
 
 Workload = Literal["remote", "in-memory"]
@@ -46,8 +49,8 @@ LATENCY = 0.03
 
 def make_loader(workload: Workload, system: System, urls: tuple[str, ...]) -> Any:
     if workload == "remote":
-        config = _bench.BenchConfig(urls=urls, batch_size=32, concurrency=64, num_workers=2)
-        return _bench._make_loader(system, config)
+        config = BenchConfig(urls=urls, batch_size=32, concurrency=64, num_workers=2)
+        return runner.make_loader(system, config)
     dataset = TensorDataset(torch.randn(10_000, 32), torch.randint(0, 10, (10_000,)))
     cls = aloader.DataLoader if system == "aloader" else torch.utils.data.DataLoader
     return cls(dataset, batch_size=64, shuffle=True)
@@ -68,7 +71,7 @@ def first_batch_seconds(loader: Any) -> float:
 def _child(
     workload: Workload, system: System, urls: tuple[str, ...], conn: multiprocessing.connection.Connection
 ) -> None:
-    _bench.like_a_fresh_interpreter()  # as in aloader bench's children
+    runner.like_a_fresh_interpreter()  # as in aloader bench's children
     loader = make_loader(workload, system, urls)
     conn.send((first_batch_seconds(loader), first_batch_seconds(loader)))
     conn.close()
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[Workload, dict[System, tuple[flo
         "remote": {"torch": [], "aloader": []},
         "in-memory": {"torch": [], "aloader": []},
     }
-    with _bench.open_source(None, samples=256, latency=latency) as source:
+    with open_source(None, samples=256, latency=latency) as source:
         urls = tuple(source.urls)
         for _ in range(repeats):  # interleaved: noise from other users of the machine hits both alike
             for workload, systems in runs.items():
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[Workload, dict[System, tuple[flo
         for workload, systems in runs.items()
     }
     load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    header = f"Machine: {_bench.machine()}; {load}"
+    header = f"Machine: {machine()}; {load}"
     table = render(figures, repeats, source.label)
     print(f"{header}\n\n{table}")
     if args.write:

@@ -10,8 +10,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from aloader._bench import synthetic_images
-from aloader._bench_shards import synthetic_shards
+from aloader.bench.sources import synthetic_images, synthetic_shards
 from aloader.cli import main
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import os
 
 import aloader
-from aloader._objectserver import ObjectServer
+from aloader.bench.objectserver import ObjectServer
 from aloader.datasets import ObjectStreamDataset
 
 COUNT, WORLD = 103, 3

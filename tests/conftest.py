@@ -174,7 +174,7 @@ def _readlink(fd: str) -> str:
 @pytest.fixture(scope="session")
 def object_server() -> Any:
     """aloader's HTTP object server, for the whole session; tests set its objects, latency and faults."""
-    from aloader._objectserver import ObjectServer
+    from aloader.bench.objectserver import ObjectServer
 
     with ObjectServer() as server:
         KEEPALIVE_PORTS.add(server.port)

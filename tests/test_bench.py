@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aloader._bench import default_systems, synthetic_images
-from aloader._bench_shards import synthetic_shards
+from aloader.bench.config import default_systems
+from aloader.bench.sources import synthetic_images, synthetic_shards
 
 BENCH = [sys.executable, "-m", "aloader", "bench"]
 

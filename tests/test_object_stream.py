@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aloader
-from aloader._objectserver import Faults, ObjectServer
+from aloader.bench.objectserver import Faults, ObjectServer
 from aloader.datasets import ObjectDataset, ObjectStreamDataset
 from aloader.errors import ObjectNotFoundError
 from aloader.storage import RetryPolicy

@@ -21,7 +21,7 @@ import pytest
 
 import aloader
 import tests.pool_datasets as pd
-from aloader._objectserver import Faults, ObjectServer
+from aloader.bench.objectserver import Faults, ObjectServer
 from aloader.datasets import ObjectDataset, TarShardDataset
 from aloader.errors import ShardFormatError
 from aloader.storage import RetryPolicy

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from aloader import storage
-from aloader._objectserver import Faults, ObjectServer
+from aloader.bench.objectserver import Faults, ObjectServer
 from aloader.errors import AloaderError
 from aloader.storage import (
     AccessDeniedError,

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aloader
-from aloader._objectserver import Faults, ObjectServer
+from aloader.bench.objectserver import Faults, ObjectServer
 from aloader.datasets import ObjectDataset, TarShardDataset, expand_braces, split_key
 from aloader.datasets._tar import TarStreamParser
 from aloader.errors import ObjectNotFoundError, ShardFormatError

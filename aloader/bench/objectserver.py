@@ -11,7 +11,7 @@ stands in for an object store:
   ``Faults.times`` failures, so a client that retries must still deliver every object exactly once.
 
 Use it as a context manager (``with ObjectServer(objects) as server: server.url("key")``) or run
-``python -m aloader._objectserver --synthetic 4096 --size 16384 --latency 0.03``, which prints the port and
+``python -m aloader.bench.objectserver --synthetic 4096 --size 16384 --latency 0.03``, which prints the port and
 serves until its standard input closes (benchmarks run it in a process of its own so it does not share the GIL).
 """
 

@@ -1,4 +1,5 @@
-"""``aloader bench`` over tar shards: the same systems as for single objects, each reading WebDataset-style shards.
+"""The systems of ``aloader bench`` over tar shards: the same systems as for single objects (``objects``), each
+reading WebDataset-style shards.
 
 - ``ceiling``: no loader. ``shard_concurrency`` shards streamed at once (``aloader.storage.stream``), parsed with
   aloader's tar parser, decoded and batched in arrival order on one event loop.
@@ -24,16 +25,16 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import IO, Any
 
-import numpy as np
 import torch
 import torch.utils.data
 
 from aloader import storage
-from aloader._bench import BenchConfig, Datasets, collate, decode_array, read_blocking
+from aloader.bench.config import BenchConfig
+from aloader.bench.samples import Datasets, collate, decode_array, read_blocking
 from aloader.datasets import TarShardDataset, split_key
 from aloader.datasets._tar import TarStreamParser
 
-__all__ = ["TorchTarShards", "decode_tar_sample", "synthetic_shards", "tar_datasets"]
+__all__ = ["TorchTarShards", "decode_tar_sample", "tar_datasets"]
 
 
 def decode_tar_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -197,24 +198,3 @@ def tar_datasets(config: BenchConfig) -> Datasets:
         ceiling=lambda: _TarCeiling(config),
         spdl=lambda: _TarSpdl(config),
     )
-
-
-# --------------------------------------------------------------------------------------------- synthetic shards
-def synthetic_shards(samples: dict[str, bytes], shards: int) -> dict[str, bytes]:
-    """Pack ``samples`` (``train/000042.npy``: bytes, as ``synthetic_images`` makes them) into ``shards`` tar
-    shards named ``shards/train-{i:06d}.tar``, in key order, each sample with its ``.npy`` and a ``.cls`` label."""
-    keys = sorted(samples)
-    per_shard = -(-len(keys) // shards)
-    out = {}
-    for shard in range(shards):
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key in keys[shard * per_shard : (shard + 1) * per_shard]:
-                stem = key.rsplit(".", 1)[0]
-                label = str(int(np.frombuffer(samples[key][-1:], dtype=np.uint8)[0]) % 10).encode()
-                for name, data in ((f"{stem}.npy", samples[key]), (f"{stem}.cls", label)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        out[f"shards/train-{shard:06d}.tar"] = buffer.getvalue()
-    return out
