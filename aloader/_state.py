@@ -60,6 +60,7 @@ class _Pool(Protocol):
     @property
     def broken(self) -> bool: ...
 
+
 __all__ = ["STATE_FORMAT", "Cursor", "LoaderState"]
 
 STATE_FORMAT: Final = 1

@@ -100,7 +100,17 @@ def with_context(exc: BaseException, where: str) -> BaseException:
         exc.add_note(f"aloader: raised {where}")
         return exc
     wrapped.__cause__ = exc
+    wrapped._aloader_where = where  # type: ignore[attr-defined]  # a worker sends the original with it (see _pool)
     return wrapped
+
+
+def context_of(exc: BaseException) -> tuple[BaseException, str] | None:
+    """``(original, where)`` for an exception made by :func:`with_context`, else None."""
+    where = getattr(exc, "_aloader_where", None)
+    cause = exc.__cause__
+    if isinstance(where, str) and cause is not None:
+        return cause, where
+    return None
 
 
 class WorkerDiedError(AloaderError):

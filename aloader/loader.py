@@ -218,12 +218,29 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             plan = self._plan()
         depth = 2 if self.num_workers == 0 else max(1, (self.prefetch_factor or 2) * self.num_workers)
         if plan.workers is not None:
-            # torch's bound: prefetch_factor batches per worker in flight.
-            plan = dataclasses.replace(plan, window=depth)
+            plan = dataclasses.replace(plan, window=self._workers_window(plan.workers.kind, depth))
         reported = self._IterableDataset_len_called if self._dataset_kind == _DatasetKind.Iterable else None
         pipeline = Pipeline(plan)
         self._stats = pipeline.stats
         return pipeline, depth, self._index_sampler, reported
+
+    def _workers_window(self, kind: str, depth: int) -> int:
+        """Units in flight with worker processes: torch's ``prefetch_factor`` per worker, or enough more to keep
+        ``concurrency`` samples fetching in every worker (each runs the core, see ``aloader._pool.worker``)."""
+        if self.concurrency == 1 or kind == "items":
+            return depth  # torch's bound, and with concurrency=1 torch's exact pacing
+        batch_size = self._unit_size()
+        return max(depth, self.num_workers * window_for(self.concurrency, batch_size))
+
+    def _unit_size(self) -> int | None:
+        """Samples per unit: the batch size (or a user batch_sampler's, if it tells), 1 without batching."""
+        if not self._auto_collation:
+            return 1
+        batch_size = self.batch_size
+        if batch_size is None:  # a user batch_sampler: its size, if it tells
+            batch_size = getattr(self.batch_sampler, "batch_size", None)
+            batch_size = batch_size if isinstance(batch_size, int) and batch_size > 0 else None
+        return batch_size
 
     def stats(self) -> LoaderStats:
         """An immutable snapshot of the current iterator's per-stage counters, or of the last one once it ended
@@ -291,6 +308,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                     num_workers=self.num_workers,
                     base_seed=self._base_seed,
                     skip_failures=self.max_failures is not None,
+                    concurrency=self.concurrency,
                 ),
                 self.num_workers,
                 self.multiprocessing_context,
@@ -310,10 +328,6 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             else:
                 kind, source = "iterable", iter(dataset)
         source = self._resume.position(self, kind, source, batch_async_indices is not None, worker_kind == "iterable")
-        batch_size = self.batch_size
-        if batch_size is None and self._auto_collation:  # a user batch_sampler: its size, if it tells
-            batch_size = getattr(self.batch_sampler, "batch_size", None)
-            batch_size = batch_size if isinstance(batch_size, int) and batch_size > 0 else None
         return Plan(
             kind=kind,
             dataset=self.dataset,
@@ -325,7 +339,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             collate_fn=self.collate_fn,
             transform=self.transform,
             concurrency=self.concurrency,
-            window=window_for(self.concurrency, batch_size if self._auto_collation else 1),
+            window=window_for(self.concurrency, self._unit_size()),
             timeout=self.timeout,  # as given: the error text shows it as torch does (5, not 5.0)
             in_order=self.in_order,
             pin_memory_device=pin_memory_device,

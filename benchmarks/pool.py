@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 
 import aloader
 from aloader import _pool
+from aloader._pool import transfer as wire
 from aloader.bench.plot import save_bars
 from benchmarks.core import machine, write_section
 
@@ -157,7 +158,7 @@ def _send_batches(conn: multiprocessing.connection.Connection, mode: str, count:
             conn.send_bytes(pickle.dumps(torch.full((16, 3, 64, 64), float(i)), pickle.HIGHEST_PROTOCOL))
         else:
             batch = torch.empty(16, 3, 64, 64).share_memory_()  # type: ignore[no-untyped-call]
-            _pool._send_result(conn, sock, i, batch.fill_(float(i)))
+            wire.send_result(conn, sock, i, batch.fill_(float(i)))
     conn.recv_bytes()  # wait until the receiver is done before the descriptors' storages go
     sock.close()
 
@@ -189,11 +190,11 @@ def _transfer_round(mode: str, count: int) -> float:
         if mode == "pickle":
             batch = pickle.loads(data)
         else:
-            _, fd_count = _pool._HEADER.unpack_from(data)
-            fds = _pool.recvfds(sock, fd_count)
-            _pool._received.fds = fds
-            batch = pickle.loads(memoryview(data)[_pool._HEADER.size :])
-            _pool._received.fds, _pool._received.storages = [], {}
+            _, fd_count = wire.HEADER.unpack_from(data)
+            fds = wire.recvfds(sock, fd_count)
+            wire.received.fds = fds
+            batch = pickle.loads(memoryview(data)[wire.HEADER.size :])
+            wire.received.fds, wire.received.storages = [], {}
             for fd in fds:
                 os.close(fd)
         float(batch.sum())  # touch every byte, as training would

@@ -205,3 +205,33 @@ class Unpicklable(Dataset[Any]):
 
     def __getitem__(self, i: int) -> Any:
         return i
+
+
+class MeetInWorker(Dataset[Any]):
+    """Each fetch blocks until ``parties`` fetches are inside at once in the same worker process: proof of that much
+    concurrency inside one worker, without timing. A sample is ``(index, pid)``.
+
+    The rendezvous is made in each worker (its copy of the dataset starts without one). The wait has a generous bound
+    only so that a loader without concurrency in its workers fails the test instead of hanging it.
+    """
+
+    def __init__(self, n: int, parties: int) -> None:
+        self.n, self.parties = n, parties
+        self._here: dict[int, tuple[threading.Lock, threading.Event, list[int]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"n": self.n, "parties": self.parties, "_here": {}}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        pid = os.getpid()
+        lock, event, arrived = self._here.setdefault(pid, (threading.Lock(), threading.Event(), [0]))
+        with lock:
+            arrived[0] += 1
+            if arrived[0] >= self.parties:
+                event.set()
+        if not event.wait(timeout=60):
+            raise TimeoutError(f"only {arrived[0]} of {self.parties} fetches were ever in flight in worker {pid}")
+        return i, pid

@@ -58,7 +58,8 @@ def test_same_batches_as_torch_with_workers(driver: Driver, case: str) -> None:
 
     torch.manual_seed(5)
     dataset, kwargs = CASES[case]()
-    loader = aloader.DataLoader(dataset, **{"num_workers": 2, **kwargs})
+    # concurrency=1: each worker one sample at a time, so the draws inside __getitem__ are torch's exactly.
+    loader = aloader.DataLoader(dataset, **{"num_workers": 2, **kwargs}, concurrency=1)
     got = [driver.collect(loader), driver.collect(loader)]
     assert_same(got, expected)
     assert torch.equal(torch.rand(2), after_torch)  # the same draws in the main process, in the same order
@@ -72,7 +73,7 @@ def test_persistent_workers_same_pids_and_same_batches_as_torch(driver: Driver) 
 
     torch.manual_seed(3)
     with aloader.DataLoader(
-        pd.RandomDraws(), batch_size=3, shuffle=True, num_workers=2, persistent_workers=True
+        pd.RandomDraws(), batch_size=3, shuffle=True, num_workers=2, persistent_workers=True, concurrency=1
     ) as loader:
         got = []
         pids = []
@@ -91,14 +92,14 @@ def test_persistent_workers_same_pids_and_same_batches_as_torch(driver: Driver) 
 def test_break_with_persistent_workers_then_next_epoch_as_torch(driver: Driver, taken: int) -> None:
     # torch's workers run prefetch_factor * num_workers tasks plus one per batch taken, then carry their random state
     # into the next epoch: after a break, the next epoch's draws inside __getitem__ depend on exactly that count.
-    def make(cls: Any) -> Any:
+    def make(cls: Any, **extra: Any) -> Any:
         torch.manual_seed(4)
-        return cls(pd.RandomDraws(30), batch_size=2, shuffle=True, num_workers=2, persistent_workers=True)
+        return cls(pd.RandomDraws(30), batch_size=2, shuffle=True, num_workers=2, persistent_workers=True, **extra)
 
     reference = make(TORCH)
     expected = [list(itertools.islice(reference, taken)), list(reference)]
     del reference
-    with make(aloader.DataLoader) as loader:
+    with make(aloader.DataLoader, concurrency=1) as loader:  # torch's pacing and draws
         got = [driver.collect(loader, limit=taken), driver.collect(loader)]
     assert_same(got, expected)
 
@@ -108,7 +109,7 @@ def test_fork_context_gives_the_same_batches(driver: Driver) -> None:
     expected = list(TORCH(pd.RandomDraws(), batch_size=4, shuffle=True, num_workers=2))
     torch.manual_seed(2)
     loader = aloader.DataLoader(
-        pd.RandomDraws(), batch_size=4, shuffle=True, num_workers=2, multiprocessing_context="fork"
+        pd.RandomDraws(), batch_size=4, shuffle=True, num_workers=2, multiprocessing_context="fork", concurrency=1
     )
     assert_same(driver.collect(loader), expected)
 
@@ -150,7 +151,8 @@ def test_numpy_arrays_and_tensors_keep_type_and_dtype(driver: Driver) -> None:
 
 
 def test_killed_worker_raises_naming_worker_and_samples(driver: Driver) -> None:
-    loader = aloader.DataLoader(pd.KillsWorker(victim=5), batch_size=2, num_workers=2)
+    # concurrency=1: worker 0 holds one batch at a time, as torch's (see test_worker_core for the concurrent case)
+    loader = aloader.DataLoader(pd.KillsWorker(victim=5), batch_size=2, num_workers=2, concurrency=1)
     with pytest.raises(aloader.WorkerDiedError) as info:
         driver.collect(loader)
     message = str(info.value)
@@ -200,7 +202,8 @@ def test_break_stops_workers(driver: Driver) -> None:
 
 def test_break_while_a_worker_is_busy(driver: Driver) -> None:
     # Worker 0 never finishes batch 0; the consumer gives up after worker 1's first batch (it may wait in vain).
-    loader = aloader.DataLoader(pd.Blocks(), batch_size=2, num_workers=2, in_order=False)
+    # concurrency=1: worker 0 makes no other batch meanwhile, as torch's.
+    loader = aloader.DataLoader(pd.Blocks(), batch_size=2, num_workers=2, in_order=False, concurrency=1)
     assert_same(driver.collect(loader, limit=1), [torch.tensor([2, 3])])
 
 

@@ -1,0 +1,367 @@
+"""The parent's side of the process pool: ``num_workers`` processes, tasks out, results and deaths in.
+
+One :class:`WorkerPool` per iterator (or per loader with ``persistent_workers=True``)::
+
+    the core's worker stage --submit(worker, op)--> pipe to worker w  (a sender thread per worker: a full pipe must
+          ^                                                             not block the event loop)
+          |  asyncio future, resolved with call_soon_threadsafe
+    reader thread: multiprocessing.connection.wait() on every worker's result pipe *and* process sentinel, so a
+                   worker that dies fails the futures it held at once, naming the worker and its samples.
+
+What runs in a worker is in ``worker.py``; how results cross, in ``transfer.py``; how processes start, in
+``setup.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.context
+import os
+import pickle
+import queue
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aloader._core.plan import PoolKind
+from aloader._pool.setup import (
+    FORKSERVER_PRELOAD,
+    WorkerSetup,
+    default_context,
+    fork_is_safe,
+    freeze_parent,
+    thaw_parent,
+)
+from aloader._pool.transfer import FDS_PER_MESSAGE, HEADER, RemoteError, received, recvfds
+from aloader._pool.worker import worker_main
+from aloader._threads import _deliver
+from aloader.errors import WorkerDiedError
+
+__all__ = ["WorkerPool"]
+
+# How long close() lets an idle worker exit by itself (it sees end-of-file at once) before terminating it.
+_EXIT_GRACE_SECONDS: Final = 5.0
+_EXIT: Final = pickle.dumps(None)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A task whose batch was abandoned may still fail later; that is not an unretrieved error worth logging.
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(slots=True)
+class _Pending:
+    worker_id: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    what: str  # the samples it holds, for the error when the worker dies
+
+
+class WorkerPool:
+    """``num_workers`` processes with a pipe each, and one reader thread resolving the tasks' futures.
+
+    ``start()`` and ``close()`` block (process start and join): call them off the event loop. ``submit`` is for the
+    event loop's side; its send runs in a thread. Idempotent ``close()``; safe from any thread but the reader.
+    """
+
+    def __init__(
+        self, setup: WorkerSetup, num_workers: int, context: multiprocessing.context.BaseContext | None
+    ) -> None:
+        self.setup = setup
+        self.num_workers = num_workers
+        # None: the default, decided when the workers start (start_by_fork_if_safe, else default_context()).
+        self._context = context
+        self._lock = threading.Lock()  # start/close/pending
+        self._send_queues: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in range(num_workers)]
+        self._senders: list[threading.Thread] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._socks: list[socket.socket] = []  # the same sockets as _conns, for receiving descriptors
+        self._pending: dict[int, _Pending] = {}
+        self._in_flight = [0] * num_workers  # tasks sent and not answered, awaited or not
+        self._ids = itertools.count()
+        self._dead: dict[int, WorkerDiedError] = {}
+        self._reader: threading.Thread | None = None
+        self._wake_r: multiprocessing.connection.Connection | None = None
+        self._wake_w: multiprocessing.connection.Connection | None = None
+        self._started = False
+        self._closed = False
+        self._froze_parent = False  # this pool's fork froze the parent's heap (see freeze_parent)
+
+    @property
+    def kind(self) -> PoolKind:
+        return self.setup.kind
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def broken(self) -> bool:
+        """A worker has died: the pool cannot serve another epoch."""
+        return bool(self._dead)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self._processes]
+
+    @property
+    def start_method(self) -> str | None:
+        """The start method the workers were (or will be) started with; None while the default is undecided."""
+        return self._context.get_start_method() if self._context is not None else None
+
+    def start_by_fork_if_safe(self) -> bool:
+        """With no start method given, fork the workers now, in the calling thread, when that is safe.
+
+        The consumer's iterator calls this before the pipeline's threads exist. When :func:`fork_is_safe` holds,
+        forking is what torch does, and it is the cheapest start: workers share the parent's pages (torch's
+        libraries and heap) and begin in milliseconds, with the dataset copied on write instead of pickled. Otherwise
+        (the user's own threads, an ``async for`` in a loop that must not block, object-store clients) the workers
+        are started later by ``start()`` with :func:`default_context`, off the event loop.
+        """
+        if self._started or self._context is not None or not fork_is_safe():
+            return False
+        self._context = multiprocessing.get_context("fork")
+        self.start()
+        return True
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+            if self._context is None:
+                self._context = default_context()
+            elif self._context.get_start_method() == "forkserver":
+                # multiprocessing_context="forkserver" given by the user: the same preload as our default (it only
+                # takes effect if the server is not running yet).
+                self._context.set_forkserver_preload(FORKSERVER_PRELOAD)
+            # A forked worker gets the setup itself (no pickling, as torch's fork workers); others its pickle.
+            forked = self._context.get_start_method() == "fork"
+            setup_arg = self.setup if forked else pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
+            if forked:
+                self._froze_parent = freeze_parent()
+            try:
+                for worker_id in range(self.num_workers):
+                    ours, theirs = self._context.Pipe(duplex=True)
+                    process = self._context.Process(  # type: ignore[attr-defined]
+                        target=worker_main,
+                        args=(worker_id, theirs, setup_arg),
+                        name=f"aloader-worker-{worker_id}",
+                        daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
+                    )
+                    self._conns.append(ours)
+                    self._socks.append(socket.socket(fileno=os.dup(ours.fileno())))
+                    try:
+                        process.start()
+                    finally:
+                        theirs.close()
+                    self._processes.append(process)
+            except BaseException:
+                self._shutdown_locked()
+                raise
+            self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+            self._reader = threading.Thread(target=self._read, name="aloader-pool-reader", daemon=True)
+            self._reader.start()
+            for worker_id in range(self.num_workers):
+                sender = threading.Thread(
+                    target=self._send, args=(worker_id,), name=f"aloader-pool-sender-{worker_id}", daemon=True
+                )
+                self._senders.append(sender)
+                sender.start()
+
+    # ------------------------------------------------------------------------------------------------ tasks
+    def submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
+        """Queue a task for ``worker_id`` (never blocks); its future resolves with the result or raises.
+
+        Tasks reach a worker in the order they are submitted (one sender thread per worker): with the same seeds,
+        the same batches in the same order give the same random draws as in torch's workers.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(_retrieve)
+        with self._lock:
+            task_id = next(self._ids)
+            dead = self._dead.get(worker_id)
+            if dead is None and self._closed:
+                dead = WorkerDiedError("the DataLoader's worker pool is closed")
+            if dead is None:
+                self._pending[task_id] = _Pending(worker_id, loop, future, what)
+                self._in_flight[worker_id] += 1
+                self._send_queues[worker_id].put(pickle.dumps((task_id, op, payload), pickle.HIGHEST_PROTOCOL))
+        if dead is not None:
+            future.set_exception(dead.again(what))
+        return future
+
+    def _send(self, worker_id: int) -> None:
+        conn, work = self._conns[worker_id], self._send_queues[worker_id]
+        while True:
+            message = work.get()
+            # None: the pool is closing. Tell the worker to exit rather than rely on end-of-file: with "fork", the
+            # other workers inherited this socket's parent end, so closing ours alone does not end the stream.
+            try:
+                conn.send_bytes(message if message is not None else _EXIT)
+            except (OSError, ValueError):  # the worker died (the reader fails its tasks) or was terminated
+                pass
+            if message is None:
+                return
+            del message
+
+    def _read(self) -> None:
+        assert self._wake_r is not None
+        conns = {conn: worker_id for worker_id, conn in enumerate(self._conns)}
+        sentinels = {p.sentinel: worker_id for worker_id, p in enumerate(self._processes)}
+        waiting: list[Any] = [self._wake_r, *conns, *sentinels]
+        while True:
+            ready = multiprocessing.connection.wait(waiting)
+            if self._wake_r in ready:
+                return
+            for obj in ready:
+                if obj in conns:
+                    self._drain(obj, conns[obj])
+            for obj in ready:
+                if obj in sentinels:
+                    worker_id = sentinels[obj]
+                    conn = self._conns[worker_id]
+                    if conn in conns:
+                        self._drain(conn, worker_id)  # results it sent before dying still count
+                    self._worker_died(worker_id)
+                    waiting.remove(obj)
+                    if conn in waiting:
+                        waiting.remove(conn)
+                    conns.pop(conn, None)
+
+    def _drain(self, conn: multiprocessing.connection.Connection, worker_id: int) -> None:
+        sock = self._socks[worker_id]
+        try:
+            while conn.poll():
+                data = conn.recv_bytes()
+                task_id, count = HEADER.unpack_from(data)
+                fds: list[int] = []
+                try:
+                    while len(fds) < count:
+                        fds += recvfds(sock, min(FDS_PER_MESSAGE, count - len(fds)))
+                    self._deliver(task_id, memoryview(data)[HEADER.size :], fds, worker_id)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+        except (EOFError, OSError, RuntimeError):
+            pass  # the worker is gone mid-message: its sentinel fails the task
+
+    def _deliver(self, task_id: int, data: memoryview, fds: list[int], worker_id: int) -> None:
+        with self._lock:
+            pending = self._pending.pop(task_id, None)
+            self._in_flight[worker_id] -= 1
+        if pending is None:
+            return  # its batch was abandoned (break, cancellation): the shared memory goes with the descriptors
+        ok = True
+        received.fds, received.storages = fds, {}
+        try:
+            value = pickle.loads(data)
+        except Exception as exc:
+            ok, value = False, exc
+        finally:
+            received.fds, received.storages = [], {}
+        if isinstance(value, RemoteError):
+            ok, value = False, value.rebuild(worker_id, self._processes[worker_id].pid)
+        try:
+            pending.loop.call_soon_threadsafe(_deliver, pending.future, ok, value)
+        except RuntimeError:  # the loop closed: nobody waits
+            pass
+
+    def _worker_died(self, worker_id: int) -> None:
+        process = self._processes[worker_id]
+        # The sentinel of a forked worker is a pipe that reads end-of-file as the process exits, a moment before the
+        # kernel makes its exit status available: wait that moment out (bounded, should it live on without it).
+        process.join(_EXIT_GRACE_SECONDS)
+        code = process.exitcode
+        if code is None:
+            how = "closed its connection"
+        elif code < 0:
+            how = f"was killed by signal {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        with self._lock:
+            if self._closed:
+                return
+            held = {tid: p for tid, p in self._pending.items() if p.worker_id == worker_id}
+            for task_id in held:
+                del self._pending[task_id]
+            error = WorkerDiedError(
+                f"DataLoader worker {worker_id} (pid {process.pid}) {how} unexpectedly",
+                worker_id=worker_id,
+                pid=process.pid,
+                exitcode=code,
+            )
+            self._dead[worker_id] = error
+        for pending in held.values():
+            try:
+                pending.loop.call_soon_threadsafe(_deliver, pending.future, False, error.again(pending.what))
+            except RuntimeError:
+                pass
+
+    # ------------------------------------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Stop the reader and every worker, and wait until all have exited. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shutdown_locked()
+
+    def _shutdown_locked(self) -> None:
+        self._closed = True
+        if self._wake_w is not None:
+            self._wake_w.send_bytes(b"")
+        if self._reader is not None and self._reader is not threading.current_thread():
+            # Released while joining: the reader may need the lock to finish delivering.
+            self._lock.release()
+            try:
+                self._reader.join()
+            finally:
+                self._lock.acquire()
+        for work in self._send_queues:
+            work.put(None)
+        for worker_id, process in enumerate(self._processes):
+            if self._in_flight[worker_id] > 0:
+                process.terminate()  # running user code (maybe for an abandoned batch): do not wait for it
+        for sender in self._senders:
+            if sender is not threading.current_thread():  # a garbage collection may run close() anywhere
+                sender.join()  # a send blocked on a full pipe ends: the worker reads, or was terminated just now
+        held = list(self._pending.values())
+        self._pending.clear()
+        closed = WorkerDiedError("the DataLoader's worker pool was closed")
+        for pending in held:  # a persistent pool closed during an epoch: nobody may wait forever
+            try:
+                pending.loop.call_soon_threadsafe(_deliver, pending.future, False, closed.again(pending.what))
+            except RuntimeError:
+                pass
+        for conn in self._conns:
+            conn.close()
+        for sock in self._socks:
+            sock.close()
+        for process in self._processes:
+            process.join(_EXIT_GRACE_SECONDS)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+            process.close()
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
+        if self._froze_parent:
+            self._froze_parent = False
+            thaw_parent()
+
+    def __del__(self) -> None:
+        if getattr(self, "_started", False) and not self._closed:
+            try:
+                self.close()
+            except Exception:
+                pass
