@@ -8,7 +8,6 @@ a log-scale histogram of fixed size, so memory does not grow with the epoch.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 import time
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from aloader.stats import LoaderStats, QueueStats, StageStats
 
-__all__ = ["Recorder", "Stage", "TimedSemaphore", "open_progress"]
+__all__ = ["Recorder", "Stage", "open_progress"]
 
 Stage = Literal["sampler", "fetch", "transform", "collate"]
 _STAGES: Final[tuple[Stage, ...]] = ("sampler", "fetch", "transform", "collate")
@@ -191,24 +190,6 @@ class Recorder:
                 collate=stages["collate"],
                 queue=queue,
             )
-
-
-class TimedSemaphore(asyncio.Semaphore):
-    """A semaphore that adds the time callers wait for it to ``stage``'s blocked time (only when they do wait)."""
-
-    def __init__(self, value: int, recorder: Recorder, stage: Stage) -> None:
-        super().__init__(value)
-        self._recorder = recorder
-        self._stage: Stage = stage
-
-    async def acquire(self) -> Literal[True]:
-        if not self.locked():
-            return await super().acquire()
-        started = time.perf_counter()
-        try:
-            return await super().acquire()
-        finally:
-            self._recorder.blocked(self._stage, time.perf_counter() - started)
 
 
 class _Bar(tqdm):  # type: ignore[misc]

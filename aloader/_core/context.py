@@ -11,9 +11,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
+from aloader._core.limit import FetchSlots
 from aloader._core.plan import Plan
 from aloader._failures import Skipped
-from aloader._stats import Recorder, Stage, TimedSemaphore
+from aloader._stats import Recorder, Stage
 from aloader._threads import ThreadPool
 from aloader.errors import with_context
 
@@ -35,7 +36,7 @@ class Context:
         self.site = site
         self.stats = Recorder()
         self.threads = ThreadPool(plan.concurrency + 2)
-        self.slots = TimedSemaphore(plan.concurrency, self.stats, "fetch")
+        self.slots = FetchSlots(plan.concurrency, self.stats, "fetch", cpu_share=plan.cpu_share)
         self.speed = plan.speed
 
     def failed(self, stage: Literal["fetch", "transform"], exc: Exception, where: str) -> Skipped:

@@ -108,6 +108,9 @@ class Plan:
     speed: Speed = field(default_factory=Speed)
     # The fast lane may be used (see lane.py): off in worker processes, whose units arrive one by one.
     lane: bool = True
+    # Cores this process may keep busy (a worker: its share of the machine's): the fetch limit then adapts to the
+    # CPU use (see limit.py). None: ``concurrency`` fetch calls from the start (the main process).
+    cpu_share: float | None = None
 
     @property
     def skipping(self) -> bool:

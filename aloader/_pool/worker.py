@@ -74,6 +74,7 @@ class WorkerCore:
             pin_memory_device=None,  # the main process pins
             skip_failures=setup.skip_failures,  # the main process settles the budget
             lane=False,
+            cpu_share=_cpu_share(setup.num_workers),
         )
         ctx = self._ctx = Context(plan, site=f" in DataLoader worker process {worker_id}")
         self._finisher = Finisher(ctx)
@@ -129,6 +130,15 @@ class WorkerCore:
             self._ended = True
             return NO_BATCH
         return items
+
+
+def _cpu_share(num_workers: int) -> float:
+    """The cores one of ``num_workers`` workers may keep busy: the cores this process may run on, shared evenly."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(cores / num_workers, 0.25)
 
 
 def _as_remote(exc: Exception, op: str) -> RemoteError:
