@@ -235,3 +235,12 @@ class MeetInWorker(Dataset[Any]):
         if not event.wait(timeout=60):
             raise TimeoutError(f"only {arrived[0]} of {self.parties} fetches were ever in flight in worker {pid}")
         return i, pid
+
+
+def shuffled_numbers_loader() -> Any:
+    """A seeded, shuffled loader with two workers: the same order in every process (for a kill-and-resume test)."""
+    import aloader
+
+    data = aloader.TensorDataset(torch.arange(40), torch.arange(40) * 10)
+    generator = torch.Generator().manual_seed(9)
+    return aloader.DataLoader(data, batch_size=4, shuffle=True, generator=generator, num_workers=2)

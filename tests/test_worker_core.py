@@ -6,7 +6,12 @@ process, thread, descriptor or shared-memory segment is left behind.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,3 +99,28 @@ def test_break_while_a_worker_thread_is_stuck(driver: Driver) -> None:
     loader = aloader.DataLoader(pd.Blocks(), batch_size=2, num_workers=2, in_order=False, concurrency=4)
     (batch,) = driver.collect(loader, limit=1)
     assert batch.tolist() in ([2, 3], [4, 5], [6, 7])
+
+
+_KILLED_CHILD = """
+import json, os, signal, sys
+from tests.pool_datasets import shuffled_numbers_loader
+
+loader = shuffled_numbers_loader()
+for step, _ in enumerate(loader, 1):
+    if step == 3:
+        with open(sys.argv[1], "w") as f:
+            json.dump(loader.state_dict(), f)
+        os.kill(os.getpid(), signal.SIGKILL)  # preempted mid-epoch, workers and all
+"""
+
+
+def test_resume_after_a_kill_with_workers(driver: Driver, tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-c", _KILLED_CHILD, str(state_file)]
+    run = subprocess.run(command, check=False, cwd=root, timeout=240)
+    assert run.returncode == -signal.SIGKILL
+    whole = [batch[0].tolist() for batch in driver.collect(pd.shuffled_numbers_loader())]
+    resumed = pd.shuffled_numbers_loader()
+    resumed.load_state_dict(json.loads(state_file.read_text()))
+    assert [batch[0].tolist() for batch in driver.collect(resumed)] == whole[3:]
