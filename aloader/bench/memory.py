@@ -67,6 +67,7 @@ class RssSampler:
         self._pss_interval = pss_interval
         self._pss_due = time.perf_counter() + pss_interval
         self.peak_pss: int | None = 0
+        self._cpu: dict[int, float] = {}  # pid: user + system seconds, as last seen
         self._stop = threading.Event()
         self._started = time.perf_counter()
         self.peak = 0
@@ -82,12 +83,29 @@ class RssSampler:
 
     def _sample(self, explicit: bool) -> None:
         with self._lock:
-            rss = tree_rss(self._process)
+            rss = self._rss_and_cpu()
             if rss:
                 self.peak = max(self.peak, rss)
                 self.timeline.append((time.perf_counter() - self._started, self._progress(), rss))
             if (rss and explicit) or time.perf_counter() >= self._pss_due:
                 self._sample_pss()
+
+    @property
+    def cpu_seconds(self) -> float:
+        """The CPU time (user and system) of every process of the tree as last sampled: a worker that ends between
+        two samples misses at most one interval's worth."""
+        with self._lock:
+            return sum(self._cpu.values())
+
+    def _rss_and_cpu(self) -> int:
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            for p in [self._process, *self._process.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error), p.oneshot():
+                    total += p.memory_info().rss
+                    times = p.cpu_times()
+                    self._cpu[p.pid] = times.user + times.system
+        return total
 
     def _sample_pss(self) -> None:
         self._pss_due = time.perf_counter() + self._pss_interval

@@ -10,7 +10,7 @@ Sample latency is measured inside the dataset: the time one ``__getitem__`` take
 the same wrapper for every system.
 
 The ``images`` workload's ``cpu-bound`` row is measured in a child too, with no loader: it sends one ("bound",
-samples, CPU seconds, cores) event instead of batches.
+samples, CPU seconds, cores, CPU seconds of the GETs) event instead of batches.
 """
 
 from __future__ import annotations
@@ -89,11 +89,14 @@ def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connec
         if system == "cpu-bound":
             from aloader.bench.images import machine_cores, measure_cpu_bound
 
-            samples, cpu_seconds = measure_cpu_bound(config.urls)
-            conn.send(("bound", samples, cpu_seconds, machine_cores()))
+            samples, cpu_seconds, fetch_cpu = measure_cpu_bound(config.urls, threads=config.concurrency)
+            conn.send(("bound", samples, cpu_seconds, machine_cores(), fetch_cpu))
             conn.send(("done", None, samples))
             return
-        # Timed from building the loader, as a training script waits from there.
+        # Timed from building the loader, as a training script waits from there; the CPU time spent so far
+        # (importing torch) is not the system's.
+        times = psutil.Process().cpu_times()
+        conn.send(("start", times.user + times.system))
         started = time.perf_counter()
         loader = make_loader(system, config)
         conn.send(("ready",))
@@ -168,6 +171,8 @@ def run_system(
     seconds = 0.0
     distinct: int | None = None
     cpu_ms: float | None = None
+    fetch_cpu_ms: float | None = None
+    cpu_before = 0.0
     interrupted = False
     error: str | None = None
     try:
@@ -190,11 +195,14 @@ def run_system(
                 timeline.append((at, samples))
                 if progress is not None:
                     progress(system, count)
+            elif kind == "start":
+                cpu_before = event[1]
             elif kind == "bound":  # the CPU bound: cores / CPU time per sample, as if all cores decoded
-                _, samples, cpu_seconds, cores = event
+                _, samples, cpu_seconds, cores, fetch_cpu = event
                 if rss is not None:
                     rss.sample()
                 cpu_ms = cpu_seconds / samples * 1e3 if samples else None
+                fetch_cpu_ms = fetch_cpu / samples * 1e3 if samples else None
                 seconds = cpu_seconds / cores
                 if progress is not None:
                     progress(system, samples)
@@ -210,6 +218,7 @@ def run_system(
         interrupted = True
     finally:
         peak = rss.stop() if rss is not None else 0
+        cpu_seconds = rss.cpu_seconds - cpu_before if rss is not None else 0.0
         receiver.close()
         if not interrupted and error is None:
             process.join(30)  # finished: let it exit by itself (a bound, in case its teardown hangs)
@@ -228,6 +237,8 @@ def run_system(
         peak_pss_mb=rss.peak_pss / 2**20 if rss is not None and rss.peak_pss else None,
         distinct_samples=distinct,
         cpu_ms_per_sample=cpu_ms,
+        fetch_cpu_ms_per_sample=fetch_cpu_ms,
+        tree_cpu_ms_per_sample=cpu_seconds / samples * 1e3 if samples and cpu_ms is None else None,
         interrupted=interrupted,
         error=error,
         timeline=timeline,
