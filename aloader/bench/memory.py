@@ -1,5 +1,6 @@
 """The resident memory of a process tree (a system's child and its workers), sampled in a thread: its peak, and
-a timeline that shows whether memory grows with what was streamed; and the peak PSS of the tree, sampled less often.
+a timeline that shows whether memory grows with what was streamed; the peak PSS of the tree, sampled less often;
+and the CPU time of its processes.
 
 RSS counts a page shared by several processes (libtorch's code, pages a forked worker shares with its parent) once
 per process; PSS splits each shared page between its sharers, so the sum over a tree is the memory the tree uses.

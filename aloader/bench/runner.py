@@ -218,7 +218,7 @@ def run_system(
         interrupted = True
     finally:
         peak = rss.stop() if rss is not None else 0
-        cpu_seconds = rss.cpu_seconds - cpu_before if rss is not None else 0.0
+        tree_cpu = rss.cpu_seconds - cpu_before if rss is not None else 0.0
         receiver.close()
         if not interrupted and error is None:
             process.join(30)  # finished: let it exit by itself (a bound, in case its teardown hangs)
@@ -238,7 +238,7 @@ def run_system(
         distinct_samples=distinct,
         cpu_ms_per_sample=cpu_ms,
         fetch_cpu_ms_per_sample=fetch_cpu_ms,
-        tree_cpu_ms_per_sample=cpu_seconds / samples * 1e3 if samples and cpu_ms is None else None,
+        tree_cpu_ms_per_sample=tree_cpu / samples * 1e3 if samples and cpu_ms is None else None,
         interrupted=interrupted,
         error=error,
         timeline=timeline,
