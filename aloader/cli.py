@@ -6,7 +6,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
 
 __all__ = ["main"]
 
@@ -19,7 +18,7 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from aloader.bench.config import SystemName, default_systems
+    from aloader.bench.config import IMAGE_SYSTEMS, SYSTEMS
 
     parser = argparse.ArgumentParser(prog="aloader", description="aloader: an asyncio streaming data loader")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -29,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Stream a dataset through aloader and torch's DataLoader side by side and report samples/s, MB/s, "
             "time to first batch, sample latency and peak memory. With no URL_OR_PATH, a synthetic image-like "
-            "dataset is served from an object server on 127.0.0.1 with --latency per request."
+            "dataset is served from an object server on 127.0.0.1 with --latency per request. --workload images "
+            "serves JPEGs instead and runs one torch Dataset (requests, Pillow decode, random crop and flip) "
+            "through each loader as users run it, against this machine's CPU bound."
         ),
     )
     bench.add_argument(
@@ -37,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         metavar="URL_OR_PATH",
         help="objects under a prefix or a local dir, or tar shards (a dir of .tar files, shards-{000..009}.tar)",
+    )
+    bench.add_argument(
+        "--workload",
+        choices=("read", "images"),
+        default="read",
+        help="read: how fast samples arrive (reads and a trivial decode; the default); images: JPEGs served "
+        "by the bench, fetched and augmented by an unchanged torch Dataset (mixed I/O and CPU)",
     )
     bench.add_argument("--samples", type=_positive, help="how many samples to stream (default: all, or 2000)")
     bench.add_argument(
@@ -51,14 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-size", type=_positive, default=32)
     bench.add_argument("--concurrency", type=_positive, default=64, help="aloader's samples in flight")
-    bench.add_argument("--num-workers", type=int, default=2, help="torch DataLoader's workers (default 2)")
-    bench.add_argument("--aloader-workers", type=int, default=0, help="aloader's process pool (default 0)")
+    bench.add_argument(
+        "--num-workers", type=int, default=2, help="read: torch DataLoader's workers (default 2; images: in the names)"
+    )
+    bench.add_argument("--aloader-workers", type=int, default=0, help="read: aloader's process pool (default 0)")
     bench.add_argument("--epochs", type=_positive, default=1)
     bench.add_argument("--latency", type=float, default=0.03, help="seconds per GET of the embedded server")
     bench.add_argument(
         "--systems",
-        default=",".join(default_systems()),
-        help=f"comma-separated, from {', '.join(get_args(SystemName))} (default: all installed)",
+        help=f"comma-separated, from {', '.join(SYSTEMS)}; with --workload images from {', '.join(IMAGE_SYSTEMS)} "
+        "(default: all installed)",
     )
     bench.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw throughput over time")
@@ -70,16 +80,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aloader`` console script and ``python -m aloader``; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    from aloader.bench.config import SYSTEMS, BenchConfig
+    from aloader.bench.config import BenchConfig, default_systems, systems_of
     from aloader.bench.report import dump_json, render_table, write_plot
     from aloader.bench.runner import run_bench
     from aloader.bench.sources import open_source
 
-    systems = tuple(name.strip() for name in args.systems.split(",") if name.strip())
-    unknown = [name for name in systems if name not in SYSTEMS]
+    known = systems_of(args.workload)
+    if args.systems is None:
+        systems = default_systems(args.workload)
+    else:
+        systems = tuple(name.strip() for name in args.systems.split(",") if name.strip())
+    unknown = [name for name in systems if name not in known]
     if unknown or not systems:
-        parser.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
-    with open_source(args.source, samples=args.samples, latency=args.latency, format=args.format) as source:
+        parser.error(f"--systems: unknown {unknown}; choose from {', '.join(known)}")
+    if args.workload == "images" and (args.source is not None or args.format == "tar"):
+        parser.error("--workload images serves its own JPEGs: it takes no URL_OR_PATH and no --format tar")
+    with open_source(
+        args.source, samples=args.samples, latency=args.latency, format=args.format, workload=args.workload
+    ) as source:
         label, urls = source.label, source.urls
         config = BenchConfig(
             urls=tuple(urls),
@@ -92,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             aloader_workers=args.aloader_workers,
             epochs=args.epochs,
             systems=systems,
+            workload=args.workload,
         )
         per_epoch = config.samples_per_epoch
         what = f"{per_epoch} samples" if per_epoch is not None else "every sample"

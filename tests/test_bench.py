@@ -1,4 +1,5 @@
-"""``aloader bench`` end to end: the embedded default on a tiny dataset, a local directory, and Ctrl-C."""
+"""``aloader bench`` end to end: the embedded default on a tiny dataset, a local directory, Ctrl-C, and the images
+workload."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from aloader.bench.config import default_systems
+from aloader.bench.images import augment, synthetic_jpegs
 from aloader.bench.sources import synthetic_images, synthetic_shards
 
 BENCH = [sys.executable, "-m", "aloader", "bench"]
@@ -162,3 +165,72 @@ def test_local_tar_shards_directory_and_brace_pattern(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["config"]["urls"] == 2
     assert [s["samples"] for s in report["systems"]] == [12, 12, 12]
+
+
+@pytest.mark.slow
+def test_images_workload_end_to_end(tmp_path: Path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    systems = ["torch-w2", "aloader-w2", "cpu-bound"]
+    result = run_bench(
+        "--workload",
+        "images",
+        "--samples",
+        "64",
+        "--batch-size",
+        "16",
+        "--latency",
+        "0.002",
+        "--systems",
+        ",".join(systems),
+        "--no-progress",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["workload"] == "images"
+    assert report["config"]["urls"] == 64
+    assert [s["system"] for s in report["systems"]] == systems
+    for system in report["systems"]:
+        assert system["error"] is None
+        assert system["samples"] == 64, system
+        assert system["distinct_samples"] == 64, system  # every sample, none twice
+        assert system["peak_rss_mb"] > 0
+        assert set(system["ratios"]) == {"vs_torch_w2", "vs_cpu_bound", "vs_spdl", "memory_vs_torch_w2"}
+        assert system["ratios"]["vs_spdl"] is None  # SPDL did not run
+    by_name = {s["system"]: s for s in report["systems"]}
+    for name in ("torch-w2", "aloader-w2"):
+        assert by_name[name]["bytes"] == 64 * 3 * 224 * 224  # uint8 CHW crops
+        assert by_name[name]["first_batch_seconds"] is not None
+        assert by_name[name]["cpu_ms_per_sample"] is None
+    assert by_name["torch-w2"]["ratios"]["vs_torch_w2"] == pytest.approx(1.0)
+    bound = by_name["cpu-bound"]
+    assert bound["cpu_ms_per_sample"] > 0
+    assert bound["first_batch_seconds"] is None
+    assert bound["ratios"]["vs_cpu_bound"] == pytest.approx(1.0)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| `aloader-w2`: aloader, num_workers=2 | 64 |" in result.stdout
+    assert "JPEG images" in result.stdout and "127.0.0.1" in result.stdout
+
+
+def test_images_workload_arguments() -> None:
+    with_source = run_bench("--workload", "images", "/some/dir")
+    assert with_source.returncode == 2
+    assert "--workload images serves its own JPEGs" in with_source.stderr
+    wrong_system = run_bench("--workload", "images", "--systems", "torch")
+    assert wrong_system.returncode == 2
+    assert "unknown ['torch']; choose from torch-w2, torch-w8" in wrong_system.stderr
+
+
+def test_images_are_decoded_cropped_and_deterministic() -> None:
+    images = synthetic_jpegs(3, seed=1)
+    assert images == synthetic_jpegs(3, seed=1)
+    assert sorted(images) == ["images/000000.jpg", "images/000001.jpg", "images/000002.jpg"]
+    for data in images.values():
+        assert data[:2] == b"\xff\xd8"  # a JPEG
+        tensor = augment(data)
+        assert tensor.shape == (3, 224, 224)
+        assert tensor.dtype == torch.uint8
+        assert tensor.is_contiguous()

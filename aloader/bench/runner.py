@@ -8,6 +8,9 @@ interrupted run (Ctrl-C) still reports what it measured up to that point.
 
 Sample latency is measured inside the dataset: the time one ``__getitem__`` takes to read and decode its object,
 the same wrapper for every system.
+
+The ``images`` workload's ``cpu-bound`` row is measured in a child too, with no loader: it sends one ("bound",
+samples, CPU seconds, cores, CPU seconds of the GETs) event instead of batches.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ __all__ = ["like_a_fresh_interpreter", "make_loader", "run_bench", "run_system"]
 
 def make_loader(system: SystemName, config: BenchConfig) -> Any:
     """The loader ``system`` streams ``config`` with: an iterable of batches, or an async one for the ceilings."""
+    if config.workload == "images":
+        from aloader.bench.images import image_loader  # Pillow and requests only for this workload
+
+        return image_loader(system, config)
     datasets = tar_datasets(config) if config.format == "tar" else object_datasets(config)
     if system == "ceiling":
         return datasets.ceiling()
@@ -73,17 +80,31 @@ def like_a_fresh_interpreter() -> None:
 
 
 def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connection.Connection) -> None:
-    """Run one system to the end, sending ("batch", seconds, samples, bytes, latencies) per batch."""
+    """Run one system to the end, sending ("batch", seconds, samples, bytes, latencies) per batch, then ("done",
+    seconds, distinct samples or None) (distinct when the batches name their samples' ``index``)."""
     # Ctrl-C goes to the whole process group; the parent decides what happens (it stops this child).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     like_a_fresh_interpreter()
     try:
+        if system == "cpu-bound":
+            from aloader.bench.images import machine_cores, measure_cpu_bound
+
+            samples, cpu_seconds, fetch_cpu = measure_cpu_bound(config.urls, threads=config.concurrency)
+            conn.send(("bound", samples, cpu_seconds, machine_cores(), fetch_cpu))
+            conn.send(("done", None, samples))
+            return
+        # Timed from building the loader, as a training script waits from there; the CPU time spent so far
+        # (importing torch) is not the system's.
+        times = psutil.Process().cpu_times()
+        conn.send(("start", times.user + times.system))
+        started = time.perf_counter()
         loader = make_loader(system, config)
         conn.send(("ready",))
-        started = time.perf_counter()
+        indices: set[int] = set()
 
         def report(batch: Any) -> None:
             now = time.perf_counter() - started
+            indices.update(batch.get("index", ()))
             conn.send(("batch", now, batch["count"], batch["nbytes"], batch["latency"]))
 
         limit = config.limit or math.inf
@@ -108,7 +129,7 @@ def _child(system: SystemName, config: BenchConfig, conn: multiprocessing.connec
                     seen += batch["count"]
                     if seen >= limit:
                         break
-        conn.send(("done", time.perf_counter() - started))
+        conn.send(("done", time.perf_counter() - started, len(indices) if indices else None))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -148,6 +169,10 @@ def run_system(
     timeline: list[tuple[float, int]] = []
     first: float | None = None
     seconds = 0.0
+    distinct: int | None = None
+    cpu_ms: float | None = None
+    fetch_cpu_ms: float | None = None
+    cpu_before = 0.0
     interrupted = False
     error: str | None = None
     try:
@@ -170,8 +195,21 @@ def run_system(
                 timeline.append((at, samples))
                 if progress is not None:
                     progress(system, count)
+            elif kind == "start":
+                cpu_before = event[1]
+            elif kind == "bound":  # the CPU bound: cores / CPU time per sample, as if all cores decoded
+                _, samples, cpu_seconds, cores, fetch_cpu = event
+                if rss is not None:
+                    rss.sample()
+                cpu_ms = cpu_seconds / samples * 1e3 if samples else None
+                fetch_cpu_ms = fetch_cpu / samples * 1e3 if samples else None
+                seconds = cpu_seconds / cores
+                if progress is not None:
+                    progress(system, samples)
             elif kind == "done":
-                seconds = event[1]
+                if event[1] is not None:
+                    seconds = event[1]
+                distinct = event[2]
                 break
             elif kind == "error":
                 error = event[1]
@@ -180,6 +218,7 @@ def run_system(
         interrupted = True
     finally:
         peak = rss.stop() if rss is not None else 0
+        tree_cpu = rss.cpu_seconds - cpu_before if rss is not None else 0.0
         receiver.close()
         if not interrupted and error is None:
             process.join(30)  # finished: let it exit by itself (a bound, in case its teardown hangs)
@@ -195,6 +234,11 @@ def run_system(
         latency_p50_ms=p50,
         latency_p99_ms=p99,
         peak_rss_mb=peak / 2**20,
+        peak_pss_mb=rss.peak_pss / 2**20 if rss is not None and rss.peak_pss else None,
+        distinct_samples=distinct,
+        cpu_ms_per_sample=cpu_ms,
+        fetch_cpu_ms_per_sample=fetch_cpu_ms,
+        tree_cpu_ms_per_sample=tree_cpu / samples * 1e3 if samples and cpu_ms is None else None,
         interrupted=interrupted,
         error=error,
         timeline=timeline,

@@ -1,6 +1,6 @@
 """What ``aloader bench`` streams: ``open_source`` turns a URL, a directory, a prefix or tar shards into a
 ``Source``, or with no source serves the synthetic image-like dataset (single ``.npy`` objects, or the same samples
-packed into tar shards) from an object server on 127.0.0.1."""
+packed into tar shards) from an object server on 127.0.0.1; for the ``images`` workload, it serves JPEGs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from aloader import storage
-from aloader.bench.config import SourceFormat
+from aloader.bench.config import SourceFormat, Workload
 from aloader.bench.objectserver import ObjectServer
 from aloader.datasets import expand_braces
 
@@ -72,14 +72,25 @@ FormatChoice = Literal["auto", "objects", "tar"]
 
 @contextlib.contextmanager
 def open_source(
-    source: str | None, samples: int | None, latency: float, format: FormatChoice = "auto"
+    source: str | None,
+    samples: int | None,
+    latency: float,
+    format: FormatChoice = "auto",
+    workload: Workload = "read",
 ) -> Iterator[Source]:
     """Yield the ``Source`` for ``source``; for None, serve a synthetic dataset (single ``.npy`` objects, or with
-    ``format="tar"`` the same samples in ``SYNTHETIC_SHARDS`` tar shards) while in the block.
+    ``format="tar"`` the same samples in ``SYNTHETIC_SHARDS`` tar shards; for ``workload="images"``, JPEGs) while
+    in the block. The ``images`` workload serves its own JPEGs only: it takes no ``source``.
 
     A source is tar shards when it is a brace pattern or a URL ending in ``.tar``, or a directory or prefix whose
     objects all end in ``.tar`` (``format="tar"`` takes the ``.tar`` objects under a prefix holding others too).
     """
+    if workload == "images":
+        if source is not None or format == "tar":
+            raise ValueError("the images workload serves its own JPEGs: it takes no URL_OR_PATH and no --format tar")
+        with _serve_jpegs(samples, latency) as served:
+            yield served
+        return
     if source is None:
         count = samples or SYNTHETIC_SAMPLES
         images = synthetic_images(count)
@@ -113,3 +124,18 @@ def open_source(
     if not urls:
         raise ValueError(f"no objects found under {source}")
     yield Source(source, urls, "objects")
+
+
+@contextlib.contextmanager
+def _serve_jpegs(samples: int | None, latency: float) -> Iterator[Source]:
+    from aloader.bench.images import IMAGE_SAMPLES, IMAGE_SIZE, synthetic_jpegs  # Pillow only when asked for
+
+    count = samples or IMAGE_SAMPLES
+    objects = synthetic_jpegs(count)
+    kib = sum(map(len, objects.values())) / len(objects) / 1024
+    with ObjectServer(objects, latency=latency) as server:
+        label = (
+            f"synthetic: {count} JPEG images ({IMAGE_SIZE}x{IMAGE_SIZE} RGB, {kib:.0f} KiB on average) served from "
+            f"{server.base_url} with {latency * 1e3:.0f} ms per GET; requests + Pillow decode, random 224 crop, flip"
+        )
+        yield Source(label, [server.url(key) for key in sorted(objects)], "objects")
