@@ -50,6 +50,8 @@ from aloader.errors import context_of
 __all__ = ["WorkerCore", "worker_main"]
 
 _PR_SET_PDEATHSIG: Final = 1
+_M_ARENA_MAX: Final = -8  # glibc's mallopt parameter
+_ARENAS: Final = 2
 
 
 class WorkerCore:
@@ -244,6 +246,19 @@ def _die_with_parent() -> None:
         pass
 
 
+def _few_malloc_arenas() -> None:
+    """glibc: let this worker's threads share two malloc arenas. Each thread otherwise gets an arena of its own (up to
+    8 per core), and an arena keeps what its thread freed: with ``concurrency`` threads decoding images, a worker held
+    about 30 MiB more (measured with the bench's images workload). Elsewhere nothing to do."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mallopt(_M_ARENA_MAX, _ARENAS)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def worker_main(worker_id: int, conn: multiprocessing.connection.Connection, setup_arg: WorkerSetup | bytes) -> None:
     """The body of a worker process. Exits on end-of-file (the parent closed the pipe or died) or ``None``.
 
@@ -258,6 +273,7 @@ def worker_main(worker_id: int, conn: multiprocessing.connection.Connection, set
     # SIGTERM (the pool's close() for a busy worker) unwinds through Python, so multiprocessing's exit hooks run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _die_with_parent()
+    _few_malloc_arenas()
     sock = socket.socket(fileno=os.dup(conn.fileno()))  # the same socket, for passing descriptors
     core: WorkerCore | RemoteError
     where = "starting the worker"

@@ -6,8 +6,9 @@ it, run by each loader as users run it.
 - ``HttpImages``: an unchanged torch ``Dataset`` whose ``__getitem__`` does a blocking ``requests.get``, decodes
   with Pillow, takes a random resized crop (224x224) and a random horizontal flip, and returns a uint8 CHW tensor
   and a label. Every system runs this same class; only the loader around it changes.
-- ``measure_cpu_bound``: the reference row: the CPU time one sample's decode, crop, flip and to-tensor costs, timed
-  in one thread on bytes already in memory; ``cores / that`` is the most samples/s this machine can decode.
+- ``measure_cpu_bound``: the reference row: the CPU time one sample costs the client (the GET's HTTP client, then
+  decode, crop, flip and to-tensor), timed in one thread; ``cores / that`` is the most samples/s this machine can
+  serve, whatever the loader.
 
 Module-level and picklable throughout: aloader's worker processes (started by a forkserver) receive the dataset
 and the collate function by pickle.
@@ -206,21 +207,28 @@ def fetch_bytes(url: str) -> bytes:
     return response.content
 
 
-def measure_cpu_bound(urls: Sequence[str], threads: int = 64) -> tuple[int, float, float]:
-    """(samples, CPU seconds of ``augment``, CPU seconds of the GETs): every sample's ``augment`` run in this thread
-    on bytes already in memory, and what reading those bytes cost first.
+def measure_cpu_bound(urls: Sequence[str], threads: int = 64, timed_gets: int = 32) -> tuple[int, float, float]:
+    """(samples, CPU seconds of the whole samples, CPU seconds of their GETs): what one sample costs the client's CPU,
+    timed in one thread, times the number of samples. ``cores / (that per sample)`` is the most samples/s this
+    machine can serve, whatever the loader.
 
-    The bytes are read first with the dataset's ``requests.get``, ``threads`` at once; that costs this process
-    ``process_time`` (the HTTP client's CPU, which the bound leaves out: it is reported next to it). ``augment`` is
-    timed with this thread's CPU time (``time.thread_time``), so the other processes on the machine do not count;
-    one sample is augmented before the clock starts, so the JPEG plugin's import does not either.
+    A sample is the dataset's ``requests.get`` and its ``augment`` (decode, crop, flip, to tensor). The GET's CPU
+    (the HTTP client's, not the wait) is this thread's CPU time (``time.thread_time``) over ``timed_gets`` GETs one
+    after another; the bytes of every sample are then read ``threads`` at once (untimed) and ``augment`` is timed
+    on each, in this thread, so other processes on the machine do not count. One sample is augmented before the
+    clock starts, so the JPEG plugin's import does not count either.
     """
-    fetch_started = time.process_time()
+    timed = list(urls[: max(1, timed_gets)])
+    fetch_bytes(timed[0])  # the session and its connection, as in a running loader
+    started = time.thread_time()
+    for url in timed:
+        fetch_bytes(url)
+    get_cpu = (time.thread_time() - started) / len(timed)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         blobs = list(pool.map(fetch_bytes, urls))
-    fetch_cpu = time.process_time() - fetch_started
     augment(blobs[0])
     started = time.thread_time()
     for blob in blobs:
         augment(blob)
-    return len(blobs), time.thread_time() - started, fetch_cpu
+    augment_cpu = time.thread_time() - started
+    return len(blobs), augment_cpu + get_cpu * len(blobs), get_cpu * len(blobs)

@@ -41,7 +41,7 @@ class SystemResult:
     peak_pss_mb: float | None = None  # None where PSS cannot be read (psutil has it on Linux only)
     distinct_samples: int | None = None  # different samples delivered, when the batches name them (images)
     cpu_ms_per_sample: float | None = None  # the CPU bound's measure; its samples/s is cores / this
-    fetch_cpu_ms_per_sample: float | None = None  # the CPU bound's row: the HTTP client's CPU per GET, left out
+    fetch_cpu_ms_per_sample: float | None = None  # the CPU bound's row: of its CPU per sample, the HTTP client's
     # CPU time (user + system) of the whole process tree per sample delivered, start-up included: what a system
     # costs whatever else runs on the machine
     tree_cpu_ms_per_sample: float | None = None
@@ -176,7 +176,7 @@ def _image_table(report: BenchReport) -> str:
         note = " (interrupted)" if r.interrupted else " (failed)" if r.error else ""
         title = f"`{r.system}`: {r.title}"
         if r.fetch_cpu_ms_per_sample is not None:
-            title += f" (the GET, left out, costs {r.fetch_cpu_ms_per_sample:.2f} ms more)"
+            title += f" (of which the GET's HTTP client: {r.fetch_cpu_ms_per_sample:.2f} ms)"
         cpu_ms = r.cpu_ms_per_sample if r.cpu_ms_per_sample is not None else r.tree_cpu_ms_per_sample
         ratios = report.ratios(r)
         memory = r.peak_pss_mb if pss and r.peak_pss_mb is not None else r.peak_rss_mb

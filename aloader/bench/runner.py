@@ -197,7 +197,7 @@ def run_system(
                     progress(system, count)
             elif kind == "start":
                 cpu_before = event[1]
-            elif kind == "bound":  # the CPU bound: cores / CPU time per sample, as if all cores decoded
+            elif kind == "bound":  # the CPU bound: cores / CPU time per sample, as if all cores served samples
                 _, samples, cpu_seconds, cores, fetch_cpu = event
                 if rss is not None:
                     rss.sample()
