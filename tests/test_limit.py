@@ -12,19 +12,21 @@ def test_fixed_limit_holds_and_a_cancelled_waiter_gives_no_slot_away() -> None:
     async def main() -> None:
         slots = FetchSlots(3, Recorder(), "fetch")
         inside, most = 0, 0
-        go = asyncio.Event()
+        go, three_inside = asyncio.Event(), asyncio.Event()
 
         async def call() -> None:
             nonlocal inside, most
             async with slots:
                 inside += 1
                 most = max(most, inside)
+                if inside == 3:
+                    three_inside.set()
                 await go.wait()
                 inside -= 1
 
+        # The tasks take their first step in creation order before this one resumes: three enter, three wait.
         tasks = [asyncio.create_task(call()) for _ in range(6)]
-        for _ in range(5):
-            await asyncio.sleep(0)  # let every task reach the limit (a yield, not a wait)
+        await three_inside.wait()
         assert inside == 3 and slots.limit == 3
         tasks[4].cancel()  # a waiter
         go.set()
