@@ -38,13 +38,10 @@ class Fetcher:
         self._timing = 0  # whole units being made in threads right now (see _timed_unit)
         self._timing_lock = threading.Lock()
 
-    def indices(self, unit: Any) -> list[Any]:
-        return list(unit) if self._ctx.plan.auto_collation else [unit]
-
     async def unit(self, unit: Any) -> Any:
         """The outcome of one unit (raises its failure)."""
         access = self.access
-        indices = self.indices(unit)
+        indices = self._ctx.plan.indices(unit)
         if self._ctx.plan.auto_collation and access.getitems is not None:
             return await self._getitems(indices)
         if access.getitem_is_async:

@@ -102,7 +102,7 @@ class Lane:
                 return units, "end"
             except Exception as exc:
                 return units, exc
-            self._ctx.stats.add("sampler", len(self._fetcher.indices(unit)), time.perf_counter() - drawn)
+            self._ctx.stats.add("sampler", self._ctx.plan.size(unit), time.perf_counter() - drawn)
             units.append(unit)
         return units, None
 
@@ -123,7 +123,7 @@ class Lane:
             outcome = outcomes[seq - first]
             if type(outcome) is _Unfinished:  # a sync __getitem__ returned awaitables: finish on the loop
                 try:
-                    outcome = await self._fetcher.finish_awaitables(outcome.samples, self._fetcher.indices(unit))
+                    outcome = await self._fetcher.finish_awaitables(outcome.samples, self._ctx.plan.indices(unit))
                 except asyncio.CancelledError:
                     raise
                 except BaseException as exc:
@@ -142,7 +142,7 @@ class Lane:
 
         try:
             for unit in units:
-                indices = fetcher.indices(unit)
+                indices = ctx.plan.indices(unit)
                 started = time.perf_counter()
                 try:
                     if getitems:

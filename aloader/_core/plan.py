@@ -112,6 +112,14 @@ class Plan:
     # CPU use (see limit.py). None: ``concurrency`` fetch calls from the start (the main process).
     cpu_share: float | None = None
 
+    def indices(self, unit: Any) -> list[Any]:
+        """The sample indices of a map-style unit: the sampler's list (auto-collation), else its single index."""
+        return list(unit) if self.auto_collation else [unit]
+
+    def size(self, unit: Any) -> int:
+        """How many samples a map-style unit holds, without building the list."""
+        return len(unit) if self.auto_collation else 1
+
     @property
     def skipping(self) -> bool:
         """Failing samples are skipped (as markers) rather than raised."""

@@ -90,7 +90,7 @@ class Scheduler:
                 # The sampler failed: raise where its batch would have been, then end the epoch.
                 order.fail(seq, with_context(exc, "in the sampler"))
                 return
-            ctx.stats.add("sampler", len(unit) if ctx.plan.auto_collation else 1, time.perf_counter() - drawn)
+            ctx.stats.add("sampler", ctx.plan.size(unit), time.perf_counter() - drawn)
             order.open()
             count = lane.units() if lane is not None else 1
             if lane is not None and count > 1:

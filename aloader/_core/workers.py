@@ -66,7 +66,7 @@ class WorkerStage:
     def map_work(self, unit: Any) -> Callable[[], Awaitable[Any]]:
         """Send ``unit`` to its worker now (dispatch order is the order each worker gets its batches in), and
         return the work that awaits its batch."""
-        indices = list(unit) if self._ctx.plan.auto_collation else [unit]
+        indices = self._ctx.plan.indices(unit)
         future = self._submit_map(indices)
         return functools.partial(self._await_batch, future, time.perf_counter(), len(indices))
 
@@ -98,7 +98,7 @@ class WorkerStage:
                 unit = next(source)
             except Exception:  # the end of the sampler (or its failure, already past the consumer): nothing owed
                 return
-            self._submit_map(list(unit) if plan.auto_collation else [unit])
+            self._submit_map(plan.indices(unit))
 
     # ---------------------------------------------------------------------------------------------- items
     async def finish_items(self, positions: list[Any], samples: list[Any], label: str) -> Any:
