@@ -12,10 +12,12 @@ never has more than two calls in flight uses two threads whatever ``concurrency`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -24,6 +26,69 @@ _pool_ids = itertools.count()
 
 # A work item: the call, and where its outcome goes. ``None`` tells a worker to exit.
 _Work = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+class ForkGate:
+    """Calls of user code on aloader's threads, and forks that wait until none is running.
+
+    A fork copies every lock, in the state it is in, into the child, where the thread that held it does not exist:
+    a lock held by another thread at the fork stays held in the child forever. torch forks its workers whatever the
+    process's other threads are doing; what is ours to answer for is aloader's own threads, which run user code
+    (``__getitem__``, transforms, ``collate_fn``) that may hold the dataset's own locks (h5py's global lock, an HTTP
+    connection pool's) at any moment, locks that the forked worker then takes again. So every call of user code on
+    our threads passes this gate, and a fork closes it first: it waits until no such call is running (bounded), and
+    a call that would begin meanwhile waits until the fork is done, a few milliseconds per worker. In the child the
+    gate is new and open (``os.register_at_fork``).
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._running = 0  # calls of user code in progress on aloader's threads
+        self._forking = 0  # forks waiting or in progress: no call may begin
+        self._local = threading.local()  # this thread's calls in progress (a fork from inside one excludes it)
+
+    def _open(self) -> bool:
+        return self._forking == 0
+
+    @contextlib.contextmanager
+    def user_code(self) -> Iterator[None]:
+        """Around a call of user code on one of aloader's threads."""
+        with self._cond:
+            self._cond.wait_for(self._open)
+            self._running += 1
+        local = self._local
+        local.depth = getattr(local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            local.depth -= 1
+            with self._cond:
+                self._running -= 1
+                if self._forking:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def closed(self, seconds: float) -> Iterator[bool]:
+        """Closed around a fork: True once no call of user code runs on another aloader thread, False if one still
+        runs after ``seconds`` (then the caller must not fork). Calls wait to begin until the block is left."""
+        own = getattr(self._local, "depth", 0)
+        with self._cond:
+            self._forking += 1
+            quiet = self._cond.wait_for(lambda: self._running <= own, timeout=seconds)
+        try:
+            yield quiet
+        finally:
+            with self._cond:
+                self._forking -= 1
+                self._cond.notify_all()
+
+
+FORK_GATE = ForkGate()
 
 
 def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -90,7 +155,8 @@ class ThreadPool:
             if future.cancelled():  # cancelled while queued: nobody waits for it, skip the work
                 continue
             try:
-                outcome = (True, fn())
+                with FORK_GATE.user_code():
+                    outcome = (True, fn())
             except BaseException as exc:  # handed to the awaiting task, which decides what it means
                 outcome = (False, exc)
             try:

@@ -72,8 +72,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     With ``num_workers > 0``, a sync map-style dataset is fetched, transformed and collated in worker processes
     (as in torch, with torch's worker seeding, ``worker_init_fn`` and ``get_worker_info()``), each worker iterates its
     own copy of an iterable dataset, and tensors come back through shared memory. With no ``multiprocessing_context``,
-    ``for`` forks the workers at ``iter()`` when the consumer is the process's only thread (as torch does), and the
-    forkserver starts them otherwise (other threads, ``async for``, object-store clients). With
+    the workers are forked when the iterator starts, as torch's are, with aloader's own threads held out of user code
+    meanwhile; the forkserver starts them after object-store reads in the process. With
     ``persistent_workers=True`` the processes live until ``close()`` (or the loader's garbage collection, or
     interpreter exit). See ``docs/process-pool.md``.
 

@@ -131,6 +131,10 @@ def _warm_up_forkserver() -> None:
     aloader._pool.default_context()
     multiprocessing.forkserver.ensure_running()
     multiprocessing.resource_tracker.ensure_running()
+    # aloader's forker thread (forks asked for off the main thread) also lives as long as the process, once started.
+    starter = threading.Thread(target=aloader._pool.setup.fork_from_lasting_thread, args=(lambda: None,))
+    starter.start()
+    starter.join()
 
 
 _warm_up_forkserver()

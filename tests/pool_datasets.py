@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import random
 import signal
@@ -244,3 +245,14 @@ def shuffled_numbers_loader() -> Any:
     data = aloader.TensorDataset(torch.arange(40), torch.arange(40) * 10)
     generator = torch.Generator().manual_seed(9)
     return aloader.DataLoader(data, batch_size=4, shuffle=True, generator=generator, num_workers=2)
+
+
+class LoggingSquares(Dataset[Any]):
+    """Logs every sample on the ``tests.pool`` logger (in the worker process), then returns its square."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        logging.getLogger("tests.pool").info("sample %d in process %d", i, os.getpid())
+        return i * i

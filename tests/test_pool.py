@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -248,24 +247,12 @@ def test_a_heap_the_program_froze_is_left_to_it(driver: Driver) -> None:
 FORK: dict[str, Any] = {"multiprocessing_context": "fork"}
 
 
-def test_default_start_method_is_forkserver_while_another_thread_runs(driver: Driver) -> None:
-    # Forking now could copy a lock held by the other thread: the workers come from the forkserver instead.
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
-    other.start()
-    try:
-        parents = torch.cat(driver.collect(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2)))
-    finally:
-        stop.set()
-        other.join()
-    assert os.getpid() not in parents.tolist()
-
-
 DEFAULT_START_SCRIPT = textwrap.dedent(
     """
-    import asyncio, os, sys
+    import asyncio, http.server, logging, os, sys, threading
     import torch
     import aloader
+    from aloader import storage
     from tests import pool_datasets as pd
 
     def parents(batches):
@@ -274,26 +261,81 @@ DEFAULT_START_SCRIPT = textwrap.dedent(
     async def consume(loader):
         return [batch async for batch in loader]
 
+    def both_drivers():
+        return [
+            parents(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2)),
+            parents(asyncio.run(consume(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2)))),
+        ]
+
     me = os.getpid()
-    # The only thread, at iter(): the sync driver forks its workers from this process, as torch does; a dataset
-    # that cannot be pickled then works, as with torch.
-    assert parents(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2)) == {me}
+    # The only thread, at iter(): the workers are forked from this process, as torch's are; a dataset that cannot
+    # be pickled then works, as with torch.
+    assert both_drivers() == [{me}, {me}]
     assert len(list(aloader.DataLoader(pd.Unpicklable(), batch_size=2, num_workers=2))) == 2
-    # async for: a fork would block the caller's loop, so the workers come from the forkserver.
-    assert me not in parents(asyncio.run(consume(aloader.DataLoader(pd.ParentPids(), batch_size=2, num_workers=2))))
+
+    # Another thread that logs and holds a lock across the forks (as torch does, aloader forks anyway); the async
+    # driver forks from aloader's forker thread, off the loop.
+    logging.basicConfig(stream=open(os.devnull, "w"), level=logging.INFO)
+    held, stop = threading.Lock(), threading.Event()
+    def busy():
+        with held:
+            while not stop.is_set():
+                logging.getLogger("busy").info("tick")
+    other = threading.Thread(target=busy)
+    other.start()
+    assert both_drivers() == [{me}, {me}]
+    stop.set()
+    other.join()
+
+    # Another loader's thread that stays inside user code (it may hold the dataset's locks): the fork waits for it,
+    # about a second, then the forkserver starts the workers instead.
+    entered, release = threading.Event(), threading.Event()
+    class Stuck(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+        def __getitem__(self, i):
+            entered.set()
+            release.wait()
+            return i
+    stuck = threading.Thread(target=lambda: list(aloader.DataLoader(Stuck())))
+    stuck.start()
+    entered.wait()
+    assert all(me not in pids for pids in both_drivers())
+    release.set()
+    stuck.join()
+
+    # Once an object-store client runs here (tokio's threads would not survive a fork), the forkserver starts them.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    asyncio.run(storage.stat(f"http://127.0.0.1:{server.server_address[1]}/README.md"))
+    server.shutdown()
+    serving.join()
+    assert all(me not in pids for pids in both_drivers())
     print("OK")
     """
 )
 
 
-def test_default_start_method_forks_when_the_consumer_is_the_only_thread() -> None:
-    # A fresh interpreter: the test process itself may run server threads of other tests' fixtures.
+def test_default_start_method_forks_as_torch_does_unless_an_object_store_runs() -> None:
+    # A fresh interpreter: the test process itself may have started object-store clients in other tests.
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
         [sys.executable, "-c", DEFAULT_START_SCRIPT], cwd=root, capture_output=True, text=True, timeout=240
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK"
+
+
+def test_persistent_workers_forked_off_the_main_thread_outlive_the_epoch(driver: Driver) -> None:
+    # A worker is killed when the *thread* that forked it ends (PR_SET_PDEATHSIG): forks asked for off the main
+    # thread (async for; multiprocessing_context="fork" started in the pipeline) come from a lasting thread.
+    loader = aloader.DataLoader(pd.Pids(), batch_size=3, num_workers=2, persistent_workers=True, **FORK)
+    try:
+        epochs = [torch.cat(driver.collect(loader)) for _ in range(3)]
+    finally:
+        loader.close()
+    assert set(epochs[0].tolist()) == set(epochs[2].tolist())  # the same two processes served every epoch
 
 
 def test_close_is_idempotent_and_the_loader_stays_usable(driver: Driver) -> None:

@@ -93,8 +93,9 @@ class Pipeline:
 
     def fork_workers_if_safe(self) -> None:
         """Sync driver only, in the consumer's thread before the bridge starts: fork the worker processes now if
-        that is safe (see ``WorkerPool.start_by_fork_if_safe``). The ``async for`` driver never forks here: a fork
-        takes tens of milliseconds, which would block the caller's loop; its workers start off the loop in run()."""
+        the default start would fork (see ``WorkerPool.start_by_fork_if_safe``), before the pipeline's threads exist.
+        The ``async for`` driver starts them in run(), off the loop: a fork takes milliseconds per worker, which
+        would block the caller's loop."""
         workers = self.plan.workers
         if workers is not None and not workers.started:
             workers.start_by_fork_if_safe()

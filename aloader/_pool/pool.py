@@ -33,17 +33,21 @@ from aloader._pool.setup import (
     FORKSERVER_PRELOAD,
     WorkerSetup,
     default_context,
+    fork_from_lasting_thread,
     fork_is_safe,
     freeze_parent,
     thaw_parent,
 )
 from aloader._pool.transfer import FDS_PER_MESSAGE, HEADER, RemoteError, received, recvfds
 from aloader._pool.worker import worker_main
-from aloader._threads import _deliver
+from aloader._threads import FORK_GATE, _deliver
 from aloader.errors import WorkerDiedError
 
 __all__ = ["WorkerPool"]
 
+# How long a fork waits for aloader's threads to leave user code (see FORK_GATE). The default start then uses the
+# forkserver instead; a fork the user asked for goes ahead, as torch's would.
+_FORK_WAIT_SECONDS: Final = 1.0
 # How long close() lets an idle worker exit by itself (it sees end-of-file at once) before terminating it.
 _EXIT_GRACE_SECONDS: Final = 5.0
 _EXIT: Final = pickle.dumps(None)
@@ -117,21 +121,25 @@ class WorkerPool:
         return self._context.get_start_method() if self._context is not None else None
 
     def start_by_fork_if_safe(self) -> bool:
-        """With no start method given, fork the workers now, in the calling thread, when that is safe.
-
-        The consumer's iterator calls this before the pipeline's threads exist. When :func:`fork_is_safe` holds,
-        forking is what torch does, and it is the cheapest start: workers share the parent's pages (torch's
-        libraries and heap) and begin in milliseconds, with the dataset copied on write instead of pickled. Otherwise
-        (the user's own threads, an ``async for`` in a loop that must not block, object-store clients) the workers
-        are started later by ``start()`` with :func:`default_context`, off the event loop.
-        """
+        """The sync driver's early start: fork the workers now, in the consumer's thread, before the pipeline's
+        threads exist, when the default start would fork (False, and nothing started, otherwise)."""
         if self._started or self._context is not None or not fork_is_safe():
             return False
-        self._context = multiprocessing.get_context("fork")
         self.start()
-        return True
+        return self.start_method == "fork"
 
     def start(self) -> None:
+        """Start the workers (blocking: process starts; call it off the event loop). With no start method given,
+        fork when :func:`fork_is_safe` and aloader's threads leave user code in time, else :func:`default_context`."""
+        if self._context is None and not self._started and fork_is_safe():
+            with FORK_GATE.closed(_FORK_WAIT_SECONDS) as quiet:
+                if quiet:
+                    self._context = multiprocessing.get_context("fork")
+                    self._start(gate_closed=True)
+                    return
+        self._start(gate_closed=False)
+
+    def _start(self, gate_closed: bool) -> None:
         with self._lock:
             if self._started or self._closed:
                 return
@@ -148,21 +156,14 @@ class WorkerPool:
             if forked:
                 self._froze_parent = freeze_parent()
             try:
-                for worker_id in range(self.num_workers):
-                    ours, theirs = self._context.Pipe(duplex=True)
-                    process = self._context.Process(  # type: ignore[attr-defined]
-                        target=worker_main,
-                        args=(worker_id, theirs, setup_arg),
-                        name=f"aloader-worker-{worker_id}",
-                        daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
-                    )
-                    self._conns.append(ours)
-                    self._socks.append(socket.socket(fileno=os.dup(ours.fileno())))
-                    try:
-                        process.start()
-                    finally:
-                        theirs.close()
-                    self._processes.append(process)
+                if not forked:
+                    self._start_processes(setup_arg)
+                elif gate_closed:
+                    fork_from_lasting_thread(lambda: self._start_processes(setup_arg))
+                else:
+                    # "fork" asked for by the user: aloader's threads still leave user code first if they can.
+                    with FORK_GATE.closed(_FORK_WAIT_SECONDS):
+                        fork_from_lasting_thread(lambda: self._start_processes(setup_arg))
             except BaseException:
                 self._shutdown_locked()
                 raise
@@ -175,6 +176,24 @@ class WorkerPool:
                 )
                 self._senders.append(sender)
                 sender.start()
+
+    def _start_processes(self, setup_arg: WorkerSetup | bytes) -> None:
+        assert self._context is not None
+        for worker_id in range(self.num_workers):
+            ours, theirs = self._context.Pipe(duplex=True)
+            process = self._context.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(worker_id, theirs, setup_arg),
+                name=f"aloader-worker-{worker_id}",
+                daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
+            )
+            self._conns.append(ours)
+            self._socks.append(socket.socket(fileno=os.dup(ours.fileno())))
+            try:
+                process.start()
+            finally:
+                theirs.close()
+            self._processes.append(process)
 
     # ------------------------------------------------------------------------------------------------ tasks
     def submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:

@@ -1,24 +1,39 @@
 """How worker processes start: the start method, the parent's heap around a fork, and what each worker gets.
 
-With no ``multiprocessing_context``, the sync driver forks at ``iter()`` when that is safe (:func:`fork_is_safe`:
-the consumer is the process's only thread), as torch does; otherwise the forkserver starts the workers, with torch
-preloaded once (:func:`default_context`).
+With no ``multiprocessing_context``, workers are forked when their loader's iterator starts, as torch does, whatever
+other threads the program runs (:func:`fork_is_safe`); aloader's own threads are kept out of user code while it
+forks (``_threads.FORK_GATE``), and forks asked for off the main thread are made by one long-lived thread
+(:func:`fork_from_lasting_thread`). Otherwise (an object-store client already running in this process, no ``fork`` on
+the platform) the forkserver starts the workers, with torch preloaded once (:func:`default_context`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import multiprocessing
 import multiprocessing.context
+import os
+import queue
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aloader._core.plan import PoolKind
 
-__all__ = ["FORKSERVER_PRELOAD", "WorkerSetup", "default_context", "fork_is_safe", "freeze_parent", "thaw_parent"]
+__all__ = [
+    "FORKSERVER_PRELOAD",
+    "WorkerSetup",
+    "default_context",
+    "fork_from_lasting_thread",
+    "fork_is_safe",
+    "freeze_parent",
+    "thaw_parent",
+]
+
+T = TypeVar("T")
 
 
 def default_context() -> multiprocessing.context.BaseContext:
@@ -36,14 +51,6 @@ def default_context() -> multiprocessing.context.BaseContext:
 FORKSERVER_PRELOAD: Final = ["torch", "numpy", "aloader._pool.worker"]
 
 
-# The parent's side of sharing memory with forked workers. A forked worker shares the parent's pages until either
-# process writes to one. Workers freeze what they inherit (see _worker_main); the parent freezes its heap too, right
-# before the fork, as the gc module's documentation advises: collections in the parent during the epoch then never
-# walk the objects the workers share, whose headers they would write. Measured with the pool benchmark: without it,
-# depending on where the parent's collections fell, its PSS rose by ~23 MiB and each worker's by ~6 MiB (peak
-# memory of all processes 1.14x torch's instead of 0.97x). The heap is unfrozen when the last such pool closes, so
-# objects of the program that became garbage meanwhile are collected then. A program that froze its heap itself is
-# left alone (its own unfreeze stays its own).
 # The parent's side of sharing memory with forked workers. A forked worker shares the parent's pages until either
 # process writes to one. Workers freeze what they inherit (see _worker_main); the parent freezes its heap too, right
 # before the fork, as the gc module's documentation advises: collections in the parent during the epoch then never
@@ -77,19 +84,66 @@ def thaw_parent() -> None:
 
 
 def fork_is_safe() -> bool:
-    """Whether forking the calling thread now copies no lock that another thread holds.
+    """Whether the default start may fork now, as torch's DataLoader does at ``iter()``.
 
-    True only on Linux, in the main thread, when it is the process's only Python thread (so no thread of the
-    loader's, or of the user's, can be inside a lock), and when no object-store client has started its runtime in
-    this process (tokio's threads are invisible to ``threading`` and do not survive a fork). This is the moment
-    torch forks its workers too: at ``iter(loader)``, in the consumer's thread.
+    True on Linux unless an object-store client has started its runtime in this process (tokio's threads are
+    invisible to ``threading`` and their state does not survive a fork). Other threads of the program do not
+    prevent it, as they do not for torch: the user's own threads are the user's to keep fork-safe
+    (``docs/process-pool.md``), and aloader's are held out of user code during the fork (``_threads.FORK_GATE``).
     """
     if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
         return False
-    if threading.active_count() != 1 or threading.current_thread() is not threading.main_thread():
-        return False
     store = sys.modules.get("aloader.storage._store")  # not imported: nothing has read from an object store
     return store is None or not store.object_store_started()
+
+
+class _Forker:
+    """One daemon thread, started at the first fork asked for off the main thread, that makes those forks.
+
+    A worker asks the kernel to kill it when its parent ends (``PR_SET_PDEATHSIG``, see ``worker.py``), and for the
+    kernel the parent is the *thread* that forked it. Forked from a short-lived thread (the pipeline's threads, which
+    end with each epoch), persistent workers were killed at the end of the first epoch. The main thread and this one
+    live as long as the process; the caller waits for the fork's outcome on a future.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)  # a worker that forks gets a forker of its own
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._work: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is threading.main_thread():
+            return fn()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="aloader-forker", daemon=True)
+                self._thread.start()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._work.put((fn, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            fn, done = self._work.get()
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # the caller raises it
+                done.set_exception(exc)
+            del fn, done
+
+
+_forker = _Forker()
+
+
+def fork_from_lasting_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` (which forks) in a thread that lives as long as the process: the main thread if called there,
+    else aloader's forker thread."""
+    return _forker.run(fn)
 
 
 @dataclass(frozen=True, slots=True)
