@@ -35,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,12 @@ from benchmarks.core import machine, write_section
 
 SYSTEMS = {
     "torch": "torch DataLoader (fork)",
-    "aloader": "aloader DataLoader (default: forks at iter(), as the only thread)",
+    "aloader": "aloader DataLoader (default: fork at iter())",
     "aloader-forkserver": 'aloader DataLoader, multiprocessing_context="forkserver"',
+    "torch+thread": "torch DataLoader (fork), a busy thread beside it",
+    "aloader+thread": "aloader DataLoader (default), a busy thread beside it",
 }
+BUSY = "+thread"
 
 
 def burn(seconds_of_work: int) -> int:
@@ -87,8 +91,25 @@ class Trivial(Dataset[int]):
 
 
 # ----------------------------------------------------------------------------------------------- one system
+def busy_thread(stop: threading.Event) -> threading.Thread:
+    """A thread of pure-Python work beside the consumer, as a training process has (a metrics or logging thread):
+    it takes the GIL in turns with the loader's own Python."""
+
+    def run() -> None:
+        while not stop.is_set():
+            burn(10_000)
+
+    thread = threading.Thread(target=run, name="busy", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_system(system: str, n: int, work: int, batch_size: int) -> dict[str, float]:
     """In a fresh interpreter: two epochs, timing the first batch of each and the whole second epoch."""
+    stop = threading.Event()
+    if system.endswith(BUSY):
+        busy_thread(stop)
+        system = system.removesuffix(BUSY)
     cls = torch.utils.data.DataLoader if system == "torch" else aloader.DataLoader
     context = {"multiprocessing_context": "forkserver"} if system == "aloader-forkserver" else {}
     figures: dict[str, float] = {}
@@ -104,6 +125,7 @@ def run_system(system: str, n: int, work: int, batch_size: int) -> dict[str, flo
         if epoch == 2:
             figures["samples_per_second"] = samples / elapsed
         del iterator, loader
+    stop.set()
     return figures
 
 
@@ -219,6 +241,11 @@ def round_trip(batches: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- report
+def torch_row_name(name: str) -> str:
+    """The torch row a system is compared with: the one run in the same condition (with or without the thread)."""
+    return "torch" + BUSY if name.endswith(BUSY) else "torch"
+
+
 @dataclass(frozen=True)
 class Report:
     work_ms: float
@@ -245,10 +272,11 @@ class Report:
         )
 
     def render(self) -> str:
-        torch_row = self.systems["torch"]
         lines = [
             f"Median of {self.repeats} interleaved runs. CPU-bound dataset: {self.samples} samples of "
-            f"~{self.work_ms:.1f} ms pure Python each, batch_size={self.batch_size}, num_workers=2.",
+            f"~{self.work_ms:.1f} ms pure Python each, batch_size={self.batch_size}, num_workers=2. "
+            "A busy thread: a thread of pure-Python work in the main process, started before the loader and running "
+            "throughout (as a metrics or logging thread would, only busier).",
             "",
             "| system | samples/s (epoch 2) | first batch, cold process (s) | first batch, warm (s) "
             "| peak PSS, all processes (MiB) | peak RSS sum (MiB) |",
@@ -261,10 +289,12 @@ class Report:
                 f"{row['first_batch_2']:.3f} | {row['peak_pss_mb']:,.0f} | {row['peak_rss_mb']:,.0f} |"
             )
         lines += ["", "Ratios to torch (throughput: higher is better; memory and first batch: lower is better):", ""]
-        for name in [name for name in self.systems if name != "torch"]:
+        for name in [name for name in self.systems if not name.startswith("torch")]:
             ours = self.systems[name]
+            torch_row = self.systems[torch_row_name(name)]
+            speed = ours["samples_per_second"] / torch_row["samples_per_second"]
             lines.append(
-                f"- {SYSTEMS[name]}: throughput {ours['samples_per_second'] / torch_row['samples_per_second']:.2f}x, "
+                f"- {SYSTEMS[name]} (against {SYSTEMS[torch_row_name(name)]}): throughput {speed:.2f}x, "
                 f"peak PSS {ours['peak_pss_mb'] / torch_row['peak_pss_mb']:.2f}x, "
                 f"warm first batch {ours['first_batch_2'] / torch_row['first_batch_2']:.2f}x, "
                 f"cold first batch {ours['first_batch_1'] / torch_row['first_batch_1']:.2f}x."
@@ -315,7 +345,7 @@ def main(argv: list[str] | None = None) -> Report | None:
     # Interleaved repeats, median per figure: noise from other users of the machine hits both systems alike.
     repeats = 1 if args.quick else 5
     # The smoke run skips the opt-in forkserver row: it only checks that the script works end to end.
-    names = ["torch", "aloader"] if args.quick else list(SYSTEMS)
+    names = ["torch", "aloader", "torch+thread", "aloader+thread"] if args.quick else list(SYSTEMS)
     runs: dict[str, list[dict[str, float]]] = {system: [] for system in names}
     for _ in range(repeats):
         for system in runs:
