@@ -11,7 +11,8 @@ Hierarchy::
                +-- TransientStorageError   a retryable fault (5xx, throttling, timeout, reset) outlasted the retries
                +-- UnsupportedURLError     (also ValueError) a URL aloader cannot read, or bad storage options
                +-- ShardFormatError        (also ValueError) a tar shard is malformed or truncated
-          +-- WorkerDiedError    a worker process exited while it held samples (names the worker, pid, samples)
+          +-- WorkerDiedError    (also RuntimeError) a worker process exited while it held samples (names the
+          |                      worker, pid, samples; torch's text inside, torch's per-worker error as cause)
           +-- FailureBudgetExceeded  more samples failed than ``max_failures`` allows (names the last failures)
 
 A failing sample does not get an aloader exception type: the consumer sees an exception of the *original* type
@@ -20,6 +21,8 @@ exception with its traceback. Where the original type cannot be built from a mes
 required arguments), the original exception itself is raised with the index added as a note (PEP 678).
 An exception raised in a worker process reaches the consumer the same way; the worker's traceback, as text, is a
 note on the cause. Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's error keeps working.
+Every condition torch raises as a given type is an instance of that type here too: ``WorkerDiedError`` is a
+``RuntimeError`` (torch's dead-worker error), so retry loops and elastic agents written for torch still catch it.
 """
 
 from __future__ import annotations
@@ -113,22 +116,41 @@ def context_of(exc: BaseException) -> tuple[BaseException, str] | None:
     return None
 
 
-class WorkerDiedError(AloaderError):
-    """A worker process exited while it held samples: a crash, ``os._exit``, a signal, or the OOM killer."""
+class WorkerDiedError(AloaderError, RuntimeError):
+    """A worker process exited while it held samples: a crash, ``os._exit``, a signal, or the OOM killer.
+
+    A ``RuntimeError``, as torch's error for it. The message starts with torch's words ("DataLoader worker (pid(s)
+    ...) exited unexpectedly") and names the worker and the samples it held; ``__cause__`` is a ``RuntimeError`` with
+    torch's per-worker text ("... is killed by signal: Killed. "), as torch chains it.
+    """
 
     def __init__(
-        self, message: str, *, worker_id: int | None = None, pid: int | None = None, exitcode: int | None = None
+        self,
+        message: str,
+        *,
+        worker_id: int | None = None,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        advice: str = "",
     ) -> None:
-        super().__init__(message)
+        super().__init__(message + advice)
         self.worker_id = worker_id
         self.pid = pid
         self.exitcode = exitcode
+        self._summary = message
+        self._advice = advice
 
     def again(self, what: str) -> WorkerDiedError:
         """The same condition, for one task: ``what`` names the samples it held."""
-        return WorkerDiedError(
-            f"{self.args[0]} while {what}", worker_id=self.worker_id, pid=self.pid, exitcode=self.exitcode
+        error = WorkerDiedError(
+            f"{self._summary} while {what}",
+            worker_id=self.worker_id,
+            pid=self.pid,
+            exitcode=self.exitcode,
+            advice=self._advice,
         )
+        error.__cause__ = self.__cause__
+        return error
 
 
 class FailureBudgetExceeded(AloaderError):

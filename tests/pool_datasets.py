@@ -93,17 +93,20 @@ class Pids(Dataset[Any]):
 
 
 class KillsWorker(Dataset[Any]):
-    """Index ``victim`` kills the worker process that fetches it (never the main process)."""
+    """Index ``victim`` ends the worker process that fetches it (never the main process): ``how`` is ``"kill"``
+    (SIGKILL), ``"bus"`` (SIGBUS, as when shared memory runs out) or ``"exit"`` (``os._exit(3)``)."""
 
-    def __init__(self, victim: int = 5, n: int = 12) -> None:
-        self.victim, self.n = victim, n
+    def __init__(self, victim: int = 5, n: int = 12, how: str = "kill") -> None:
+        self.victim, self.n, self.how = victim, n, how
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> Any:
         if i == self.victim and get_worker_info() is not None:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGBUS if self.how == "bus" else signal.SIGKILL)
         return i
 
 

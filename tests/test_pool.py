@@ -157,9 +157,41 @@ def test_killed_worker_raises_naming_worker_and_samples(driver: Driver) -> None:
         driver.collect(loader)
     message = str(info.value)
     # Batch [4, 5] is the third batch: worker 0's second.
-    assert "DataLoader worker 0 (pid " in message and "was killed by signal SIGKILL" in message
+    assert message.startswith(f"DataLoader worker (pid(s) {info.value.pid}) exited unexpectedly: worker 0 ")
+    assert "is killed by signal: Killed (SIGKILL)" in message
     assert "[4, 5] (2 samples)" in message
     assert info.value.worker_id == 0 and info.value.exitcode == -9
+
+
+def _torch_death(dataset: Any) -> RuntimeError:
+    with pytest.raises(RuntimeError) as info:
+        list(TORCH(dataset, batch_size=2, num_workers=2))
+    return info.value
+
+
+@pytest.mark.parametrize("how", ["kill", "bus", "exit"])
+def test_dead_worker_raises_torchs_type_with_torchs_words(driver: Driver, how: str) -> None:
+    # Code written for torch catches RuntimeError (retry loops, elastic agents) and matches its words in logs.
+    expected = _torch_death(pd.KillsWorker(victim=5, how=how))
+    with pytest.raises(RuntimeError) as info:
+        driver.collect(aloader.DataLoader(pd.KillsWorker(victim=5, how=how), batch_size=2, num_workers=2))
+    error = info.value
+    assert isinstance(error, aloader.WorkerDiedError) and isinstance(error, aloader.AloaderError)
+
+    def torchs_words(error: BaseException, pid: int | None) -> str:
+        return str(error).replace(f"pid(s) {pid})", "pid(s) PID)").replace(f"pid {pid})", "pid PID)")
+
+    torch_pid = int(str(expected).split("pid(s) ")[1].split(")")[0])
+    head = torchs_words(expected, torch_pid)
+    assert head == "DataLoader worker (pid(s) PID) exited unexpectedly"
+    assert torchs_words(error, error.pid).startswith(head + ": worker 0 ")
+    # The cause is torch's per-worker error, word for word, as torch chains it.
+    assert type(error.__cause__) is type(expected.__cause__) is RuntimeError
+    assert torchs_words(error.__cause__, error.pid) == torchs_words(expected.__cause__, torch_pid)
+    # Its advice (shared memory for SIGBUS, num_workers=0 for an exit code) ends ours too.
+    advice = str(expected.__cause__).split(". ", 1)[1]
+    if advice:
+        assert str(error).endswith(advice)
 
 
 def test_killed_worker_outcomes_are_errors_not_a_hang(driver: Driver) -> None:

@@ -63,6 +63,43 @@ class _Pending:
     what: str  # the samples it holds, for the error when the worker dies
 
 
+_SHM_ADVICE: Final = (
+    ". It is possible that dataloader's workers are out of shared memory. Please try to raise your shared memory limit."
+)
+
+
+def _died(worker_id: int, pid: int | None, code: int | None) -> WorkerDiedError:
+    """The error for a worker that exited: torch's words in ours, and torch's per-worker error as the cause."""
+    advice, torch_text = "", ""
+    if code is None:
+        how = "closed its connection"
+    elif code < 0:
+        name = signal.strsignal(-code) or f"signal {-code}"
+        try:
+            how = f"is killed by signal: {name} ({signal.Signals(-code).name})"
+        except ValueError:
+            how = f"is killed by signal: {name}"
+        torch_text = f"DataLoader worker (pid {pid}) is killed by signal: {name}. "
+        if -code == signal.SIGBUS:
+            advice = _SHM_ADVICE
+            torch_text += advice[2:]
+    else:
+        how = f"exited with code {code}"
+        if code > 0:
+            advice = ". Details are lost due to multiprocessing. Rerunning with num_workers=0 may give better error trace."
+            torch_text = f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {code}{advice}"
+    error = WorkerDiedError(
+        f"DataLoader worker (pid(s) {pid}) exited unexpectedly: worker {worker_id} {how}",
+        worker_id=worker_id,
+        pid=pid,
+        exitcode=code,
+        advice=advice,
+    )
+    if torch_text:
+        error.__cause__ = RuntimeError(torch_text)  # torch raises its error from this one (see torch's _try_get_data)
+    return error
+
+
 class WorkerPool:
     """``num_workers`` processes with a pipe each, and one reader thread resolving the tasks' futures.
 
@@ -281,24 +318,13 @@ class WorkerPool:
         # kernel makes its exit status available: wait that moment out (bounded, should it live on without it).
         process.join(_EXIT_GRACE_SECONDS)
         code = process.exitcode
-        if code is None:
-            how = "closed its connection"
-        elif code < 0:
-            how = f"was killed by signal {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
+        error = _died(worker_id, process.pid, code)
         with self._lock:
             if self._closed:
                 return
             held = {tid: p for tid, p in self._pending.items() if p.worker_id == worker_id}
             for task_id in held:
                 del self._pending[task_id]
-            error = WorkerDiedError(
-                f"DataLoader worker {worker_id} (pid {process.pid}) {how} unexpectedly",
-                worker_id=worker_id,
-                pid=process.pid,
-                exitcode=code,
-            )
             self._dead[worker_id] = error
         for pending in held.values():
             try:
