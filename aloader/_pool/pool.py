@@ -68,6 +68,11 @@ _SHM_ADVICE: Final = (
 )
 
 
+_EXIT_ADVICE: Final = (
+    ". Details are lost due to multiprocessing. Rerunning with num_workers=0 may give better error trace."
+)
+
+
 def _died(worker_id: int, pid: int | None, code: int | None) -> WorkerDiedError:
     """The error for a worker that exited: torch's words in ours, and torch's per-worker error as the cause."""
     advice, torch_text = "", ""
@@ -86,7 +91,7 @@ def _died(worker_id: int, pid: int | None, code: int | None) -> WorkerDiedError:
     else:
         how = f"exited with code {code}"
         if code > 0:
-            advice = ". Details are lost due to multiprocessing. Rerunning with num_workers=0 may give better error trace."
+            advice = _EXIT_ADVICE
             torch_text = f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {code}{advice}"
     error = WorkerDiedError(
         f"DataLoader worker (pid(s) {pid}) exited unexpectedly: worker {worker_id} {how}",
