@@ -88,6 +88,37 @@ def test_persistent_workers_same_pids_and_same_batches_as_torch(driver: Driver) 
     assert loader._persistent_pool is None
 
 
+def test_two_persistent_loaders_in_turns_keep_their_workers_as_torch(driver: Driver) -> None:
+    # Started from a pipeline thread (fork or spawn given as start method), the workers used to be killed when that
+    # epoch's threads exited (the kernel's parent-death signal follows the forking thread): the next epoch then lost
+    # its batches to dead workers, or started new ones with other random states than torch's persistent workers.
+    # (spawn takes the same path as fork here, only slower: not repeated.)
+    def make(cls: Any, n: int, batch_size: int, **extra: Any) -> Any:
+        return cls(
+            pd.RandomDraws(n),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=2,
+            persistent_workers=True,
+            multiprocessing_context="fork",
+            **extra,
+        )
+
+    torch.manual_seed(6)
+    train, val = make(TORCH, 8, 2), make(TORCH, 3, 4)  # val: one batch, fewer than workers
+    expected = [[list(train), list(val)] for _ in range(3)]
+    del train, val
+    torch.manual_seed(6)
+    with make(aloader.DataLoader, 8, 2, concurrency=1) as train, make(aloader.DataLoader, 3, 4, concurrency=1) as val:
+        got, pids = [], []
+        for _ in range(3):
+            got.append([driver.collect(train), driver.collect(val)])
+            assert train._persistent_pool is not None and val._persistent_pool is not None
+            pids.append((train._persistent_pool.pids, val._persistent_pool.pids))
+    assert_same(got, expected)
+    assert pids[0] == pids[1] == pids[2]
+
+
 @pytest.mark.parametrize("taken", [1, 2, 5])
 def test_break_with_persistent_workers_then_next_epoch_as_torch(driver: Driver, taken: int) -> None:
     # torch's workers run prefetch_factor * num_workers tasks plus one per batch taken, then carry their random state

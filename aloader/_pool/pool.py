@@ -135,6 +135,8 @@ class WorkerPool:
         self._started = False
         self._closed = False
         self._froze_parent = False  # this pool's fork froze the parent's heap (see freeze_parent)
+        self._keeper: threading.Thread | None = None  # the thread the workers were started from (_start_in_keeper)
+        self._release_keeper = threading.Event()
 
     @property
     def kind(self) -> PoolKind:
@@ -190,21 +192,12 @@ class WorkerPool:
             if forked:
                 self._froze_parent = freeze_parent()
             try:
-                for worker_id in range(self.num_workers):
-                    ours, theirs = self._context.Pipe(duplex=True)
-                    process = self._context.Process(  # type: ignore[attr-defined]
-                        target=worker_main,
-                        args=(worker_id, theirs, setup_arg),
-                        name=f"aloader-worker-{worker_id}",
-                        daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
-                    )
-                    self._conns.append(ours)
-                    self._socks.append(socket.socket(fileno=os.dup(ours.fileno())))
-                    try:
-                        process.start()
-                    finally:
-                        theirs.close()
-                    self._processes.append(process)
+                if self._context.get_start_method() == "forkserver" or threading.current_thread() is (
+                    threading.main_thread()
+                ):
+                    self._start_processes(setup_arg)
+                else:
+                    self._start_in_keeper(setup_arg)
             except BaseException:
                 self._shutdown_locked()
                 raise
@@ -217,6 +210,52 @@ class WorkerPool:
                 )
                 self._senders.append(sender)
                 sender.start()
+
+    def _start_processes(self, setup_arg: WorkerSetup | bytes) -> None:
+        assert self._context is not None
+        for worker_id in range(self.num_workers):
+            ours, theirs = self._context.Pipe(duplex=True)
+            process = self._context.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(worker_id, theirs, setup_arg),
+                name=f"aloader-worker-{worker_id}",
+                daemon=True,  # multiprocessing terminates daemonic children at interpreter exit
+            )
+            self._conns.append(ours)
+            self._socks.append(socket.socket(fileno=os.dup(ours.fileno())))
+            try:
+                process.start()
+            finally:
+                theirs.close()
+            self._processes.append(process)
+
+    def _start_in_keeper(self, setup_arg: WorkerSetup | bytes) -> None:
+        """Start the processes from a thread that lives as long as they do.
+
+        A worker asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``, see ``worker.py``), and for
+        the kernel the parent is the *thread* that forked it. Forked (or spawned) from a thread of the pipeline, the
+        workers were killed as soon as that epoch's threads exited: a persistent pool died after its first epoch,
+        and the next epoch either started new workers (new pids and random state, unlike torch) or lost its batches
+        to the dead ones. The main thread and the forkserver live as long as the workers, so they need no keeper.
+        """
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def keep() -> None:
+            try:
+                self._start_processes(setup_arg)
+            except BaseException as exc:
+                failure.append(exc)
+                return
+            finally:
+                started.set()
+            self._release_keeper.wait()  # set by close() once every worker has exited
+
+        self._keeper = threading.Thread(target=keep, name="aloader-pool-keeper", daemon=True)
+        self._keeper.start()
+        started.wait()
+        if failure:
+            raise failure[0]
 
     # ------------------------------------------------------------------------------------------------ tasks
     def submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
@@ -386,6 +425,10 @@ class WorkerPool:
         for end in (self._wake_r, self._wake_w):
             if end is not None:
                 end.close()
+        if self._keeper is not None:  # only now: its exit kills the workers it started (PR_SET_PDEATHSIG)
+            self._release_keeper.set()
+            if self._keeper is not threading.current_thread():
+                self._keeper.join()
         if self._froze_parent:
             self._froze_parent = False
             thaw_parent()

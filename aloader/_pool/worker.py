@@ -225,7 +225,9 @@ def _seed_worker(base_seed: int, worker_id: int) -> int:
 
 def _die_with_parent() -> None:
     """Linux: be killed when the parent process ends, even while stuck in user code (never an orphan). The parent
-    is the main process (fork, spawn) or the forkserver, which itself exits when the main process does."""
+    is the main process (fork, spawn) or the forkserver, which itself exits when the main process does. The kernel
+    sends the signal when the parent *thread* exits: the pool starts workers from the main thread, the forkserver, or
+    a keeper thread that lives as long as they do (``WorkerPool._start_in_keeper``)."""
     # A forkserver child inherits the write end of the server's "main process alive" pipe, which would keep the
     # server (our parent) running as long as we do, and so would never trigger the signal: let go of it. (Code in
     # this worker that starts processes with forkserver then starts a server of its own.)
