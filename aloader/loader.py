@@ -203,12 +203,14 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """Iterate in plain (sync) code: the pipeline runs on a background event loop thread."""
         iterator = LoaderIterator(*self._start())
         iterator._cursor = self._resume.cursor
+        iterator._num_workers = self.num_workers
         return iterator
 
     def __aiter__(self) -> AsyncLoaderIterator:
         """Iterate with ``async for`` inside a running event loop: the pipeline runs as a task of that loop."""
         iterator = AsyncLoaderIterator(*self._start())
         iterator._cursor = self._resume.cursor
+        iterator._num_workers = self.num_workers
         return iterator
 
     def _start(self) -> tuple[Pipeline, int, Any, int | None]:

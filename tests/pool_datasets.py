@@ -59,11 +59,30 @@ class WorkerFacts(Dataset[Any]):
             "seed": info.seed,
             "same_dataset": info.dataset is self,
             "init": INIT_MARK.get("worker_id", -1),
+            "initial_seed": torch.initial_seed(),  # torch seeds each worker with base_seed + worker_id
         }
 
 
 def mark_init(worker_id: int) -> None:
     INIT_MARK["worker_id"] = worker_id * 10 + 1
+
+
+def touch_init(directory: str, worker_id: int) -> None:
+    """A worker_init_fn (with ``functools.partial``) that leaves a file per call: which workers ran it."""
+    open(os.path.join(directory, f"init-{worker_id}-{os.getpid()}"), "x").close()
+
+
+class TouchesOnIter(IterableDataset[Any]):
+    """Each worker's copy leaves a file when it is iterated, then yields its share of ``range(n)``."""
+
+    def __init__(self, directory: str, n: int) -> None:
+        self.directory, self.n = directory, n
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        assert info is not None
+        open(os.path.join(self.directory, f"iter-{info.id}-{os.getpid()}"), "x").close()
+        return iter(range(info.id, self.n, info.num_workers))
 
 
 def failing_init(worker_id: int) -> None:
@@ -82,6 +101,19 @@ class Sharded(IterableDataset[Any]):
             return iter(range(self.n))
         stop = self.n - 6 * info.id  # worker 1 has fewer items: it is exhausted first
         return (torch.tensor([i, random.randint(0, 99)]) for i in range(info.id, stop, info.num_workers))
+
+
+class LongerThanLen(IterableDataset[Any]):
+    """Says 3 items and yields 5 (in every worker: not sharded), which torch warns about."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __iter__(self) -> Any:
+        return iter(range(5))
+
+    def __repr__(self) -> str:
+        return "LongerThanLen()"
 
 
 class Pids(Dataset[Any]):

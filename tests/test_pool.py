@@ -6,6 +6,7 @@ Every test runs through both drivers; the autouse ``no_leaks`` fixture also chec
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,61 @@ def test_worker_info_and_worker_init_fn_as_torch(driver: Driver) -> None:
     assert all(batch["init"].tolist() == [batch["id"][0] * 10 + 1] * 2 for batch in got)
     assert all(batch["same_dataset"].all() for batch in got)
     assert aloader.get_worker_info() is None  # still None in the main process
+
+
+def test_worker_seeds_are_torchs_and_reproducible_with_a_generator(driver: Driver) -> None:
+    # torch.initial_seed() in worker w is base_seed + w, the base seed drawn from the loader's generator: the same
+    # generator seed gives the same worker seeds in every run, in torch and here alike.
+    def seeds(cls: Any, seed: int, collect: Callable[[Any], list[Any]]) -> list[list[int]]:
+        loader = cls(pd.WorkerFacts(), batch_size=2, num_workers=2, generator=gen(seed))
+        return [
+            [batch["id"][0].item(), batch["initial_seed"][0].item(), batch["seed"][0].item()]
+            for batch in collect(loader)
+        ]
+
+    expected = seeds(TORCH, 21, list)
+    assert seeds(aloader.DataLoader, 21, driver.collect) == expected == seeds(TORCH, 21, list)
+    assert [s[1] - s[0] for s in expected] == [expected[0][1]] * 4 and all(s[1] == s[2] for s in expected)
+    assert seeds(aloader.DataLoader, 22, driver.collect) == seeds(TORCH, 22, list) != expected
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes:UserWarning")
+@pytest.mark.parametrize("kind", ["map", "iterable", "empty"])
+def test_workers_started_with_fewer_batches_than_workers_as_torch(driver: Driver, kind: str, tmp_path: Path) -> None:
+    # torch starts every worker at iter() even when some get no batch: each runs worker_init_fn, and each copy of an
+    # iterable dataset is iterated. Users see it through those calls' side effects (logs, files, connections).
+    def run(cls: Any, collect: Callable[[Any], list[Any]]) -> tuple[int, list[str]]:
+        directory = tmp_path / cls.__module__
+        directory.mkdir()
+        dataset: Any = {
+            "map": TensorDataset(torch.arange(3)),
+            "iterable": pd.TouchesOnIter(str(directory), 2),
+            "empty": TensorDataset(torch.arange(0)),
+        }[kind]
+        init = functools.partial(pd.touch_init, str(directory))
+        batches = collect(cls(dataset, batch_size=4, num_workers=3, worker_init_fn=init))
+        return len(batches), sorted(name.rsplit("-", 1)[0] for name in os.listdir(directory))
+
+    expected = run(TORCH, list)
+    assert run(aloader.DataLoader, driver.collect) == expected
+    assert len(expected[1]) == (6 if kind == "iterable" else 3)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterable_longer_than_its_len_warns_torchs_words(driver: Driver, num_workers: int) -> None:
+    # Word for word, once per batch past len(loader): users' log filters match torch's text.
+    def warnings_of(cls: Any, collect: Callable[[Any], list[Any]]) -> tuple[list[Any], list[tuple[type, str]]]:
+        loader = cls(pd.LongerThanLen(), batch_size=None, num_workers=num_workers)
+        assert len(loader) == 3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = collect(loader)
+        return batches, [(w.category, str(w.message)) for w in caught if "Length of" in str(w.message)]
+
+    expected = warnings_of(TORCH, list)
+    assert len(expected[1]) == 5 * max(num_workers, 1) - 3
+    assert ("IterableDataset replica" in expected[1][0][1]) == (num_workers > 0)
+    assert_same(warnings_of(aloader.DataLoader, driver.collect), expected)
 
 
 def test_transform_runs_in_a_worker_process(driver: Driver) -> None:
