@@ -61,6 +61,10 @@ class _Consumer:
         if bar is not None:
             bar.close()
 
+    def __getstate__(self) -> Any:
+        # As torch's iterators: an iterator is not picklable, and says so with torch's exception type.
+        raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
+
     def __len__(self) -> int:
         # As torch's iterator: the number of batches (or samples) the index sampler gives.
         return len(self._index_sampler)

@@ -18,9 +18,12 @@ Hierarchy::
 A failing sample does not get an aloader exception type: the consumer sees an exception of the *original* type
 (a ``KeyError`` stays a ``KeyError``), whose message names the sample index and whose ``__cause__`` is the original
 exception with its traceback. Where the original type cannot be built from a message (a constructor with other
-required arguments), the original exception itself is raised with the index added as a note (PEP 678).
-An exception raised in a worker process reaches the consumer the same way; the worker's traceback, as text, is a
-note on the cause. Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's error keeps working.
+required arguments), the original exception itself is raised with the index added as a note (PEP 678), as torch
+raises it without workers. An exception raised in a worker process reaches the consumer the same way; the worker's
+traceback, as text, is a note on the cause. Only a worker's exception whose type cannot be built from a message
+becomes a ``RuntimeError`` ("Caught Custom ... in DataLoader worker process 1: ...") with the original as cause: that
+is what torch's workers raise for it. Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's
+error keeps working.
 Every condition torch raises as a given type is an instance of that type here too: ``WorkerDiedError`` is a
 ``RuntimeError`` (torch's dead-worker error), so retry loops and elastic agents written for torch still catch it.
 """
@@ -101,6 +104,7 @@ def with_context(exc: BaseException, where: str) -> BaseException:
         wrapped = type(exc)(_KeyErrorMessage(message) if isinstance(exc, KeyError) else message)
     except Exception:
         exc.add_note(f"aloader: raised {where}")
+        exc._aloader_raised = where  # type: ignore[attr-defined]  # where a worker says it was raised (see _pool)
         return exc
     wrapped.__cause__ = exc
     wrapped._aloader_where = where  # type: ignore[attr-defined]  # a worker sends the original with it (see _pool)
@@ -113,6 +117,9 @@ def context_of(exc: BaseException) -> tuple[BaseException, str] | None:
     cause = exc.__cause__
     if isinstance(where, str) and cause is not None:
         return cause, where
+    raised = getattr(exc, "_aloader_raised", None)  # returned as it was, with a note
+    if isinstance(raised, str):
+        return exc, raised
     return None
 
 

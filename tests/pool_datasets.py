@@ -152,6 +152,24 @@ class Fails(Dataset[Any]):
         return i
 
 
+class TwoArguments(Exception):
+    def __init__(self, code: int, detail: str) -> None:  # cannot be built from a message alone
+        super().__init__(code, detail)
+        self.code = code
+
+
+class RaisesTwoArguments(Dataset[Any]):
+    """Index 3 (worker 1's first batch, with batch_size=2) raises an exception torch cannot rebuild from its text."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 3:
+            raise TwoArguments(i, "needs both")
+        return i
+
+
 class Blocks(Dataset[Any]):
     """Index 0 blocks its worker until the process ends: for timeouts and for closing busy workers."""
 

@@ -303,6 +303,18 @@ def test_dataset_error_keeps_type_index_and_worker_traceback(driver: Driver) -> 
     )
 
 
+def test_worker_error_that_needs_other_arguments_is_a_runtime_error_as_torchs(driver: Driver) -> None:
+    # torch's workers cannot rebuild such an exception from its message and raise a RuntimeError instead.
+    with pytest.raises(RuntimeError, match=r"^Caught TwoArguments in DataLoader worker process 1") as expected:
+        list(TORCH(pd.RaisesTwoArguments(), batch_size=2, num_workers=2))
+    outcomes = driver.outcomes(aloader.DataLoader(pd.RaisesTwoArguments(), batch_size=2, num_workers=2))
+    assert [kind for kind, _ in outcomes] == ["ok", "err"]
+    error = outcomes[1][1]
+    assert type(error) is type(expected.value) is RuntimeError
+    assert str(error).startswith("Caught TwoArguments fetching sample index 3 in DataLoader worker process 1: ")
+    assert type(error.__cause__) is pd.TwoArguments and error.__cause__.code == 3
+
+
 def test_worker_init_fn_error_surfaces_with_type(driver: Driver) -> None:
     loader = aloader.DataLoader(pd.RandomDraws(4), batch_size=2, num_workers=2, worker_init_fn=pd.failing_init)
     with pytest.raises(LookupError, match="no config for worker 0") as info:

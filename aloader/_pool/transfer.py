@@ -141,4 +141,11 @@ class RemoteError:
         except Exception:
             original = RuntimeError(f"{self.type_name}: {self.message}")
         original.add_note(f"Traceback in DataLoader worker process {worker_id} (pid {pid}):\n{self.traceback}")
-        return with_context(original, f"{self.where} in DataLoader worker process {worker_id}")
+        where = f"{self.where} in DataLoader worker process {worker_id}"
+        error = with_context(original, where)
+        if error is original and isinstance(original, Exception):
+            # Its type cannot be built from a message: torch's workers raise a RuntimeError for it then (see torch's
+            # ExceptionWrapper.reraise), so code written for torch catches it as one. The original is its cause.
+            error = RuntimeError(f"Caught {self.type_name} {where}: {self.message}")
+            error.__cause__ = original
+        return error
