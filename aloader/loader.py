@@ -16,6 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from typing import Any, TypeVar
 
 import torch
+import torch.multiprocessing
 import torch.utils.data
 from torch.utils.data import BatchSampler, IterableDataset
 from torch.utils.data.dataloader import _DatasetKind
@@ -311,6 +312,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                     base_seed=self._base_seed,
                     skip_failures=self.max_failures is not None,
                     concurrency=self.concurrency,
+                    sharing_strategy=torch.multiprocessing.get_sharing_strategy(),  # type: ignore[no-untyped-call]
                 ),
                 self.num_workers,
                 self.multiprocessing_context,

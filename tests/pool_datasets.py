@@ -205,6 +205,17 @@ class Arrays(Dataset[Any]):
         }
 
 
+class ManyTensors(Dataset[Any]):
+    """Samples of eight small tensors each: each is a shared-memory segment (a file descriptor) once it has crossed
+    from a worker, for as long as it is alive."""
+
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, i: int) -> Any:
+        return [torch.full((4,), i) for _ in range(8)]
+
+
 class AsyncNumbers:
     """Async map-style: fetches on the event loop; a sync transform goes to the workers."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -426,6 +427,74 @@ def test_default_start_method_forks_when_the_consumer_is_the_only_thread() -> No
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK"
+
+
+DESCRIPTORS_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, resource, sys
+    import torch, uvloop
+    import aloader
+    from tests import pool_datasets as pd
+
+    which, driver, strategy = sys.argv[1:]
+    torch.multiprocessing.set_sharing_strategy(strategy)
+    # Few descriptors: keeping every batch alive runs out of them with the file_descriptor strategy.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    cls = torch.utils.data.DataLoader if which == "torch" else aloader.DataLoader
+    loader = cls(pd.ManyTensors(), batch_size=2, num_workers=2, collate_fn=pd.as_list)
+    kept = []
+
+    async def consume():
+        async for batch in loader:
+            kept.append(batch)
+
+    try:
+        if driver == "for":
+            kept.extend(loader)
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop if driver == "async-uvloop" else None) as runner:
+                runner.run(consume())
+        print(json.dumps({"batches": len(kept)}))
+    except RuntimeError as error:
+        cause = error.__cause__
+        print(json.dumps({"error": type(error).__name__, "message": str(error), "cause": type(cause).__name__}))
+    """
+)
+
+
+@functools.cache
+def _under_few_descriptors(which: str, driver: str, strategy: str) -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", DESCRIPTORS_SCRIPT, which, driver, strategy],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
+
+
+@pytest.mark.slow
+def test_out_of_descriptors_gives_torchs_advice_and_the_advice_works(driver: Driver) -> None:
+    # Each tensor received from a worker holds a descriptor while alive. torch fails with a RuntimeError (its
+    # advice names `ulimit -n` and set_sharing_strategy('file_system')); aloader raises torch's advice, chained to
+    # the error it met, and follows the advice: with 'file_system' both keep every batch.
+    expected = _under_few_descriptors("torch", "for", "file_descriptor")
+    assert expected["error"] == "RuntimeError"
+    got = _under_few_descriptors("aloader", driver.name, "file_descriptor")
+    assert got["error"] == "RuntimeError" and got["cause"] in ("RuntimeError", "OSError")
+    assert got["message"].startswith(
+        "Too many open files. Communication with the workers is no longer possible. Please increase the limit using "
+        "`ulimit -n` in the shell or change the sharing strategy by calling "
+        "`torch.multiprocessing.set_sharing_strategy('file_system')` at the beginning of your code. "
+    )
+    assert "DataLoader worker process" in got["message"]
+    assert _under_few_descriptors("aloader", driver.name, "file_system") == {"batches": 200}
+    assert _under_few_descriptors("torch", "for", "file_system") == {"batches": 200}
 
 
 def test_close_is_idempotent_and_the_loader_stays_usable(driver: Driver) -> None:

@@ -77,7 +77,10 @@ def _dumps_shared(obj: object) -> tuple[bytes, list[int], list[torch.UntypedStor
     buffer = io.BytesIO()
     pickler = ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table[np.ndarray] = _reduce_array
-    pickler.dispatch_table[torch.UntypedStorage] = reduce_storage
+    if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":  # type: ignore[no-untyped-call]
+        pickler.dispatch_table[torch.UntypedStorage] = reduce_storage
+    # else "file_system" (set by the user, as torch advises when descriptors run out): torch's own reduction, named
+    # segments that hold no descriptor in the receiving process.
     pickler.dump(obj)
     return buffer.getvalue(), fds, keep
 

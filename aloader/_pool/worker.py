@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
+import torch.multiprocessing
 import torch.utils.data._utils.worker as torch_worker
 
 from aloader._bridge import new_event_loop
@@ -282,6 +283,8 @@ def worker_main(worker_id: int, conn: multiprocessing.connection.Connection, set
     try:
         torch.set_num_threads(1)  # as torch: workers must not oversubscribe the cores with intra-op threads
         setup: WorkerSetup = setup_arg if isinstance(setup_arg, WorkerSetup) else pickle.loads(setup_arg)
+        # Not inherited by a forkserver or spawn child.
+        torch.multiprocessing.set_sharing_strategy(setup.sharing_strategy)  # type: ignore[no-untyped-call]
         seed = _seed_worker(setup.base_seed, worker_id)
         torch_worker._worker_info = torch_worker.WorkerInfo(
             id=worker_id, num_workers=setup.num_workers, seed=seed, dataset=setup.dataset
