@@ -216,6 +216,22 @@ class ManyTensors(Dataset[Any]):
         return [torch.full((4,), i) for _ in range(8)]
 
 
+class WaitsForRelease(Dataset[Any]):
+    """Index 0 blocks its worker until the test opens the FIFO at ``path`` for writing (no timing involved)."""
+
+    def __init__(self, path: str, n: int = 8) -> None:
+        self.path, self.n = path, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 0:
+            with open(self.path, "rb") as fifo:  # blocks until a writer opens it
+                fifo.read()
+        return i
+
+
 class AsyncNumbers:
     """Async map-style: fetches on the event loop; a sync transform goes to the workers."""
 

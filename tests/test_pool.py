@@ -329,6 +329,48 @@ def test_timeout_raises_torchs_error_and_stops_the_busy_worker(driver: Driver) -
         driver.collect(loader)
 
 
+def test_in_order_false_gives_a_slow_workers_turns_to_the_others_as_torch(driver: Driver, tmp_path: Path) -> None:
+    # Worker 0 is stuck on sample 0 until the consumer has 6 batches. torch sends each next batch to the next worker
+    # in turn with fewer than prefetch_factor batches outstanding, so worker 1 makes 1, 3, then 4, 5, 6, 7; worker 0
+    # then 0 and 2. (Given to worker 0 in turn, 4 and 6 would never come before the release: the timeout fails it.)
+    # concurrency=1: one sample at a time per worker, as torch's (with more, worker 0 makes 2, 4, 6 meanwhile).
+    def run(cls: Any, name: str, collect: Callable[[Callable[[], Any]], Any], **extra: Any) -> list[int]:
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        dataset = pd.WaitsForRelease(str(fifo))
+        loader = cls(dataset, num_workers=2, prefetch_factor=2, in_order=False, timeout=120, **extra)
+        got: list[int] = []
+
+        def take(batch: Any) -> None:
+            got.append(int(batch))
+            if len(got) == 6:
+                os.close(os.open(fifo, os.O_WRONLY))  # releases worker 0 (waits for it to be reading)
+
+        collect(lambda: (loader, take))
+        return got
+
+    def sync(make: Callable[[], Any]) -> None:
+        loader, take = make()
+        for batch in loader:
+            take(batch)
+
+    def by_driver(make: Callable[[], Any]) -> None:
+        if not driver.is_async:
+            sync(make)
+            return
+
+        async def consume() -> None:
+            loader, take = make()
+            async for batch in loader:
+                take(batch)
+
+        driver.run_async(consume)
+
+    expected = run(TORCH, "torch", sync)
+    assert expected == [1, 3, 4, 5, 6, 7, 0, 2]
+    assert run(aloader.DataLoader, "aloader", by_driver, concurrency=1) == expected
+
+
 def test_break_stops_workers(driver: Driver) -> None:
     assert len(driver.collect(aloader.DataLoader(pd.RandomDraws(40), batch_size=2, num_workers=2), limit=2)) == 2
 
