@@ -1,10 +1,11 @@
 """The hand-off to worker processes (``num_workers > 0``), as the main process's core sees it.
 
 In: units from the scheduler (``map``: the epoch's i-th batch to worker ``i % num_workers``, sent at dispatch in
-sampler order, as torch does), samples to finish (``items``: an async dataset's samples, transformed and collated in
-a worker), or requests for the next batch of a worker's copy of an iterable dataset (``iterable``, round-robin over
-the workers whose copy is not exhausted). Out: the batches, pinned here, as outcomes. It owns the count of tasks
-sent, which keeps a persistent pool's workers exactly where torch's would be when an epoch ends early.
+sampler order, as torch does; with ``in_order=False`` to the next worker in turn with room, as torch's), samples to
+finish (``items``: an async dataset's samples, transformed and collated in a worker), or requests for the next batch
+of a worker's copy of an iterable dataset (``iterable``, round-robin over the workers whose copy is not exhausted).
+Out: the batches, pinned here, as outcomes. It owns the count of tasks sent, which keeps a persistent pool's workers
+exactly where torch's would be when an epoch ends early.
 """
 
 from __future__ import annotations
