@@ -27,6 +27,13 @@ __all__ = ["AsyncLoaderIterator", "LoaderIterator"]
 _EXIT_JOIN_SECONDS = 10.0
 
 
+# Added by torch to its length warning when num_workers > 0.
+_REPLICA_HINT = (
+    "For multiprocessing data-loading, this could be caused by not properly configuring the IterableDataset replica at "
+    "each worker. Please see https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset for examples."
+)
+
+
 class _Consumer:
     """What both drivers do with an item taken from the pipeline's sink."""
 
@@ -38,6 +45,7 @@ class _Consumer:
         self._yielded = 0
         self._closed = False
         self._cursor: Cursor | None = None  # the loader's record of what this consumer received (state_dict)
+        self._num_workers = 0  # the loader's num_workers (torch's length warning says more with workers)
         self._bar: Any = None
         if pipeline.plan.progress:
             self._bar = open_progress(self._total())
@@ -52,6 +60,10 @@ class _Consumer:
         bar, self._bar = self._bar, None
         if bar is not None:
             bar.close()
+
+    def __getstate__(self) -> Any:
+        # As torch's iterators: an iterator is not picklable, and says so with torch's exception type.
+        raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
 
     def __len__(self) -> int:
         # As torch's iterator: the number of batches (or samples) the index sampler gives.
@@ -69,13 +81,15 @@ class _Consumer:
             self._bar.update()
         if self._reported_len is not None and self._yielded > self._reported_len:
             assert self._pipeline is not None
-            # torch's warning, word for word.
-            warnings.warn(
+            # torch's warning, word for word (users' log filters match it).
+            message = (
                 f"Length of IterableDataset {self._pipeline.plan.dataset} was reported to be "
                 f"{self._reported_len}(when accessing len(dataloader)), but {self._yielded} samples have been "
-                "fetched. ",
-                stacklevel=3,
+                "fetched. "
             )
+            if self._num_workers > 0:
+                message += _REPLICA_HINT
+            warnings.warn(message, stacklevel=3)
         return item
 
 

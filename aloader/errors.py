@@ -11,15 +11,21 @@ Hierarchy::
                +-- TransientStorageError   a retryable fault (5xx, throttling, timeout, reset) outlasted the retries
                +-- UnsupportedURLError     (also ValueError) a URL aloader cannot read, or bad storage options
                +-- ShardFormatError        (also ValueError) a tar shard is malformed or truncated
-          +-- WorkerDiedError    a worker process exited while it held samples (names the worker, pid, samples)
+          +-- WorkerDiedError    (also RuntimeError) a worker process exited while it held samples (names the
+          |                      worker, pid, samples; torch's text inside, torch's per-worker error as cause)
           +-- FailureBudgetExceeded  more samples failed than ``max_failures`` allows (names the last failures)
 
 A failing sample does not get an aloader exception type: the consumer sees an exception of the *original* type
 (a ``KeyError`` stays a ``KeyError``), whose message names the sample index and whose ``__cause__`` is the original
 exception with its traceback. Where the original type cannot be built from a message (a constructor with other
-required arguments), the original exception itself is raised with the index added as a note (PEP 678).
-An exception raised in a worker process reaches the consumer the same way; the worker's traceback, as text, is a
-note on the cause. Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's error keeps working.
+required arguments), the original exception itself is raised with the index added as a note (PEP 678), as torch
+raises it without workers. An exception raised in a worker process reaches the consumer the same way; the worker's
+traceback, as text, is a note on the cause. Only a worker's exception whose type cannot be built from a message
+becomes a ``RuntimeError`` ("Caught Custom ... in DataLoader worker process 1: ...") with the original as cause: that
+is what torch's workers raise for it. Timeouts raise ``RuntimeError`` with torch's text, so code that catches torch's
+error keeps working.
+Every condition torch raises as a given type is an instance of that type here too: ``WorkerDiedError`` is a
+``RuntimeError`` (torch's dead-worker error), so retry loops and elastic agents written for torch still catch it.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ def with_context(exc: BaseException, where: str) -> BaseException:
         wrapped = type(exc)(_KeyErrorMessage(message) if isinstance(exc, KeyError) else message)
     except Exception:
         exc.add_note(f"aloader: raised {where}")
+        exc._aloader_raised = where  # type: ignore[attr-defined]  # where a worker says it was raised (see _pool)
         return exc
     wrapped.__cause__ = exc
     wrapped._aloader_where = where  # type: ignore[attr-defined]  # a worker sends the original with it (see _pool)
@@ -110,25 +117,47 @@ def context_of(exc: BaseException) -> tuple[BaseException, str] | None:
     cause = exc.__cause__
     if isinstance(where, str) and cause is not None:
         return cause, where
+    raised = getattr(exc, "_aloader_raised", None)  # returned as it was, with a note
+    if isinstance(raised, str):
+        return exc, raised
     return None
 
 
-class WorkerDiedError(AloaderError):
-    """A worker process exited while it held samples: a crash, ``os._exit``, a signal, or the OOM killer."""
+class WorkerDiedError(AloaderError, RuntimeError):
+    """A worker process exited while it held samples: a crash, ``os._exit``, a signal, or the OOM killer.
+
+    A ``RuntimeError``, as torch's error for it. The message starts with torch's words ("DataLoader worker (pid(s)
+    ...) exited unexpectedly") and names the worker and the samples it held; ``__cause__`` is a ``RuntimeError`` with
+    torch's per-worker text ("... is killed by signal: Killed. "), as torch chains it.
+    """
 
     def __init__(
-        self, message: str, *, worker_id: int | None = None, pid: int | None = None, exitcode: int | None = None
+        self,
+        message: str,
+        *,
+        worker_id: int | None = None,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        advice: str = "",
     ) -> None:
-        super().__init__(message)
+        super().__init__(message + advice)
         self.worker_id = worker_id
         self.pid = pid
         self.exitcode = exitcode
+        self._summary = message
+        self._advice = advice
 
     def again(self, what: str) -> WorkerDiedError:
         """The same condition, for one task: ``what`` names the samples it held."""
-        return WorkerDiedError(
-            f"{self.args[0]} while {what}", worker_id=self.worker_id, pid=self.pid, exitcode=self.exitcode
+        error = WorkerDiedError(
+            f"{self._summary} while {what}",
+            worker_id=self.worker_id,
+            pid=self.pid,
+            exitcode=self.exitcode,
+            advice=self._advice,
         )
+        error.__cause__ = self.__cause__
+        return error
 
 
 class FailureBudgetExceeded(AloaderError):

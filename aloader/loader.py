@@ -16,6 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from typing import Any, TypeVar
 
 import torch
+import torch.multiprocessing
 import torch.utils.data
 from torch.utils.data import BatchSampler, IterableDataset
 from torch.utils.data.dataloader import _DatasetKind
@@ -203,12 +204,14 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """Iterate in plain (sync) code: the pipeline runs on a background event loop thread."""
         iterator = LoaderIterator(*self._start())
         iterator._cursor = self._resume.cursor
+        iterator._num_workers = self.num_workers
         return iterator
 
     def __aiter__(self) -> AsyncLoaderIterator:
         """Iterate with ``async for`` inside a running event loop: the pipeline runs as a task of that loop."""
         iterator = AsyncLoaderIterator(*self._start())
         iterator._cursor = self._resume.cursor
+        iterator._num_workers = self.num_workers
         return iterator
 
     def _start(self) -> tuple[Pipeline, int, Any, int | None]:
@@ -309,6 +312,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                     base_seed=self._base_seed,
                     skip_failures=self.max_failures is not None,
                     concurrency=self.concurrency,
+                    sharing_strategy=torch.multiprocessing.get_sharing_strategy(),  # type: ignore[no-untyped-call]
                 ),
                 self.num_workers,
                 self.multiprocessing_context,

@@ -60,11 +60,30 @@ class WorkerFacts(Dataset[Any]):
             "seed": info.seed,
             "same_dataset": info.dataset is self,
             "init": INIT_MARK.get("worker_id", -1),
+            "initial_seed": torch.initial_seed(),  # torch seeds each worker with base_seed + worker_id
         }
 
 
 def mark_init(worker_id: int) -> None:
     INIT_MARK["worker_id"] = worker_id * 10 + 1
+
+
+def touch_init(directory: str, worker_id: int) -> None:
+    """A worker_init_fn (with ``functools.partial``) that leaves a file per call: which workers ran it."""
+    open(os.path.join(directory, f"init-{worker_id}-{os.getpid()}"), "x").close()
+
+
+class TouchesOnIter(IterableDataset[Any]):
+    """Each worker's copy leaves a file when it is iterated, then yields its share of ``range(n)``."""
+
+    def __init__(self, directory: str, n: int) -> None:
+        self.directory, self.n = directory, n
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        assert info is not None
+        open(os.path.join(self.directory, f"iter-{info.id}-{os.getpid()}"), "x").close()
+        return iter(range(info.id, self.n, info.num_workers))
 
 
 def failing_init(worker_id: int) -> None:
@@ -85,6 +104,19 @@ class Sharded(IterableDataset[Any]):
         return (torch.tensor([i, random.randint(0, 99)]) for i in range(info.id, stop, info.num_workers))
 
 
+class LongerThanLen(IterableDataset[Any]):
+    """Says 3 items and yields 5 (in every worker: not sharded), which torch warns about."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __iter__(self) -> Any:
+        return iter(range(5))
+
+    def __repr__(self) -> str:
+        return "LongerThanLen()"
+
+
 class Pids(Dataset[Any]):
     def __len__(self) -> int:
         return 6
@@ -94,17 +126,20 @@ class Pids(Dataset[Any]):
 
 
 class KillsWorker(Dataset[Any]):
-    """Index ``victim`` kills the worker process that fetches it (never the main process)."""
+    """Index ``victim`` ends the worker process that fetches it (never the main process): ``how`` is ``"kill"``
+    (SIGKILL), ``"bus"`` (SIGBUS, as when shared memory runs out) or ``"exit"`` (``os._exit(3)``)."""
 
-    def __init__(self, victim: int = 5, n: int = 12) -> None:
-        self.victim, self.n = victim, n
+    def __init__(self, victim: int = 5, n: int = 12, how: str = "kill") -> None:
+        self.victim, self.n, self.how = victim, n, how
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> Any:
         if i == self.victim and get_worker_info() is not None:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGBUS if self.how == "bus" else signal.SIGKILL)
         return i
 
 
@@ -115,6 +150,24 @@ class Fails(Dataset[Any]):
     def __getitem__(self, i: int) -> Any:
         if i == 3:
             raise KeyError(f"no sample {i}")
+        return i
+
+
+class TwoArguments(Exception):
+    def __init__(self, code: int, detail: str) -> None:  # cannot be built from a message alone
+        super().__init__(code, detail)
+        self.code = code
+
+
+class RaisesTwoArguments(Dataset[Any]):
+    """Index 3 (worker 1's first batch, with batch_size=2) raises an exception torch cannot rebuild from its text."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 3:
+            raise TwoArguments(i, "needs both")
         return i
 
 
@@ -151,6 +204,33 @@ class Arrays(Dataset[Any]):
             "small": np.array([i, i + 1], dtype=np.uint8),
             "tensor": torch.full((50_000,), float(i)),
         }
+
+
+class ManyTensors(Dataset[Any]):
+    """Samples of eight small tensors each: each is a shared-memory segment (a file descriptor) once it has crossed
+    from a worker, for as long as it is alive."""
+
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, i: int) -> Any:
+        return [torch.full((4,), i) for _ in range(8)]
+
+
+class WaitsForRelease(Dataset[Any]):
+    """Index 0 blocks its worker until the test opens the FIFO at ``path`` for writing (no timing involved)."""
+
+    def __init__(self, path: str, n: int = 8) -> None:
+        self.path, self.n = path, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 0:
+            with open(self.path, "rb") as fifo:  # blocks until a writer opens it
+                fifo.read()
+        return i
 
 
 class AsyncNumbers:

@@ -147,3 +147,27 @@ def test_timeout_raises_torchs_error_text(driver: Driver) -> None:
     assert [kind for kind, _ in outcomes] == ["ok", "err"]
     assert type(outcomes[1][1]) is RuntimeError
     assert str(outcomes[1][1]) == "DataLoader timed out after 0.2 seconds"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_iterator_is_not_picklable_as_torchs(driver: Driver, num_workers: int) -> None:
+    import pickle
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(4))
+    with pytest.raises(NotImplementedError):
+        pickle.dumps(iter(torch.utils.data.DataLoader(dataset, num_workers=num_workers)))
+    loader = aloader.DataLoader(dataset, num_workers=num_workers)
+    if driver.is_async:
+
+        async def attempt() -> None:
+            iterator = aiter(loader)
+            try:
+                with pytest.raises(NotImplementedError, match="AsyncLoaderIterator cannot be pickled"):
+                    pickle.dumps(iterator)
+            finally:
+                await iterator.aclose()
+
+        driver.run_async(attempt)
+    else:
+        with iter(loader) as iterator, pytest.raises(NotImplementedError, match="LoaderIterator cannot be pickled"):
+            pickle.dumps(iterator)

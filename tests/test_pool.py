@@ -6,13 +6,16 @@ Every test runs through both drivers; the autouse ``no_leaks`` fixture also chec
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,37 @@ def test_persistent_workers_same_pids_and_same_batches_as_torch(driver: Driver) 
     assert loader._persistent_pool is None
 
 
+def test_two_persistent_loaders_in_turns_keep_their_workers_as_torch(driver: Driver) -> None:
+    # Started from a pipeline thread (fork or spawn given as start method), the workers used to be killed when that
+    # epoch's threads exited (the kernel's parent-death signal follows the forking thread): the next epoch then lost
+    # its batches to dead workers, or started new ones with other random states than torch's persistent workers.
+    # (spawn takes the same path as fork here, only slower: not repeated.)
+    def make(cls: Any, n: int, batch_size: int, **extra: Any) -> Any:
+        return cls(
+            pd.RandomDraws(n),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=2,
+            persistent_workers=True,
+            multiprocessing_context="fork",
+            **extra,
+        )
+
+    torch.manual_seed(6)
+    train, val = make(TORCH, 8, 2), make(TORCH, 3, 4)  # val: one batch, fewer than workers
+    expected = [[list(train), list(val)] for _ in range(3)]
+    del train, val
+    torch.manual_seed(6)
+    with make(aloader.DataLoader, 8, 2, concurrency=1) as train, make(aloader.DataLoader, 3, 4, concurrency=1) as val:
+        got, pids = [], []
+        for _ in range(3):
+            got.append([driver.collect(train), driver.collect(val)])
+            assert train._persistent_pool is not None and val._persistent_pool is not None
+            pids.append((train._persistent_pool.pids, val._persistent_pool.pids))
+    assert_same(got, expected)
+    assert pids[0] == pids[1] == pids[2]
+
+
 @pytest.mark.parametrize("taken", [1, 2, 5])
 def test_break_with_persistent_workers_then_next_epoch_as_torch(driver: Driver, taken: int) -> None:
     # torch's workers run prefetch_factor * num_workers tasks plus one per batch taken, then carry their random state
@@ -126,6 +160,61 @@ def test_worker_info_and_worker_init_fn_as_torch(driver: Driver) -> None:
     assert aloader.get_worker_info() is None  # still None in the main process
 
 
+def test_worker_seeds_are_torchs_and_reproducible_with_a_generator(driver: Driver) -> None:
+    # torch.initial_seed() in worker w is base_seed + w, the base seed drawn from the loader's generator: the same
+    # generator seed gives the same worker seeds in every run, in torch and here alike.
+    def seeds(cls: Any, seed: int, collect: Callable[[Any], list[Any]]) -> list[list[int]]:
+        loader = cls(pd.WorkerFacts(), batch_size=2, num_workers=2, generator=gen(seed))
+        return [
+            [batch["id"][0].item(), batch["initial_seed"][0].item(), batch["seed"][0].item()]
+            for batch in collect(loader)
+        ]
+
+    expected = seeds(TORCH, 21, list)
+    assert seeds(aloader.DataLoader, 21, driver.collect) == expected == seeds(TORCH, 21, list)
+    assert [s[1] - s[0] for s in expected] == [expected[0][1]] * 4 and all(s[1] == s[2] for s in expected)
+    assert seeds(aloader.DataLoader, 22, driver.collect) == seeds(TORCH, 22, list) != expected
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes:UserWarning")
+@pytest.mark.parametrize("kind", ["map", "iterable", "empty"])
+def test_workers_started_with_fewer_batches_than_workers_as_torch(driver: Driver, kind: str, tmp_path: Path) -> None:
+    # torch starts every worker at iter() even when some get no batch: each runs worker_init_fn, and each copy of an
+    # iterable dataset is iterated. Users see it through those calls' side effects (logs, files, connections).
+    def run(cls: Any, collect: Callable[[Any], list[Any]]) -> tuple[int, list[str]]:
+        directory = tmp_path / cls.__module__
+        directory.mkdir()
+        dataset: Any = {
+            "map": TensorDataset(torch.arange(3)),
+            "iterable": pd.TouchesOnIter(str(directory), 2),
+            "empty": TensorDataset(torch.arange(0)),
+        }[kind]
+        init = functools.partial(pd.touch_init, str(directory))
+        batches = collect(cls(dataset, batch_size=4, num_workers=3, worker_init_fn=init))
+        return len(batches), sorted(name.rsplit("-", 1)[0] for name in os.listdir(directory))
+
+    expected = run(TORCH, list)
+    assert run(aloader.DataLoader, driver.collect) == expected
+    assert len(expected[1]) == (6 if kind == "iterable" else 3)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterable_longer_than_its_len_warns_torchs_words(driver: Driver, num_workers: int) -> None:
+    # Word for word, once per batch past len(loader): users' log filters match torch's text.
+    def warnings_of(cls: Any, collect: Callable[[Any], list[Any]]) -> tuple[list[Any], list[tuple[type, str]]]:
+        loader = cls(pd.LongerThanLen(), batch_size=None, num_workers=num_workers)
+        assert len(loader) == 3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = collect(loader)
+        return batches, [(w.category, str(w.message)) for w in caught if "Length of" in str(w.message)]
+
+    expected = warnings_of(TORCH, list)
+    assert len(expected[1]) == 5 * max(num_workers, 1) - 3
+    assert ("IterableDataset replica" in expected[1][0][1]) == (num_workers > 0)
+    assert_same(warnings_of(aloader.DataLoader, driver.collect), expected)
+
+
 def test_transform_runs_in_a_worker_process(driver: Driver) -> None:
     loader = aloader.DataLoader(
         pd.AsyncNumbers(), batch_size=5, num_workers=2, transform=pd.pid_of_transform, collate_fn=pd.as_list
@@ -156,9 +245,41 @@ def test_killed_worker_raises_naming_worker_and_samples(driver: Driver) -> None:
         driver.collect(loader)
     message = str(info.value)
     # Batch [4, 5] is the third batch: worker 0's second.
-    assert "DataLoader worker 0 (pid " in message and "was killed by signal SIGKILL" in message
+    assert message.startswith(f"DataLoader worker (pid(s) {info.value.pid}) exited unexpectedly: worker 0 ")
+    assert "is killed by signal: Killed (SIGKILL)" in message
     assert "[4, 5] (2 samples)" in message
     assert info.value.worker_id == 0 and info.value.exitcode == -9
+
+
+def _torch_death(dataset: Any) -> RuntimeError:
+    with pytest.raises(RuntimeError) as info:
+        list(TORCH(dataset, batch_size=2, num_workers=2))
+    return info.value
+
+
+@pytest.mark.parametrize("how", ["kill", "bus", "exit"])
+def test_dead_worker_raises_torchs_type_with_torchs_words(driver: Driver, how: str) -> None:
+    # Code written for torch catches RuntimeError (retry loops, elastic agents) and matches its words in logs.
+    expected = _torch_death(pd.KillsWorker(victim=5, how=how))
+    with pytest.raises(RuntimeError) as info:
+        driver.collect(aloader.DataLoader(pd.KillsWorker(victim=5, how=how), batch_size=2, num_workers=2))
+    error = info.value
+    assert isinstance(error, aloader.WorkerDiedError) and isinstance(error, aloader.AloaderError)
+
+    def torchs_words(error: BaseException, pid: int | None) -> str:
+        return str(error).replace(f"pid(s) {pid})", "pid(s) PID)").replace(f"pid {pid})", "pid PID)")
+
+    torch_pid = int(str(expected).split("pid(s) ")[1].split(")")[0])
+    head = torchs_words(expected, torch_pid)
+    assert head == "DataLoader worker (pid(s) PID) exited unexpectedly"
+    assert torchs_words(error, error.pid).startswith(head + ": worker 0 ")
+    # The cause is torch's per-worker error, word for word, as torch chains it.
+    assert type(error.__cause__) is type(expected.__cause__) is RuntimeError
+    assert torchs_words(error.__cause__, error.pid) == torchs_words(expected.__cause__, torch_pid)
+    # Its advice (shared memory for SIGBUS, num_workers=0 for an exit code) ends ours too.
+    advice = str(expected.__cause__).split(". ", 1)[1]
+    if advice:
+        assert str(error).endswith(advice)
 
 
 def test_killed_worker_outcomes_are_errors_not_a_hang(driver: Driver) -> None:
@@ -182,6 +303,18 @@ def test_dataset_error_keeps_type_index_and_worker_traceback(driver: Driver) -> 
     )
 
 
+def test_worker_error_that_needs_other_arguments_is_a_runtime_error_as_torchs(driver: Driver) -> None:
+    # torch's workers cannot rebuild such an exception from its message and raise a RuntimeError instead.
+    with pytest.raises(RuntimeError, match=r"^Caught TwoArguments in DataLoader worker process 1") as expected:
+        list(TORCH(pd.RaisesTwoArguments(), batch_size=2, num_workers=2))
+    outcomes = driver.outcomes(aloader.DataLoader(pd.RaisesTwoArguments(), batch_size=2, num_workers=2))
+    assert [kind for kind, _ in outcomes] == ["ok", "err"]
+    error = outcomes[1][1]
+    assert type(error) is type(expected.value) is RuntimeError
+    assert str(error).startswith("Caught TwoArguments fetching sample index 3 in DataLoader worker process 1: ")
+    assert type(error.__cause__) is pd.TwoArguments and error.__cause__.code == 3
+
+
 def test_worker_init_fn_error_surfaces_with_type(driver: Driver) -> None:
     loader = aloader.DataLoader(pd.RandomDraws(4), batch_size=2, num_workers=2, worker_init_fn=pd.failing_init)
     with pytest.raises(LookupError, match="no config for worker 0") as info:
@@ -193,6 +326,48 @@ def test_timeout_raises_torchs_error_and_stops_the_busy_worker(driver: Driver) -
     loader = aloader.DataLoader(pd.Blocks(), batch_size=2, num_workers=2, timeout=0.5)
     with pytest.raises(RuntimeError, match=r"^DataLoader timed out after 0.5 seconds$"):
         driver.collect(loader)
+
+
+def test_in_order_false_gives_a_slow_workers_turns_to_the_others_as_torch(driver: Driver, tmp_path: Path) -> None:
+    # Worker 0 is stuck on sample 0 until the consumer has 6 batches. torch sends each next batch to the next worker
+    # in turn with fewer than prefetch_factor batches outstanding, so worker 1 makes 1, 3, then 4, 5, 6, 7; worker 0
+    # then 0 and 2. (Given to worker 0 in turn, 4 and 6 would never come before the release: the timeout fails it.)
+    # concurrency=1: one sample at a time per worker, as torch's (with more, worker 0 makes 2, 4, 6 meanwhile).
+    def run(cls: Any, name: str, collect: Callable[[Callable[[], Any]], Any], **extra: Any) -> list[int]:
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        dataset = pd.WaitsForRelease(str(fifo))
+        loader = cls(dataset, num_workers=2, prefetch_factor=2, in_order=False, timeout=120, **extra)
+        got: list[int] = []
+
+        def take(batch: Any) -> None:
+            got.append(int(batch))
+            if len(got) == 6:
+                os.close(os.open(fifo, os.O_WRONLY))  # releases worker 0 (waits for it to be reading)
+
+        collect(lambda: (loader, take))
+        return got
+
+    def sync(make: Callable[[], Any]) -> None:
+        loader, take = make()
+        for batch in loader:
+            take(batch)
+
+    def by_driver(make: Callable[[], Any]) -> None:
+        if not driver.is_async:
+            sync(make)
+            return
+
+        async def consume() -> None:
+            loader, take = make()
+            async for batch in loader:
+                take(batch)
+
+        driver.run_async(consume)
+
+    expected = run(TORCH, "torch", sync)
+    assert expected == [1, 3, 4, 5, 6, 7, 0, 2]
+    assert run(aloader.DataLoader, "aloader", by_driver, concurrency=1) == expected
 
 
 def test_break_stops_workers(driver: Driver) -> None:
@@ -336,6 +511,74 @@ def test_persistent_workers_forked_off_the_main_thread_outlive_the_epoch(driver:
     finally:
         loader.close()
     assert set(epochs[0].tolist()) == set(epochs[2].tolist())  # the same two processes served every epoch
+
+
+DESCRIPTORS_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, resource, sys
+    import torch, uvloop
+    import aloader
+    from tests import pool_datasets as pd
+
+    which, driver, strategy = sys.argv[1:]
+    torch.multiprocessing.set_sharing_strategy(strategy)
+    # Few descriptors: keeping every batch alive runs out of them with the file_descriptor strategy.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    cls = torch.utils.data.DataLoader if which == "torch" else aloader.DataLoader
+    loader = cls(pd.ManyTensors(), batch_size=2, num_workers=2, collate_fn=pd.as_list)
+    kept = []
+
+    async def consume():
+        async for batch in loader:
+            kept.append(batch)
+
+    try:
+        if driver == "for":
+            kept.extend(loader)
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop if driver == "async-uvloop" else None) as runner:
+                runner.run(consume())
+        print(json.dumps({"batches": len(kept)}))
+    except RuntimeError as error:
+        cause = error.__cause__
+        print(json.dumps({"error": type(error).__name__, "message": str(error), "cause": type(cause).__name__}))
+    """
+)
+
+
+@functools.cache
+def _under_few_descriptors(which: str, driver: str, strategy: str) -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", DESCRIPTORS_SCRIPT, which, driver, strategy],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
+
+
+@pytest.mark.slow
+def test_out_of_descriptors_gives_torchs_advice_and_the_advice_works(driver: Driver) -> None:
+    # Each tensor received from a worker holds a descriptor while alive. torch fails with a RuntimeError (its
+    # advice names `ulimit -n` and set_sharing_strategy('file_system')); aloader raises torch's advice, chained to
+    # the error it met, and follows the advice: with 'file_system' both keep every batch.
+    expected = _under_few_descriptors("torch", "for", "file_descriptor")
+    assert expected["error"] == "RuntimeError"
+    got = _under_few_descriptors("aloader", driver.name, "file_descriptor")
+    assert got["error"] == "RuntimeError" and got["cause"] in ("RuntimeError", "OSError")
+    assert got["message"].startswith(
+        "Too many open files. Communication with the workers is no longer possible. Please increase the limit using "
+        "`ulimit -n` in the shell or change the sharing strategy by calling "
+        "`torch.multiprocessing.set_sharing_strategy('file_system')` at the beginning of your code. "
+    )
+    assert "DataLoader worker process" in got["message"]
+    assert _under_few_descriptors("aloader", driver.name, "file_system") == {"batches": 200}
+    assert _under_few_descriptors("torch", "for", "file_system") == {"batches": 200}
 
 
 def test_close_is_idempotent_and_the_loader_stays_usable(driver: Driver) -> None:

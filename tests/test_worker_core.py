@@ -90,7 +90,7 @@ def test_killed_concurrent_worker_fails_the_batches_it_held(driver: Driver) -> N
             assert value.tolist() == expected
         else:
             assert isinstance(value, aloader.WorkerDiedError), value
-            assert value.worker_id == 0 and "killed by signal SIGKILL" in str(value)
+            assert value.worker_id == 0 and "is killed by signal: Killed (SIGKILL)" in str(value)
 
 
 def test_break_while_a_worker_thread_is_stuck(driver: Driver) -> None:

@@ -89,6 +89,8 @@ class Pipeline:
 
     def taken(self) -> None:
         """The consumer took a batch (or an error) from the sink; called on the pipeline's loop."""
+        if self._workers is not None:
+            self._workers.taken()  # before the window's slot is freed: the next batch's worker depends on it
         self._emitter.taken()
 
     def fork_workers_if_safe(self) -> None:

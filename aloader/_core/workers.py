@@ -1,15 +1,17 @@
 """The hand-off to worker processes (``num_workers > 0``), as the main process's core sees it.
 
 In: units from the scheduler (``map``: the epoch's i-th batch to worker ``i % num_workers``, sent at dispatch in
-sampler order, as torch does), samples to finish (``items``: an async dataset's samples, transformed and collated in
-a worker), or requests for the next batch of a worker's copy of an iterable dataset (``iterable``, round-robin over
-the workers whose copy is not exhausted). Out: the batches, pinned here, as outcomes. It owns the count of tasks
-sent, which keeps a persistent pool's workers exactly where torch's would be when an epoch ends early.
+sampler order, as torch does; with ``in_order=False`` to the next worker in turn with room, as torch's), samples to
+finish (``items``: an async dataset's samples, transformed and collated in a worker), or requests for the next batch
+of a worker's copy of an iterable dataset (``iterable``, round-robin over the workers whose copy is not exhausted).
+Out: the batches, pinned here, as outcomes. It owns the count of tasks sent, which keeps a persistent pool's workers
+exactly where torch's would be when an epoch ends early.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import threading
 import time
@@ -44,6 +46,14 @@ class WorkerStage:
         # than when the batch reaches the sink. So when an epoch ends early the workers have run exactly the tasks
         # torch's would have, and with persistent workers the random state they carry into the next epoch is the same.
         self.paced = self.kind in ("map", "iterable")
+        # in_order=False: torch gives the next batch to the next worker in turn that has room (fewer than its share of
+        # the window outstanding, a batch counting until the consumer takes it), so a slow worker is passed over.
+        n = workers.num_workers
+        self._by_room = self.kind == "map" and not ctx.plan.in_order
+        self._room = max(1, ctx.plan.window // n)
+        self._turn = 0  # the next worker in turn
+        self._outstanding = [0] * n  # map tasks per worker not yet taken by the consumer
+        self._finished: collections.deque[int] = collections.deque()  # workers of finished batches, in sink order
 
     async def start(self) -> None:
         """Start the processes if they are not running yet; blocking work, so in a thread."""
@@ -67,18 +77,53 @@ class WorkerStage:
         """Send ``unit`` to its worker now (dispatch order is the order each worker gets its batches in), and
         return the work that awaits its batch."""
         indices = self._ctx.plan.indices(unit)
-        future = self._submit_map(indices)
-        return functools.partial(self._await_batch, future, time.perf_counter(), len(indices))
+        future, worker_id = self._submit_map(indices)
+        return functools.partial(self._await_batch, future, time.perf_counter(), len(indices), worker_id)
 
-    def _submit_map(self, indices: list[Any]) -> asyncio.Future[Any]:
+    def _submit_map(self, indices: list[Any]) -> tuple[asyncio.Future[Any], int]:
         what = f"holding the batch of sample indices {describe_indices(indices)}"
-        return self._submit(self._submitted % self.workers.num_workers, "map", indices, what)
+        worker_id = self._next_worker()
+        return self._submit(worker_id, "map", indices, what), worker_id
 
-    async def _await_batch(self, future: asyncio.Future[Any], submitted: float, samples: int) -> Any:
-        batch = await future
-        # fetch, transform and collate, all in the worker, with the round trip
-        self._ctx.stats.add("fetch", samples, time.perf_counter() - submitted)
-        return await pin_batch(self._ctx, batch)
+    def _next_worker(self) -> int:
+        n = self.workers.num_workers
+        if not self._by_room:
+            return self._submitted % n  # torch's in_order=True: strictly in turn
+        chosen = None
+        for _ in range(n):  # as torch's _try_put_index with in_order=False
+            worker_id, self._turn = self._turn, (self._turn + 1) % n
+            if self._outstanding[worker_id] < self._room:
+                chosen = worker_id
+                break
+        if chosen is None:  # every worker full (torch then drops the index); the least loaded one takes it
+            chosen = min(range(n), key=self._outstanding.__getitem__)
+        self._outstanding[chosen] += 1
+        return chosen
+
+    def taken(self) -> None:
+        """The consumer took a batch: with in_order=False its worker has room for one more (see ``_next_worker``)."""
+        if self._by_room and self._finished:
+            self._outstanding[self._finished.popleft()] -= 1
+
+    async def _await_batch(self, future: asyncio.Future[Any], submitted: float, samples: int, worker_id: int) -> Any:
+        try:
+            batch = await future
+            # fetch, transform and collate, all in the worker, with the round trip
+            self._ctx.stats.add("fetch", samples, time.perf_counter() - submitted)
+            batch = await pin_batch(self._ctx, batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._finish(worker_id)
+            raise
+        self._finish(worker_id)
+        return batch
+
+    def _finish(self, worker_id: int) -> None:
+        # With in_order=False the outcome goes to the sink as this returns (no await in between, see Order.settle),
+        # so finished batches are recorded in the order the consumer will take them.
+        if self._by_room:
+            self._finished.append(worker_id)
 
     def send_owed(self, taken: int) -> None:
         """An epoch of a persistent pool ended early: send the map tasks torch would have sent by now.

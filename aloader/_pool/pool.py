@@ -15,6 +15,8 @@ What runs in a worker is in ``worker.py``; how results cross, in ``transfer.py``
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -65,6 +67,79 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     what: str  # the samples it holds, for the error when the worker dies
+
+
+_SHM_ADVICE: Final = (
+    ". It is possible that dataloader's workers are out of shared memory. Please try to raise your shared memory limit."
+)
+
+
+_EXIT_ADVICE: Final = (
+    ". Details are lost due to multiprocessing. Rerunning with num_workers=0 may give better error trace."
+)
+
+
+# torch's error when its main process runs out of file descriptors (torch's _try_get_data), word for word.
+_TOO_MANY_FILES: Final = (
+    "Too many open files. Communication with the workers is no longer possible. Please increase the limit using "
+    "`ulimit -n` in the shell or change the sharing strategy by calling "
+    "`torch.multiprocessing.set_sharing_strategy('file_system')` at the beginning of your code"
+)
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` says this process has run out of file descriptors: each shared-memory tensor received from a
+    worker holds one while it is alive (torch's ``file_descriptor`` strategy)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "could not duplicate a shared memory file descriptor" in text  # torch, mapping a received segment
+        or "items of ancdata" in text  # multiprocessing's recvfds: the kernel dropped descriptors (MSG_CTRUNC)
+        or "Too many open files" in text
+    )
+
+
+def _too_many_open_files(exc: BaseException, worker_id: int, what: str) -> RuntimeError:
+    """torch's error and advice (both hold here: aloader follows ``set_sharing_strategy``), chained to ``exc``."""
+    error = RuntimeError(
+        f"{_TOO_MANY_FILES}. Receiving the result of DataLoader worker process {worker_id} {what} failed: "
+        f"{type(exc).__name__}: {exc}"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _died(worker_id: int, pid: int | None, code: int | None) -> WorkerDiedError:
+    """The error for a worker that exited: torch's words in ours, and torch's per-worker error as the cause."""
+    advice, torch_text = "", ""
+    if code is None:
+        how = "closed its connection"
+    elif code < 0:
+        name = signal.strsignal(-code) or f"signal {-code}"
+        try:
+            how = f"is killed by signal: {name} ({signal.Signals(-code).name})"
+        except ValueError:
+            how = f"is killed by signal: {name}"
+        torch_text = f"DataLoader worker (pid {pid}) is killed by signal: {name}. "
+        if -code == signal.SIGBUS:
+            advice = _SHM_ADVICE
+            torch_text += advice[2:]
+    else:
+        how = f"exited with code {code}"
+        if code > 0:
+            advice = _EXIT_ADVICE
+            torch_text = f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {code}{advice}"
+    error = WorkerDiedError(
+        f"DataLoader worker (pid(s) {pid}) exited unexpectedly: worker {worker_id} {how}",
+        worker_id=worker_id,
+        pid=pid,
+        exitcode=code,
+        advice=advice,
+    )
+    if torch_text:
+        error.__cause__ = RuntimeError(torch_text)  # torch raises its error from this one (see torch's _try_get_data)
+    return error
 
 
 class WorkerPool:
@@ -156,14 +231,15 @@ class WorkerPool:
             if forked:
                 self._froze_parent = freeze_parent()
             try:
-                if not forked:
-                    self._start_processes(setup_arg)
-                elif gate_closed:
-                    fork_from_lasting_thread(lambda: self._start_processes(setup_arg))
+                start = functools.partial(self._start_processes, setup_arg)
+                if self._context.get_start_method() == "forkserver":
+                    start()  # the server forks them: their parent lives as long as this process
+                elif gate_closed or not forked:
+                    fork_from_lasting_thread(start)  # spawn forks too, so its workers need a lasting parent thread
                 else:
                     # "fork" asked for by the user: aloader's threads still leave user code first if they can.
                     with FORK_GATE.closed(_FORK_WAIT_SECONDS):
-                        fork_from_lasting_thread(lambda: self._start_processes(setup_arg))
+                        fork_from_lasting_thread(start)
             except BaseException:
                 self._shutdown_locked()
                 raise
@@ -263,30 +339,45 @@ class WorkerPool:
                 data = conn.recv_bytes()
                 task_id, count = HEADER.unpack_from(data)
                 fds: list[int] = []
+                lost: BaseException | None = None  # this process ran out of descriptors receiving them
                 try:
-                    while len(fds) < count:
-                        fds += recvfds(sock, min(FDS_PER_MESSAGE, count - len(fds)))
-                    self._deliver(task_id, memoryview(data)[HEADER.size :], fds, worker_id)
+                    received_count = 0
+                    while received_count < count:
+                        chunk = min(FDS_PER_MESSAGE, count - received_count)
+                        try:
+                            fds += recvfds(sock, chunk)
+                        except (OSError, RuntimeError) as exc:
+                            if not _out_of_descriptors(exc):
+                                raise
+                            lost = exc  # the kernel dropped (closed) what did not fit; the stream goes on
+                        received_count += chunk
+                    self._deliver(task_id, memoryview(data)[HEADER.size :], fds, worker_id, lost)
                 finally:
                     for fd in fds:
                         os.close(fd)
         except (EOFError, OSError, RuntimeError):
             pass  # the worker is gone mid-message: its sentinel fails the task
 
-    def _deliver(self, task_id: int, data: memoryview, fds: list[int], worker_id: int) -> None:
+    def _deliver(
+        self, task_id: int, data: memoryview, fds: list[int], worker_id: int, lost: BaseException | None = None
+    ) -> None:
         with self._lock:
             pending = self._pending.pop(task_id, None)
             self._in_flight[worker_id] -= 1
         if pending is None:
             return  # its batch was abandoned (break, cancellation): the shared memory goes with the descriptors
         ok = True
-        received.fds, received.storages = fds, {}
-        try:
-            value = pickle.loads(data)
-        except Exception as exc:
-            ok, value = False, exc
-        finally:
-            received.fds, received.storages = [], {}
+        value: Any = lost
+        if lost is None:
+            received.fds, received.storages = fds, {}
+            try:
+                value = pickle.loads(data)
+            except Exception as exc:
+                ok, value = False, exc
+            finally:
+                received.fds, received.storages = [], {}
+        if isinstance(value, BaseException) and _out_of_descriptors(value):
+            ok, value = False, _too_many_open_files(value, worker_id, pending.what)
         if isinstance(value, RemoteError):
             ok, value = False, value.rebuild(worker_id, self._processes[worker_id].pid)
         try:
@@ -300,24 +391,13 @@ class WorkerPool:
         # kernel makes its exit status available: wait that moment out (bounded, should it live on without it).
         process.join(_EXIT_GRACE_SECONDS)
         code = process.exitcode
-        if code is None:
-            how = "closed its connection"
-        elif code < 0:
-            how = f"was killed by signal {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
+        error = _died(worker_id, process.pid, code)
         with self._lock:
             if self._closed:
                 return
             held = {tid: p for tid, p in self._pending.items() if p.worker_id == worker_id}
             for task_id in held:
                 del self._pending[task_id]
-            error = WorkerDiedError(
-                f"DataLoader worker {worker_id} (pid {process.pid}) {how} unexpectedly",
-                worker_id=worker_id,
-                pid=process.pid,
-                exitcode=code,
-            )
             self._dead[worker_id] = error
         for pending in held.values():
             try:

@@ -164,3 +164,5 @@ class WorkerSetup:
     skip_failures: bool = False
     # Samples each worker fetches at once (its core's fetch slots); 1: one task at a time, as torch's workers.
     concurrency: int = 1
+    # torch.multiprocessing's sharing strategy in the main process: workers share tensors the same way.
+    sharing_strategy: str = "file_descriptor"

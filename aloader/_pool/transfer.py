@@ -77,7 +77,10 @@ def _dumps_shared(obj: object) -> tuple[bytes, list[int], list[torch.UntypedStor
     buffer = io.BytesIO()
     pickler = ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table[np.ndarray] = _reduce_array
-    pickler.dispatch_table[torch.UntypedStorage] = reduce_storage
+    if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":  # type: ignore[no-untyped-call]
+        pickler.dispatch_table[torch.UntypedStorage] = reduce_storage
+    # else "file_system" (set by the user, as torch advises when descriptors run out): torch's own reduction, named
+    # segments that hold no descriptor in the receiving process.
     pickler.dump(obj)
     return buffer.getvalue(), fds, keep
 
@@ -141,4 +144,11 @@ class RemoteError:
         except Exception:
             original = RuntimeError(f"{self.type_name}: {self.message}")
         original.add_note(f"Traceback in DataLoader worker process {worker_id} (pid {pid}):\n{self.traceback}")
-        return with_context(original, f"{self.where} in DataLoader worker process {worker_id}")
+        where = f"{self.where} in DataLoader worker process {worker_id}"
+        error = with_context(original, where)
+        if error is original and isinstance(original, Exception):
+            # Its type cannot be built from a message: torch's workers raise a RuntimeError for it then (see torch's
+            # ExceptionWrapper.reraise), so code written for torch catches it as one. The original is its cause.
+            error = RuntimeError(f"Caught {self.type_name} {where}: {self.message}")
+            error.__cause__ = original
+        return error

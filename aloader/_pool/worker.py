@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
+import torch.multiprocessing
 import torch.utils.data._utils.worker as torch_worker
 
 from aloader._bridge import new_event_loop
@@ -225,7 +226,9 @@ def _seed_worker(base_seed: int, worker_id: int) -> int:
 
 def _die_with_parent() -> None:
     """Linux: be killed when the parent process ends, even while stuck in user code (never an orphan). The parent
-    is the main process (fork, spawn) or the forkserver, which itself exits when the main process does."""
+    is the main process (fork, spawn) or the forkserver, which itself exits when the main process does. The kernel
+    sends the signal when the parent *thread* exits: the pool starts workers from the main thread, the forkserver, or
+    aloader's forker thread, which lives as long as the process (``setup.fork_from_lasting_thread``)."""
     # A forkserver child inherits the write end of the server's "main process alive" pipe, which would keep the
     # server (our parent) running as long as we do, and so would never trigger the signal: let go of it. (Code in
     # this worker that starts processes with forkserver then starts a server of its own.)
@@ -280,6 +283,8 @@ def worker_main(worker_id: int, conn: multiprocessing.connection.Connection, set
     try:
         torch.set_num_threads(1)  # as torch: workers must not oversubscribe the cores with intra-op threads
         setup: WorkerSetup = setup_arg if isinstance(setup_arg, WorkerSetup) else pickle.loads(setup_arg)
+        # Not inherited by a forkserver or spawn child.
+        torch.multiprocessing.set_sharing_strategy(setup.sharing_strategy)  # type: ignore[no-untyped-call]
         seed = _seed_worker(setup.base_seed, worker_id)
         torch_worker._worker_info = torch_worker.WorkerInfo(
             id=worker_id, num_workers=setup.num_workers, seed=seed, dataset=setup.dataset
