@@ -199,6 +199,39 @@ def s3_with_auth(object_server: Any) -> Any:
     yield from _moto_server(require_auth=True)
 
 
+@pytest.fixture(scope="session")
+def gcs(object_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """fake-gcs-server on 127.0.0.1 for the whole session."""
+    from tests.servers import FakeGCS
+
+    yield from _emulator(FakeGCS, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def azurite(object_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Azurite's blob service on 127.0.0.1 for the whole session."""
+    from tests.servers import Azurite
+
+    yield from _emulator(Azurite, tmp_path_factory)
+
+
+def _emulator(kind: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.servers import MissingEmulator
+
+    try:
+        server = kind(tmp_path_factory.mktemp(kind.__name__.lower()))
+    except MissingEmulator as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}: CI must run every storage test")  # .ci/run installs the emulators
+        pytest.skip(str(exc))
+    KEEPALIVE_PORTS.add(server.port)
+    try:
+        yield server
+    finally:
+        KEEPALIVE_PORTS.discard(server.port)
+        server.stop()
+
+
 def _moto_server(require_auth: bool) -> Any:
     from tests.servers import MotoServer
 

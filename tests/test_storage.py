@@ -212,9 +212,10 @@ def test_connection_refused_is_transient() -> None:
         ("ftp://host/key", "unsupported URL scheme 'ftp'"),
         ("s3:///key", "missing bucket or host"),
         (
-            "https://host/key?X-Amz-Signature=abcdef",
-            r"query or fragment are not supported: https://host/key\?<redacted>",
+            "s3://bucket/key?X-Amz-Signature=abcdef",
+            r"query are not supported for s3://.*: s3://bucket/key\?X-Amz-Signature=<redacted>",
         ),
+        ("https://host/key#part", "fragment are not supported"),
         ("file://remote-host/path", "file URLs must be"),
     ],
 )

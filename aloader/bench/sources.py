@@ -18,6 +18,7 @@ from aloader import storage
 from aloader.bench.config import SourceFormat, Workload
 from aloader.bench.objectserver import ObjectServer
 from aloader.datasets import expand_braces
+from aloader.storage._redact import redact_url
 
 __all__ = ["FormatChoice", "Source", "open_source", "synthetic_images", "synthetic_shards"]
 
@@ -113,17 +114,17 @@ def open_source(
     else:
         # Listed once, sorted, as ObjectDataset lists a prefix; credentials come from the environment.
         urls = asyncio.run(storage.list_prefix(source))
-    shards = [url for url in urls if url.endswith(".tar")]
+    shards = [url for url in urls if url.split("?", 1)[0].endswith(".tar")]  # a SAS token may follow
     if format == "tar" or (format == "auto" and urls and len(shards) == len(urls)):
         if not shards:
-            raise ValueError(f"no .tar shards found in {source}")
-        yield Source(f"{source} ({len(shards)} tar shards)", shards, "tar", limit=samples)
+            raise ValueError(f"no .tar shards found in {redact_url(source)}")
+        yield Source(f"{redact_url(source)} ({len(shards)} tar shards)", shards, "tar", limit=samples)
         return
     if samples is not None:
         urls = urls[:samples]
     if not urls:
-        raise ValueError(f"no objects found under {source}")
-    yield Source(source, urls, "objects")
+        raise ValueError(f"no objects found under {redact_url(source)}")
+    yield Source(redact_url(source), urls, "objects")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aloader.storage import RetryPolicy, Store
+from aloader.storage._redact import redact_url
 
 __all__ = ["ObjectDataset", "run_sync"]
 
@@ -100,7 +101,8 @@ class ObjectDataset:
     def _filter(self, urls: list[str]) -> list[str]:
         if self.suffixes is None:
             return urls
-        return [url for url in urls if url.endswith(self.suffixes)]
+        # The path decides, not a SAS token after it.
+        return [url for url in urls if url.split("?", 1)[0].endswith(self.suffixes)]
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -110,5 +112,5 @@ class ObjectDataset:
         return await apply_decode(self.decode, await self.store.read(url))
 
     def __repr__(self) -> str:
-        where = repr(self.source) if self.source is not None else "a list of URLs"
+        where = repr(redact_url(self.source)) if self.source is not None else "a list of URLs"
         return f"ObjectDataset({where}, {len(self.urls)} objects, store={self.store!r})"

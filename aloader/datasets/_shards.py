@@ -23,6 +23,7 @@ from aloader.datasets._split import (
 from aloader.datasets._tar import TarStreamParser, expand_braces, split_key
 from aloader.errors import ShardFormatError
 from aloader.storage import DEFAULT_CHUNK_SIZE, RetryPolicy, Store
+from aloader.storage._redact import redact_url
 
 __all__ = ["TarShardDataset", "rank_and_world_size"]
 
@@ -373,7 +374,9 @@ class TarShardDataset:
                     if current is None:
                         current = {"__key__": key, "__url__": url}
                     if extension in current:
-                        raise ShardFormatError(f"{url}: sample {key!r} has two files ending in .{extension}", url)
+                        raise ShardFormatError(
+                            f"{redact_url(url)}: sample {key!r} has two files ending in .{extension}", url
+                        )
                     current[extension] = data
             parser.close()
             if current is not None:

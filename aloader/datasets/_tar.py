@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from aloader.errors import ShardFormatError
+from aloader.storage._redact import redact_url
 
 __all__ = ["TarStreamParser", "expand_braces", "split_key"]
 
@@ -78,7 +79,7 @@ class TarStreamParser:
                 info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
             except tarfile.HeaderError as exc:
                 raise ShardFormatError(
-                    f"{self.url} is not a valid tar stream at byte offset {self._offset} ({exc})", self.url
+                    f"{redact_url(self.url)} is not a valid tar stream at byte offset {self._offset} ({exc})", self.url
                 ) from None
             padded = -(-info.size // _BLOCK) * _BLOCK
             if len(buffer) < _BLOCK + padded:
@@ -108,8 +109,8 @@ class TarStreamParser:
                 except tarfile.HeaderError:
                     pass
             raise ShardFormatError(
-                f"{self.url} ended at byte offset {self._offset + len(self._buffer)} in the middle of the tar "
-                f"member{member} starting at byte offset {self._offset} (truncated shard?)",
+                f"{redact_url(self.url)} ended at byte offset {self._offset + len(self._buffer)} in the middle of "
+                f"the tar member{member} starting at byte offset {self._offset} (truncated shard?)",
                 self.url,
             )
 

@@ -25,7 +25,7 @@ from aloader.errors import (
     TransientStorageError,
     UnsupportedURLError,
 )
-from aloader.storage._url import redact_url
+from aloader.storage._redact import redact
 
 __all__ = ["RetryPolicy", "classify", "redact", "retrying"]
 
@@ -64,14 +64,6 @@ _HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
 _HTTP_KINDS = {"Timeout": "timed out", "Connect": "could not connect", "Interrupted": "connection interrupted"}
 _DURATION = re.compile(r" in [0-9.]+[a-zµ]+s?\b")
 _TRANSIENT_ERRNOS = frozenset({4, 5, 11, 104, 110, 111})  # EINTR, EIO, EAGAIN, ECONNRESET, ETIMEDOUT, ECONNREFUSED
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` without any of ``secrets`` and without URL query strings."""
-    for secret in secrets:
-        if len(secret) >= 4:
-            text = text.replace(secret, "<redacted>")
-    return redact_url(text)
 
 
 def _summary(exc: BaseException, secrets: Iterable[str]) -> str:

@@ -19,7 +19,8 @@ import obstore
 import obstore.store
 
 from aloader.errors import StorageError, UnsupportedURLError
-from aloader.storage._retry import RetryPolicy, classify, redact, retrying, translate
+from aloader.storage._redact import option_secrets, redact
+from aloader.storage._retry import RetryPolicy, classify, retrying, translate
 from aloader.storage._url import Location, parse_url
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "ObjectInfo", "Store", "object_store_started"]
@@ -52,7 +53,20 @@ _CLIENT_KEYS: Final = frozenset(
 )
 
 
-_SECRET_WORDS: Final = ("secret", "key", "token", "password", "sas", "credential", "signature", "auth")
+# Options and environment variables that point a client at an endpoint of its own (an emulator, MinIO, a proxy):
+# an http:// one is allowed without asking for allow_http.
+_ENDPOINT_OPTIONS: Final = ("endpoint", "aws_endpoint", "aws_endpoint_url", "base_url", "google_base_url")
+_ENDPOINT_ENV: Final = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT",
+    "GOOGLE_BASE_URL",
+    "AZURE_STORAGE_ENDPOINT",
+    "AZURE_ENDPOINT",
+    "AZURITE_BLOB_STORAGE_URL",
+)
+_EMULATOR_FLAGS: Final = ("use_emulator", "azure_storage_use_emulator")
+_MAX_SIGNED_CLIENTS: Final = 256
+"""Clients kept for pre-signed HTTP(S) URLs (one per object): the oldest are dropped past this many."""
 
 _OBSTORE_PID: int | None = None
 """The process whose object-store clients started obstore's runtime (None: none yet)."""
@@ -111,11 +125,7 @@ class Store:
     @property
     def _secrets(self) -> list[str]:
         # Values of options whose names suggest a secret; the endpoint and region stay readable in messages.
-        return [
-            value
-            for key, value in self._options.items()
-            if isinstance(value, str) and any(word in key.lower() for word in _SECRET_WORDS)
-        ]
+        return option_secrets(self._options)
 
     # ------------------------------------------------------------------------------------------------ clients
     def _client(self, location: Location) -> Any:
@@ -132,10 +142,16 @@ class Store:
             )
         if os.getpid() != self._pid:  # inherited across a fork: the parent's clients are not ours to use
             self._clients, self._pid, self._lock = {}, os.getpid(), threading.Lock()
+        key = location.client_url + (f"?{location.query}" if location.query and location.scheme == "az" else "")
         with self._lock:
-            client = self._clients.get(location.root)
+            client = self._clients.get(key)
             if client is None:
-                client = self._clients[location.root] = self._make_client(location)
+                if location.query and len(self._clients) >= _MAX_SIGNED_CLIENTS:
+                    # A pre-signed URL's client serves that one object: keep the most recent ones only.
+                    signed = [k for k in self._clients if "?" in k]
+                    if signed:
+                        del self._clients[signed[0]]
+                client = self._clients[key] = self._make_client(location)
             return client
 
     def _make_client(self, location: Location) -> Any:
@@ -149,13 +165,14 @@ class Store:
                 client_options[key] = value
             else:
                 config[key] = value
-        endpoint = (
-            config.get("endpoint")
-            or config.get("aws_endpoint")
-            or os.environ.get("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT", ""))
+        endpoints = [config.get(name) for name in _ENDPOINT_OPTIONS] + [os.environ.get(name) for name in _ENDPOINT_ENV]
+        emulator = any(_truthy(config.get(name)) for name in _EMULATOR_FLAGS) or _truthy(
+            os.environ.get("AZURE_STORAGE_USE_EMULATOR")
         )
-        if location.scheme == "http" or str(endpoint).startswith("http://"):
+        if location.scheme == "http" or emulator or any(str(e or "").startswith("http://") for e in endpoints):
             client_options.setdefault("allow_http", True)
+        if location.scheme == "az" and location.query:
+            config["sas_key"] = location.query  # a SAS token in the URL, as the portal hands it out
         profile = config.pop("profile", None)
         extra: dict[str, Any] = {}
         if location.scheme in ("http", "https"):
@@ -167,7 +184,7 @@ class Store:
         try:
             from_url: Any = obstore.store.from_url  # its overloads want a TypedDict per store kind
             return from_url(
-                location.root,
+                location.client_url,
                 config=config or None,
                 client_options=client_options or None,
                 retry_config={"max_retries": 0},  # retries are ours: see _retry
@@ -192,7 +209,7 @@ class Store:
         client = self._client(location)
 
         async def get() -> bytes:
-            result = await obstore.get_async(client, location.path)
+            result = await obstore.get_async(client, location.key)
             return bytes(await result.bytes_async())
 
         return await self._call(url, "reading", get)
@@ -211,7 +228,7 @@ class Store:
         client = self._client(location)
 
         async def get_range() -> bytes:
-            return bytes(await obstore.get_range_async(client, location.path, start=start, end=end))
+            return bytes(await obstore.get_range_async(client, location.key, start=start, end=end))
 
         return await self._call(url, "reading", get_range)
 
@@ -231,7 +248,7 @@ class Store:
         client = self._client(location)
 
         async def head() -> ObjectInfo:
-            meta = await obstore.head_async(client, location.path)
+            meta = await obstore.head_async(client, location.key)
             return ObjectInfo(url, int(meta["size"]), meta.get("last_modified"), meta.get("e_tag"))
 
         return await self._call(url, "reading metadata of", head)
@@ -291,7 +308,7 @@ class Store:
                         options = {"range": {"offset": offset}}
                         if etag:
                             options["if_match"] = etag
-                    result = await obstore.get_async(client, location.path, options=options)
+                    result = await obstore.get_async(client, location.key, options=options)
                     if not offset:
                         etag = result.meta.get("e_tag")
                     async for part in result.stream(min_chunk_size=chunk_size):
@@ -337,6 +354,10 @@ def _aws_config_file_credentials(config: Mapping[str, Any], profile: str | None)
     except ImportError:  # boto3 is optional: without it, config files are not read
         return None
     return Boto3CredentialProvider(boto3.Session(profile_name=profile))
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() in ("1", "true", "yes")
 
 
 def _pread(path: str, offset: int, size: int) -> bytes:
