@@ -224,18 +224,17 @@ def _emulator(kind: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         if os.environ.get("CI"):
             pytest.fail(f"{exc}: CI must run every storage test")  # .ci/run installs the emulators
         pytest.skip(str(exc))
-    KEEPALIVE_PORTS.add(server.port)
-    try:
-        yield server
-    finally:
-        KEEPALIVE_PORTS.discard(server.port)
-        server.stop()
+    yield from _serving(server)
 
 
 def _moto_server(require_auth: bool) -> Any:
     from tests.servers import MotoServer
 
-    server = MotoServer(require_auth=require_auth)
+    yield from _serving(MotoServer(require_auth=require_auth))
+
+
+def _serving(server: Any) -> Any:
+    """Yield a started test server, its pooled keep-alive connections not counted as leaks; stop it after."""
     KEEPALIVE_PORTS.add(server.port)
     try:
         yield server
