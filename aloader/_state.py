@@ -80,6 +80,37 @@ def _decode_rng(text: str) -> torch.Tensor:
     return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
 
 
+_TENSOR: Final = "__aloader_tensor__"
+
+
+def _encode(state: Any) -> Any:
+    """A user object's state with its tensors (a torch generator's state, say) as base64 text: the loader's state
+    stays JSON-serialisable. ``_decode`` gives the tensors back before the state is loaded."""
+    if isinstance(state, torch.Tensor):
+        data = state.detach().cpu().contiguous()
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        dtype = str(data.dtype).removeprefix("torch.")
+        return {_TENSOR: base64.b64encode(raw).decode("ascii"), "dtype": dtype, "shape": list(data.shape)}
+    if isinstance(state, Mapping):
+        return {key: _encode(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_encode(value) for value in state)
+    return state
+
+
+def _decode(state: Any) -> Any:
+    if isinstance(state, Mapping):
+        if _TENSOR in state:
+            dtype = getattr(torch, state["dtype"])
+            raw = bytearray(base64.b64decode(state[_TENSOR]))
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            return flat.view(dtype).reshape(state["shape"]).clone()
+        return {key: _decode(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_decode(value) for value in state]
+    return state
+
+
 def _has_state(obj: object) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
@@ -91,7 +122,7 @@ def _state_of(obj: Any) -> Any:
 
 def _load_into(obj: Any, state: Any) -> None:
     if state is not None and _has_state(obj):
-        obj.load_state_dict(state)
+        obj.load_state_dict(_decode(state))
 
 
 class Cursor:
@@ -412,7 +443,7 @@ class LoaderState:
             "batches": taken,
             "start": start.to_dict(),
             # The sampler's position after the last unit received, when its state records it (see _Position).
-            "position": position if position is not None and position["positional"] and taken > 0 else None,
+            "position": _encode(position) if position is not None and position["positional"] and taken > 0 else None,
             # Nothing received yet: as between epochs, the sampler may hold the last epoch's end.
             "drain": self.moving and taken == 0,
             "dataset": None,
@@ -425,9 +456,9 @@ class LoaderState:
         if loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Iterable:
             snapshot = cursor.snapshot_at(taken)
             if snapshot is not None:
-                state["dataset"], state["dataset_iter"] = snapshot
+                state["dataset"], state["dataset_iter"] = _encode(snapshot[0]), _encode(snapshot[1])
         else:
-            state["dataset"] = _state_of(loader.dataset)
+            state["dataset"] = _encode(_state_of(loader.dataset))
         return state
 
     def _boundary(self, loader: _Loader) -> dict[str, Any]:
@@ -436,8 +467,8 @@ class LoaderState:
         start = _Start()
         start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
         start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-        start.sampler = _state_of(loader.sampler)
-        start.batch_sampler = _state_of(loader.batch_sampler)
+        start.sampler = _encode(_state_of(loader.sampler))
+        start.batch_sampler = _encode(_state_of(loader.batch_sampler))
         if loader._persistent_pool is not None and not loader._persistent_pool.broken:
             # The next epoch reuses the persistent workers and draws no base seed: a new loader must not either.
             start.drew_base_seed = False
@@ -455,7 +486,7 @@ class LoaderState:
             # iterates it to that end, so the sampler is where the uninterrupted run's is (see load_state_dict).
             "drain": self.moving,
             # An iterable dataset's state at its end would resume an empty epoch: it starts afresh instead.
-            "dataset": _state_of(dataset) if kind_map else None,
+            "dataset": _encode(_state_of(dataset)) if kind_map else None,
             "dataset_iter": None,
         }
 
@@ -529,8 +560,8 @@ class LoaderState:
                 start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
                 start.global_rng = _encode_rng(torch.get_rng_state()) if own is None else None
                 start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-                start.sampler = _state_of(loader.sampler)
-                start.batch_sampler = _state_of(loader.batch_sampler)
+                start.sampler = _encode(_state_of(loader.sampler))
+                start.batch_sampler = _encode(_state_of(loader.batch_sampler))
                 self.start = start
                 self.cursor = Cursor()
                 self.epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
