@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 import torch
+from torch.utils.data import BatchSampler
 
 from aloader.samplers import DistributedSampler
 
@@ -61,10 +62,14 @@ class _Pool(Protocol):
     def broken(self) -> bool: ...
 
 
-__all__ = ["STATE_FORMAT", "Cursor", "LoaderState"]
+__all__ = ["STATE_FORMAT", "BatchIterator", "Cursor", "LoaderState", "is_stock_batch_sampler"]
 
-STATE_FORMAT: Final = 1
-"""Bumped when the layout of the state changes; a state of another format is refused with a clear error."""
+STATE_FORMAT: Final = 2
+"""Bumped when the layout of the state changes. Format 1 (aloader 0.1.0.dev0 before the StatefulDataLoader contract)
+is format 2 without ``position``, ``drain`` and ``dataset_iter``, and loads with the same meaning; another format is
+refused with a clear error."""
+
+_LOADABLE_FORMATS: Final = (1, 2)
 
 
 def _encode_rng(state: torch.Tensor) -> str:
@@ -73,6 +78,37 @@ def _encode_rng(state: torch.Tensor) -> str:
 
 def _decode_rng(text: str) -> torch.Tensor:
     return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
+
+
+_TENSOR: Final = "__aloader_tensor__"
+
+
+def _encode(state: Any) -> Any:
+    """A user object's state with its tensors (a torch generator's state, say) as base64 text: the loader's state
+    stays JSON-serialisable. ``_decode`` gives the tensors back before the state is loaded."""
+    if isinstance(state, torch.Tensor):
+        data = state.detach().cpu().contiguous()
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        dtype = str(data.dtype).removeprefix("torch.")
+        return {_TENSOR: base64.b64encode(raw).decode("ascii"), "dtype": dtype, "shape": list(data.shape)}
+    if isinstance(state, Mapping):
+        return {key: _encode(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_encode(value) for value in state)
+    return state
+
+
+def _decode(state: Any) -> Any:
+    if isinstance(state, Mapping):
+        if _TENSOR in state:
+            dtype = getattr(torch, state["dtype"])
+            raw = bytearray(base64.b64decode(state[_TENSOR]))
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            return flat.view(dtype).reshape(state["shape"]).clone()
+        return {key: _decode(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_decode(value) for value in state]
+    return state
 
 
 def _has_state(obj: object) -> bool:
@@ -86,7 +122,7 @@ def _state_of(obj: Any) -> Any:
 
 def _load_into(obj: Any, state: Any) -> None:
     if state is not None and _has_state(obj):
-        obj.load_state_dict(state)
+        obj.load_state_dict(_decode(state))
 
 
 class Cursor:
@@ -96,7 +132,7 @@ class Cursor:
     prefetched) is not counted: it is produced again after a resume.
     """
 
-    __slots__ = ("_lock", "_snapshots", "drop", "ended", "taken")
+    __slots__ = ("_lock", "_positions", "_snapshots", "drop", "ended", "taken")
 
     def __init__(self, taken: int = 0, drop: int = 0) -> None:
         self.taken = taken  # outcomes of this epoch received by the consumer (including before a resume)
@@ -104,6 +140,7 @@ class Cursor:
         self.ended = False
         self._lock = threading.Lock()
         self._snapshots: dict[int, Any] = {}  # iterable dataset's state after the items of unit k were pulled
+        self._positions: dict[int, Any] = {}  # the sampler chain's state after unit k was drawn (``_Position``)
 
     def took(self, item: object, end: object) -> bool:
         """Count ``item`` taken from the pipeline; True when the consumer must drop it instead."""
@@ -117,22 +154,35 @@ class Cursor:
         return False
 
     def snapshot(self, unit: int, state: Any) -> None:
-        with self._lock:
-            self._snapshots[unit] = state
-            # Units the consumer has already passed can no longer be asked for.
-            for old in [u for u in self._snapshots if u < self.taken]:
-                del self._snapshots[old]
+        self._record(self._snapshots, unit, state)
 
     def snapshot_at(self, unit: int) -> Any:
         with self._lock:
             return self._snapshots.get(unit)
 
+    def position(self, unit: int, state: Any) -> None:
+        self._record(self._positions, unit, state)
+
+    def position_at(self, unit: int) -> Any:
+        with self._lock:
+            return self._positions.get(unit)
+
+    def _record(self, records: dict[int, Any], unit: int, state: Any) -> None:
+        with self._lock:
+            records[unit] = state
+            # Units the consumer has already passed can no longer be asked for.
+            for old in [u for u in records if u < self.taken]:
+                del records[old]
+
 
 class _Snapshots:
-    """Records ``dataset.state_dict()`` in the cursor after each unit's items are pulled from an iterable dataset."""
+    """Records an iterable dataset's state in the cursor after each unit's items are pulled: the dataset's
+    ``state_dict()`` and its iterator's (when ``iter(dataset)`` returns another object with state), as torchdata's
+    StatefulDataLoader takes them."""
 
-    def __init__(self, dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
+    def __init__(self, dataset: Any, iterator: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
         self._dataset = dataset
+        self._iterator = iterator if iterator is not dataset and _has_state(iterator) else None
         self._per_unit = per_unit
         self._cursor = cursor
         self._first_unit = cursor.taken
@@ -141,14 +191,17 @@ class _Snapshots:
         # the state at the start is the one loaded, or None (a fresh epoch: start the dataset's epoch afresh).
         cursor.snapshot(self._first_unit, initial)
 
+    def _state(self) -> tuple[Any, Any]:
+        return _state_of(self._dataset), _state_of(self._iterator)
+
     def _pulled(self) -> None:
         self._items += 1
         if self._items % self._per_unit == 0:
-            self._cursor.snapshot(self._unit(), self._dataset.state_dict())
+            self._cursor.snapshot(self._unit(), self._state())
 
     def _ended(self) -> None:
         if self._items % self._per_unit:  # the last, partial unit
-            self._cursor.snapshot(self._unit() + 1, self._dataset.state_dict())
+            self._cursor.snapshot(self._unit() + 1, self._state())
 
     def _unit(self) -> int:
         return self._first_unit + self._items // self._per_unit
@@ -162,7 +215,7 @@ class _SnapshotSource(_Snapshots, Iterator[Any]):
     """
 
     def __init__(self, inner: Iterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
-        super().__init__(dataset, per_unit, cursor, initial)
+        super().__init__(dataset, inner, per_unit, cursor, initial)
         self._inner = inner
 
     def __next__(self) -> Any:
@@ -179,7 +232,7 @@ class _AsyncSnapshotSource(_Snapshots, AsyncIterator[Any]):
     """The same for an async iterable dataset (its code runs on the loop anyway)."""
 
     def __init__(self, inner: AsyncIterator[Any], dataset: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
-        super().__init__(dataset, per_unit, cursor, initial)
+        super().__init__(dataset, inner, per_unit, cursor, initial)
         self._inner = inner
 
     async def __anext__(self) -> Any:
@@ -195,6 +248,110 @@ class _AsyncSnapshotSource(_Snapshots, AsyncIterator[Any]):
         aclose = getattr(self._inner, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+class BatchIterator(Iterator[list[Any]]):
+    """torch's ``BatchSampler.__iter__`` (the same batches, ``iter(sampler)`` on the first ``next`` as its generator
+    does), with the sampler's iterator in reach: its ``state_dict()`` is the position, as in torchdata's
+    ``BatchSampler``, whose iterator keeps it the same way."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.sampler_iter: Iterator[Any] | None = None
+        self.iter_state: Any = None  # loaded into the sampler's iterator as soon as it exists (a resume)
+        self.after_iter: Any = None  # the sampler's state right after iter(sampler)
+        self._done = False
+
+    def __next__(self) -> list[Any]:
+        if self._done:
+            raise StopIteration
+        try:
+            if self.sampler_iter is None:
+                self.sampler_iter = iter(self.sampler)
+                self.after_iter = _state_of(self.sampler)
+                _load_into(self.sampler_iter, self.iter_state)
+            batch = list(itertools.islice(self.sampler_iter, self.batch_size))
+        except BaseException:
+            self._done = True  # as torch's generator: finished once it raised
+            raise
+        if not batch or (self.drop_last and len(batch) < self.batch_size):
+            self._done = True
+            raise StopIteration
+        return batch
+
+
+def _chain(loader: _Loader) -> tuple[Any, bool]:
+    """(the sampler whose state is the position, whether the epoch's source is a ``BatchIterator`` over it)."""
+    index_sampler = loader.batch_sampler if loader._auto_collation else loader.sampler
+    if is_stock_batch_sampler(index_sampler):
+        return index_sampler.sampler, True
+    return index_sampler, False
+
+
+def is_stock_batch_sampler(obj: Any) -> bool:
+    """torch's own BatchSampler over a sync sampler (aloader iterates it with ``BatchIterator``)."""
+    return (
+        isinstance(obj, BatchSampler)
+        and type(obj).__iter__ is BatchSampler.__iter__
+        and not callable(getattr(type(obj.sampler), "__aiter__", None))
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of two states, which may hold tensors (a generator's state)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a plain equality: take it as changed
+        return False
+
+
+class _Position(Iterator[Any]):
+    """A map-style epoch's index source, recording after each unit drawn the sampler's position as torchdata's
+    StatefulDataLoader snapshots it: the ``state_dict()`` of the sampler (or batch sampler) and of its iterator.
+
+    Such a state resumes the sampler where the consumer is: loaded, the sampler (or its iterator) continues from
+    there by itself, and the loader skips nothing. That holds when the state records the position: the sampler's
+    iterator has state, or the sampler's own state changes as it yields. A sampler whose state does not change
+    within the epoch (an epoch counter, say) cannot resume a position from it; for it the loader restores the
+    state from the epoch's start and skips the received units (``LoaderState.position``).
+
+    Runs where the scheduler draws units (on the loop, between two ``next`` calls).
+    """
+
+    def __init__(self, owner: LoaderState, holder: Any, source: Iterator[Any], cursor: Cursor, initial: Any) -> None:
+        self._owner = owner
+        self._holder = holder
+        self._source = source
+        self._cursor = cursor
+        self._unit = cursor.taken
+        self._reference = _state_of(holder)  # right after iter(): a state that moves from it records the position
+        cursor.position(self._unit, initial)
+
+    def _iterator(self) -> Any:
+        source = self._source
+        iterator = source.sampler_iter if isinstance(source, BatchIterator) else source
+        return iterator if iterator is not self._holder and _has_state(iterator) else None
+
+    def __next__(self) -> Any:
+        unit = next(self._source)
+        self._unit += 1
+        sampler, sampler_iter = _state_of(self._holder), _state_of(self._iterator())
+        source = self._source
+        reference = source.after_iter if isinstance(source, BatchIterator) else self._reference
+        moving = sampler is not None and not _same(sampler, reference)
+        if moving:
+            self._owner.moving = True
+        snapshot = {"sampler": sampler, "sampler_iter": sampler_iter, "positional": moving or sampler_iter is not None}
+        self._cursor.position(self._unit, snapshot)
+        return unit
 
 
 class _AsyncSkip(AsyncIterator[Any]):
@@ -266,6 +423,9 @@ class LoaderState:
         self.start: _Start | None = None
         self.pending: dict[str, Any] | None = None  # load_state_dict(): applied at the next iter()
         self._resuming: dict[str, Any] | None = None  # the pending mid-epoch state while _plan() runs
+        # The sampler's own state has been seen to change as it yields (it records its position, see _Position):
+        # a state taken between epochs then holds the position at the end of the last one (``drain``).
+        self.moving = False
 
     # ------------------------------------------------------------------------------------------ saving
     def state_dict(self, loader: _Loader) -> dict[str, Any]:
@@ -274,24 +434,31 @@ class LoaderState:
         cursor, start = self.cursor, self.start
         if cursor is None or start is None or cursor.ended:
             return self._boundary(loader)
+        taken = cursor.taken
+        position = cursor.position_at(taken)
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
             "mid_epoch": True,
-            "batches": cursor.taken,
+            "batches": taken,
             "start": start.to_dict(),
+            # The sampler's position after the last unit received, when its state records it (see _Position).
+            "position": _encode(position) if position is not None and position["positional"] and taken > 0 else None,
+            # Nothing received yet: as between epochs, the sampler may hold the last epoch's end.
+            "drain": self.moving and taken == 0,
             "dataset": None,
+            "dataset_iter": None,
         }
         sampler = loader.sampler
         if isinstance(sampler, DistributedSampler) and sampler.epoch == sampler.state_epoch_started:
             # Our distributed sampler resumes itself (and re-splits when the world size changed).
-            state["distributed"] = sampler.state_at(cursor.taken * _unit_size(loader))
-        dataset = loader.dataset
-        if _has_state(dataset):
-            if loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Iterable:
-                state["dataset"] = cursor.snapshot_at(cursor.taken)
-            else:
-                state["dataset"] = _state_of(dataset)
+            state["distributed"] = sampler.state_at(taken * _unit_size(loader))
+        if loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Iterable:
+            snapshot = cursor.snapshot_at(taken)
+            if snapshot is not None:
+                state["dataset"], state["dataset_iter"] = _encode(snapshot[0]), _encode(snapshot[1])
+        else:
+            state["dataset"] = _encode(_state_of(loader.dataset))
         return state
 
     def _boundary(self, loader: _Loader) -> dict[str, Any]:
@@ -300,8 +467,8 @@ class LoaderState:
         start = _Start()
         start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
         start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-        start.sampler = _state_of(loader.sampler)
-        start.batch_sampler = _state_of(loader.batch_sampler)
+        start.sampler = _encode(_state_of(loader.sampler))
+        start.batch_sampler = _encode(_state_of(loader.batch_sampler))
         if loader._persistent_pool is not None and not loader._persistent_pool.broken:
             # The next epoch reuses the persistent workers and draws no base seed: a new loader must not either.
             start.drew_base_seed = False
@@ -314,19 +481,37 @@ class LoaderState:
             "mid_epoch": False,
             "batches": 0,
             "start": start.to_dict(),
+            "position": None,
+            # A sampler whose state records its position holds the end of the last epoch: a new loader loads it and
+            # iterates it to that end, so the sampler is where the uninterrupted run's is (see load_state_dict).
+            "drain": self.moving,
             # An iterable dataset's state at its end would resume an empty epoch: it starts afresh instead.
-            "dataset": _state_of(dataset) if kind_map else None,
+            "dataset": _encode(_state_of(dataset)) if kind_map else None,
+            "dataset_iter": None,
         }
 
     # ----------------------------------------------------------------------------------------- loading
     def load_state_dict(self, loader: _Loader, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise TypeError(f"load_state_dict() expects the dict returned by state_dict(), got {type(state).__name__}")
-        if state.get("format") != STATE_FORMAT:
+        if not state:
+            return  # as torchdata's StatefulDataLoader: an empty state changes nothing
+        if "_snapshot" in state or "_num_yielded" in state:
             raise ValueError(
-                f"load_state_dict(): this is not an aloader DataLoader state of format {STATE_FORMAT} "
-                f"(got format={state.get('format')!r}); pass the dict returned by DataLoader.state_dict()"
+                "load_state_dict(): this is a torchdata StatefulDataLoader state; aloader.DataLoader resumes from the "
+                "state of its own state_dict() (the same calls, another layout): save the state with aloader"
             )
+        if state.get("format") not in _LOADABLE_FORMATS:
+            raise ValueError(
+                "load_state_dict(): this is not an aloader DataLoader state of format 1 or 2 (format 2 since aloader "
+                f"0.1.0.dev0 with the StatefulDataLoader contract; got format={state.get('format')!r}): pass the dict "
+                "returned by DataLoader.state_dict() of this or an earlier aloader"
+            )
+        position = state.get("position")
+        if position is not None and not (
+            isinstance(position, Mapping) and {"sampler", "sampler_iter"} <= set(position)
+        ):
+            raise ValueError("load_state_dict(): the state's 'position' is not a sampler position")
         for key, kind in (("epoch", int), ("batches", int), ("mid_epoch", bool), ("start", Mapping)):
             if not isinstance(state.get(key), kind):
                 raise ValueError(f"load_state_dict(): the state's {key!r} is missing or not a {kind.__name__}")
@@ -335,6 +520,13 @@ class LoaderState:
         # Samplers, datasets and generators take their state now, as the caller would expect from a load: a
         # set_epoch() called between this and iter() then wins, as in an uninterrupted run.
         self._apply_start(loader, _Start.from_dict(state["start"]), *_generators(loader), state)
+        if state.get("drain"):
+            # The sampler's state is the end of the last epoch: run that end, so its next iter() starts the next
+            # epoch as in the uninterrupted run (a StatefulDistributedSampler, say, would skip that position).
+            holder, _ = _chain(loader)
+            for _ in iter(holder):
+                pass
+            self.moving = True
         self.pending = dict(state)
         self.epoch = state["epoch"]
         self.next_epoch = state["epoch"] + 1 if state["mid_epoch"] else state["epoch"]
@@ -352,6 +544,10 @@ class LoaderState:
             self._resuming = pending
             if pending is not None and pending["mid_epoch"]:
                 start = _Start.from_dict(pending["start"])
+                position = pending.get("position")
+                if position is not None:
+                    # The sampler resumes itself from its position (before iter(), as torchdata restores it).
+                    _load_into(_chain(loader)[0], position["sampler"])
                 if own is None and start.global_rng is not None:
                     # Recompute the epoch's draws from torch's global generator as they were, without moving the
                     # caller's global generator (they restore it with their own checkpoint).
@@ -364,8 +560,8 @@ class LoaderState:
                 start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
                 start.global_rng = _encode_rng(torch.get_rng_state()) if own is None else None
                 start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-                start.sampler = _state_of(loader.sampler)
-                start.batch_sampler = _state_of(loader.batch_sampler)
+                start.sampler = _encode(_state_of(loader.sampler))
+                start.batch_sampler = _encode(_state_of(loader.batch_sampler))
                 self.start = start
                 self.cursor = Cursor()
                 self.epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
@@ -435,10 +631,20 @@ class LoaderState:
                 skip = 0  # the distributed sampler starts at the resumed position itself
             if isinstance(source, AsyncIterator):
                 return _AsyncSkip(source, skip * _unit_size(loader) if async_batching else skip) if skip else source
+            position = resuming.get("position") if resuming is not None else None
+            if position is not None:
+                skip = 0  # the sampler (or its iterator) resumes itself
+                if isinstance(source, BatchIterator):
+                    source.iter_state = position["sampler_iter"]
+                else:
+                    _load_into(source, position["sampler_iter"])
+            holder, _ = _chain(loader)
             try:
                 for _ in range(skip):
                     if next(source, _EXHAUSTED) is _EXHAUSTED:
                         return iter(())
+                if not isinstance(holder, DistributedSampler):
+                    source = _Position(self, holder, source, cursor, position)
                 if loader.generator is not None:
                     return source
                 # With torch's global generator, the sampler draws (on its first next) now, in the caller's thread:
@@ -452,9 +658,15 @@ class LoaderState:
             cursor.drop = skip  # each worker iterates its own copy: re-run, and drop what was received
             return source
         per_unit = _unit_size(loader)
-        if _has_state(dataset):
-            # The dataset resumed itself (its state was loaded before iter()); snapshot it batch by batch.
-            initial = resuming.get("dataset") if resuming is not None else None
+        if _has_state(dataset) or _has_state(source):
+            # The dataset resumed itself (its state was loaded before iter(), its iterator's now, in torchdata's
+            # order); snapshot them batch by batch.
+            initial = None
+            if resuming is not None:
+                if resuming.get("dataset_iter") is not None and source is not dataset:
+                    _load_into(source, resuming["dataset_iter"])
+                if resuming.get("dataset") is not None or resuming.get("dataset_iter") is not None:
+                    initial = (resuming.get("dataset"), resuming.get("dataset_iter"))
             if isinstance(source, AsyncIterator):
                 return _AsyncSnapshotSource(source, dataset, per_unit, cursor, initial)
             return _SnapshotSource(source, dataset, per_unit, cursor, initial)

@@ -26,7 +26,7 @@ from aloader._core.plan import DatasetKind, Plan, Speed, pool_kind, window_for
 from aloader._failures import check_max_failures
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
 from aloader._pool import WorkerPool, WorkerSetup
-from aloader._state import LoaderState
+from aloader._state import BatchIterator, LoaderState, is_stock_batch_sampler
 from aloader._stats import Recorder
 from aloader.stats import LoaderStats
 
@@ -66,6 +66,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
       samples seen (``float`` in (0, 1)); each skip is logged on the ``aloader`` logger and counted in
       ``stats()``, and ``FailureBudgetExceeded`` is raised once more fail. Default None: no skipping, as torch.
     - ``progress``: show a tqdm progress bar over batches (``len(loader)`` as its total when known).
+    - ``snapshot_every_n_steps``: torchdata ``StatefulDataLoader``'s option, accepted for code written for it; the
+      state is exact at every step whatever its value (see ``docs/resume.md``).
 
     ``stats()`` returns an immutable snapshot of the current (or last) iterator's per-stage counters. See
     ``docs/reliability.md``.
@@ -110,6 +112,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         transform: Callable[[Any], Any] | None = None,
         max_failures: int | float | None = None,
         progress: bool = False,
+        snapshot_every_n_steps: int | None = 1,
     ) -> None:
         # A plain async iterable has no __getitem__: torch would take it for a map-style dataset. Show torch an
         # IterableDataset stand-in so its iterable-dataset checks and messages apply, then keep the real object.
@@ -153,6 +156,17 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if not isinstance(progress, bool):
             raise TypeError(f"progress option should be a bool, but got progress={progress!r}")
         self.progress = progress
+        if snapshot_every_n_steps is not None and (
+            isinstance(snapshot_every_n_steps, bool) or not isinstance(snapshot_every_n_steps, int)
+        ):
+            raise TypeError(
+                "snapshot_every_n_steps option should be an integer or None, "
+                f"but got snapshot_every_n_steps={snapshot_every_n_steps!r}"
+            )
+        # torchdata's StatefulDataLoader option, accepted so code written for it runs unchanged. There it sets how often
+        # worker processes send their state; aloader's state is the sampler's position and the main process's
+        # snapshots, exact at every step whatever the value (see docs/resume.md).
+        self.snapshot_every_n_steps = snapshot_every_n_steps
         self.concurrency: int = DEFAULT_CONCURRENCY if concurrency is None else concurrency
         self.transform = transform
         self._stats: Recorder | None = None  # the current (or last) iterator's counters
@@ -276,6 +290,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 batch_async_indices = (index_sampler.batch_size, index_sampler.drop_last)
             elif _is_async_iterable(index_sampler):
                 source = aiter(index_sampler)
+            elif is_stock_batch_sampler(index_sampler):
+                # torch's batches, with the sampler's iterator in reach for its state (see BatchIterator).
+                source = BatchIterator(index_sampler.sampler, index_sampler.batch_size, index_sampler.drop_last)
             else:
                 source = iter(index_sampler)
         pool = self._persistent_pool
