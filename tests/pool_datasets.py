@@ -336,3 +336,20 @@ class LoggingSquares(Dataset[Any]):
     def __getitem__(self, i: int) -> int:
         logging.getLogger("tests.pool").info("sample %d in process %d", i, os.getpid())
         return i * i
+
+
+class StreamsWaitingForRelease(IterableDataset[Any]):
+    """Each worker's copy yields ``100 * worker_id + j`` for j < ``n``; worker 0's first item waits until the test
+    opens the FIFO at ``path`` for writing (no timing involved)."""
+
+    def __init__(self, path: str, n: int = 4) -> None:
+        self.path, self.n = path, n
+
+    def __iter__(self) -> Any:
+        info = torch.utils.data.get_worker_info()
+        worker_id = info.id if info is not None else 0
+        for j in range(self.n):
+            if worker_id == 0 and j == 0:
+                with open(self.path, "rb") as fifo:  # blocks until a writer opens it
+                    fifo.read()
+            yield 100 * worker_id + j

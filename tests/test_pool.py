@@ -370,6 +370,42 @@ def test_in_order_false_gives_a_slow_workers_turns_to_the_others_as_torch(driver
     assert run(aloader.DataLoader, "aloader", by_driver, concurrency=1) == expected
 
 
+def test_in_order_false_passes_over_a_slow_workers_copy_as_torch(driver: Driver, tmp_path: Path) -> None:
+    # An iterable dataset: worker 0's copy is stuck on its first item until the consumer has all 4 of worker 1's
+    # items; each next request goes to the next worker in turn whose copy is not exhausted and that has room, as
+    # torch's. (Sent strictly in turn, worker 1 would never be asked for its last item before the release: the
+    # timeout fails it.)
+    def run(cls: Any, name: str, **extra: Any) -> list[int]:
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        dataset = pd.StreamsWaitingForRelease(str(fifo))
+        loader = cls(dataset, batch_size=None, num_workers=2, in_order=False, timeout=60, **extra)
+        got: list[int] = []
+
+        def take(batch: Any) -> None:
+            got.append(int(batch))
+            if len(got) == 4:
+                os.close(os.open(fifo, os.O_WRONLY))  # releases worker 0 (waits for it to be reading)
+
+        if cls is TORCH or not driver.is_async:
+            for batch in loader:
+                take(batch)
+        else:
+
+            async def consume() -> None:
+                async for batch in loader:
+                    take(batch)
+
+            driver.run_async(consume)
+        return got
+
+    expected = run(TORCH, "torch")
+    assert sorted(expected) == [0, 1, 2, 3, 100, 101, 102, 103]
+    assert expected[:4] == [100, 101, 102, 103]  # worker 1's items first: worker 0 was passed over
+    # concurrency=1: torch's window of prefetch_factor * num_workers requests (with more, aloader asks further ahead).
+    assert run(aloader.DataLoader, "aloader", concurrency=1) == expected
+
+
 def test_break_stops_workers(driver: Driver) -> None:
     assert len(driver.collect(aloader.DataLoader(pd.RandomDraws(40), batch_size=2, num_workers=2), limit=2)) == 2
 

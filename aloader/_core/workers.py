@@ -3,7 +3,8 @@
 In: units from the scheduler (``map``: the epoch's i-th batch to worker ``i % num_workers``, sent at dispatch in
 sampler order, as torch does; with ``in_order=False`` to the next worker in turn with room, as torch's), samples to
 finish (``items``: an async dataset's samples, transformed and collated in a worker), or requests for the next batch
-of a worker's copy of an iterable dataset (``iterable``, round-robin over the workers whose copy is not exhausted).
+of a worker's copy of an iterable dataset (``iterable``, round-robin over the workers whose copy is not exhausted;
+with ``in_order=False`` the next of them in turn with room, as torch's).
 Out: the batches, pinned here, as outcomes. It owns the count of tasks sent, which keeps a persistent pool's workers
 exactly where torch's would be when an epoch ends early.
 """
@@ -49,8 +50,7 @@ class WorkerStage:
         # in_order=False: torch gives the next batch to the next worker in turn that has room (fewer than its share of
         # the window outstanding, a batch counting until the consumer takes it), so a slow worker is passed over.
         n = workers.num_workers
-        self._by_room = self.kind == "map" and not ctx.plan.in_order
-        self._room = max(1, ctx.plan.window // n)
+        self._by_room = self.kind in ("map", "iterable") and not ctx.plan.in_order
         self._turn = 0  # the next worker in turn
         self._outstanding = [0] * n  # map tasks per worker not yet taken by the consumer
         self._finished: collections.deque[int] = collections.deque()  # workers of finished batches, in sink order
@@ -85,18 +85,21 @@ class WorkerStage:
         worker_id = self._next_worker()
         return self._submit(worker_id, "map", indices, what), worker_id
 
-    def _next_worker(self) -> int:
+    def _next_worker(self, active: list[bool] | None = None) -> int:
+        """The worker of the next task; ``active``: the workers whose iterable copy is not exhausted (None: all)."""
         n = self.workers.num_workers
         if not self._by_room:
             return self._submitted % n  # torch's in_order=True: strictly in turn
+        live = [w for w in range(n) if active is None or active[w]]
+        room = max(1, self._ctx.plan.window // len(live))  # torch: max_tasks // the number of active workers
         chosen = None
         for _ in range(n):  # as torch's _try_put_index with in_order=False
             worker_id, self._turn = self._turn, (self._turn + 1) % n
-            if self._outstanding[worker_id] < self._room:
+            if (active is None or active[worker_id]) and self._outstanding[worker_id] < room:
                 chosen = worker_id
                 break
         if chosen is None:  # every worker full (torch then drops the index); the least loaded one takes it
-            chosen = min(range(n), key=self._outstanding.__getitem__)
+            chosen = min(live, key=self._outstanding.__getitem__)
         self._outstanding[chosen] += 1
         return chosen
 
@@ -166,18 +169,26 @@ class WorkerStage:
 
         async def next_batch(worker_id: int, future: asyncio.Future[Any]) -> Any:
             reset = resets[worker_id]
-            if reset is not None:
-                resets[worker_id] = None
-                try:
-                    await reset  # iter(dataset) in the worker failed: raise it at this worker's first batch
-                except Exception:
+            try:
+                if reset is not None:
+                    resets[worker_id] = None
+                    try:
+                        await reset  # iter(dataset) in the worker failed: raise it at this worker's first batch
+                    except Exception:
+                        active[worker_id] = False
+                        raise
+                batch = await future
+                if batch is NO_BATCH:  # this worker's copy is exhausted: no outcome for the consumer to take
                     active[worker_id] = False
-                    raise
-            batch = await future
-            if batch is NO_BATCH:  # this worker's copy is exhausted
-                active[worker_id] = False
-                return NO_BATCH
-            return await pin_batch(self._ctx, batch)
+                    return NO_BATCH
+                batch = await pin_batch(self._ctx, batch)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                self._finish(worker_id)
+                raise
+            self._finish(worker_id)
+            return batch
 
         seq, worker_id = 0, 0
         while True:
@@ -185,6 +196,8 @@ class WorkerStage:
             if not any(active):
                 window.release()
                 return
+            if self._by_room:
+                worker_id = self._next_worker(active)  # in_order=False: the next active worker in turn with room
             while not active[worker_id]:
                 worker_id = (worker_id + 1) % n
             order.open()
