@@ -47,7 +47,8 @@ def test_pool_benchmark_quick_writes_its_section(tmp_path: Path) -> None:
     section = run_quick("pool", tmp_path, "pool")
     for row in (
         "torch DataLoader (fork)",
-        "aloader DataLoader (default: forks at iter(), as the only thread)",
+        "aloader DataLoader (default: fork at iter())",
+        "aloader DataLoader (default), a busy thread beside it",
         "shared memory",
     ):
         assert row in section
