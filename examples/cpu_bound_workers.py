@@ -6,8 +6,9 @@ there too, and batches come back through shared memory. The workers are seeded a
 including the random augmentation drawn inside ``__getitem__``, equal those of torch's DataLoader with the same seed.
 ``persistent_workers=True`` keeps the processes across epochs; ``loader.close()`` (here: the ``with`` block) ends them.
 
-Classes used in workers live at module level and the work is under ``if __name__ == "__main__":``, because the
-default start method (forkserver) imports this file in each worker. Run: ``python examples/cpu_bound_workers.py``.
+Classes used in workers live at module level and the work is under ``if __name__ == "__main__":``, so that the
+script also works where workers are not forked (the forkserver or spawn import this file in each worker).
+Run: ``python examples/cpu_bound_workers.py``.
 """
 
 import os

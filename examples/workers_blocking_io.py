@@ -6,9 +6,10 @@ core, each fetching many samples at once in its own threads (``concurrency`` per
 worker's share of the cores busy). The batches are the same, in the same order; only the speed differs. Both are
 timed from building the loader, as a training script would see it.
 
-The server runs on a thread of this process, as a user's process has other threads; the workers are then started
-by the forkserver, so the dataset lives at module level. The forkserver's first start in a process imports torch
-(a few seconds on a small machine), which the first epoch pays; the second shows the speed the epochs after it get.
+The server runs on a thread of this process, as a user's process has other threads (a progress bar's, a logger's):
+aloader forks its workers anyway, as torch does, holding only its own threads out of user code while it forks
+(``docs/process-pool.md``). Both epochs start new workers; the second shows the speed once the dataset's speed is
+known.
 Run: ``python examples/workers_blocking_io.py``.
 """
 
@@ -52,13 +53,13 @@ if __name__ == "__main__":
         dataset = HttpBytes(server.base_url, sorted(objects))
         theirs, torch_seconds = timed(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=2))
         loader = aloader.DataLoader(dataset, batch_size=BATCH, num_workers=2)  # the one line that changed
-        first, first_seconds = timed(loader)  # epoch 1: starts the forkserver too
-        ours, aloader_seconds = timed(loader)  # epoch 2: new workers, from the running forkserver
+        first, first_seconds = timed(loader)  # epoch 1: workers forked beside the server's thread
+        ours, aloader_seconds = timed(loader)  # epoch 2: new workers
     for batches in (first, ours):
         assert len(batches) == len(theirs) == SAMPLES // BATCH
         assert all(torch.equal(a, b) for a, b in zip(batches, theirs, strict=True)), "other batches than torch's"
     print(f"torch, num_workers=2:            {SAMPLES / torch_seconds:7.0f} samples/s")
-    print(f"aloader, num_workers=2, epoch 1: {SAMPLES / first_seconds:7.0f} samples/s (the forkserver's first start)")
+    print(f"aloader, num_workers=2, epoch 1: {SAMPLES / first_seconds:7.0f} samples/s")
     print(f"aloader, num_workers=2, epoch 2: {SAMPLES / aloader_seconds:7.0f} samples/s")
     print(f"fetch stage: {loader.stats().fetch.items} samples fetched in the workers")
     print("OK")
