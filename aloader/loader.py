@@ -13,7 +13,7 @@ import dataclasses
 import warnings
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.multiprocessing
@@ -25,10 +25,12 @@ from aloader._core.pipeline import Pipeline
 from aloader._core.plan import DatasetKind, Plan, Speed, pool_kind, window_for
 from aloader._failures import check_max_failures
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
-from aloader._pool import WorkerPool, WorkerSetup
 from aloader._state import BatchIterator, LoaderState, is_stock_batch_sampler
 from aloader._stats import Recorder
 from aloader.stats import LoaderStats
+
+if TYPE_CHECKING:
+    from aloader._pool import WorkerPool
 
 __all__ = ["DEFAULT_CONCURRENCY", "DataLoader"]
 
@@ -313,6 +315,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         worker_kind = pool_kind(dataset_kind, self.dataset, self.transform) if self.num_workers > 0 else None
         owns_workers = False
         if worker_kind is not None and pool is None:
+            # Imported here: a loader without workers never needs the pool's modules (import aloader stays lighter).
+            from aloader._pool import WorkerPool, WorkerSetup
+
             pool = WorkerPool(
                 WorkerSetup(
                     kind=worker_kind,

@@ -12,6 +12,9 @@ so imports are not timed): the loader is built, then the first batch of a first 
 loader of the process, torch starting its workers, aloader its event loop and threads), the iterator closed, and
 the first batch of a second one timed (warm). Median over ``--repeats`` processes per system, interleaved.
 
+Before the first batch there is the import: ``import torch.utils.data`` and ``import aloader`` on top of it, timed in
+fresh interpreters (median over ``--repeats``).
+
 Run ``python -m benchmarks.ttfb --write docs/benchmarks.md`` (``--quick`` for a smoke run); ``ttfb.png`` goes
 beside it.
 """
@@ -23,6 +26,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +99,29 @@ def measure(workload: Workload, system: System, urls: tuple[str, ...]) -> tuple[
     return cold, warm
 
 
+IMPORT_SCRIPT = (
+    "import time; started = time.perf_counter(); import torch.utils.data; middle = time.perf_counter(); "
+    "import aloader; print(middle - started, time.perf_counter() - middle)"
+)
+
+
+def import_seconds() -> tuple[float, float]:
+    """(``import torch.utils.data``, ``import aloader`` after it) in seconds, in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], capture_output=True, text=True, check=True).stdout
+    torch_seconds, aloader_seconds = (float(x) for x in out.split())
+    return torch_seconds, aloader_seconds
+
+
+def render_imports(imports: list[tuple[float, float]]) -> str:
+    torch_seconds = statistics.median(t for t, _ in imports)
+    aloader_seconds = statistics.median(a for _, a in imports)
+    return (
+        f"Imports, median of {len(imports)} fresh interpreters: `import torch.utils.data` {torch_seconds:.3f} s; "
+        f"`import aloader` after it {aloader_seconds:.3f} s more ({aloader_seconds / torch_seconds:.0%} of "
+        "torch's).\n"
+    )
+
+
 def render(figures: dict[Workload, dict[System, tuple[float, float]]], repeats: int, label: str) -> str:
     lines = [
         f"Median of {repeats} fresh processes per system. remote: {label}; batch size 32. in-memory: a "
@@ -138,9 +166,11 @@ def main(argv: list[str] | None = None) -> dict[Workload, dict[System, tuple[flo
         "remote": {"torch": [], "aloader": []},
         "in-memory": {"torch": [], "aloader": []},
     }
+    imports: list[tuple[float, float]] = []
     with open_source(None, samples=256, latency=latency) as source:
         urls = tuple(source.urls)
         for _ in range(repeats):  # interleaved: noise from other users of the machine hits both alike
+            imports.append(import_seconds())
             for workload, systems in runs.items():
                 for system, rows in systems.items():
                     rows.append(measure(workload, system, urls))
@@ -153,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[Workload, dict[System, tuple[flo
     }
     load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
     header = f"Machine: {machine()}; {load}"
-    table = render(figures, repeats, source.label)
+    table = render(figures, repeats, source.label) + "\n" + render_imports(imports)
     print(f"{header}\n\n{table}")
     if args.write:
         path = args.write.parent / "ttfb.png"

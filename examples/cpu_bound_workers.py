@@ -3,7 +3,8 @@
 Tokenising and augmenting text in pure Python holds the GIL, so threads cannot spread it over the cores. With
 ``num_workers=2`` an unchanged torch ``Dataset`` is fetched in two worker processes, the per-sample ``transform`` runs
 there too, and batches come back through shared memory. The workers are seeded as torch seeds them, so the batches,
-including the random augmentation drawn inside ``__getitem__``, equal those of torch's DataLoader with the same seed.
+including the random augmentation drawn inside ``__getitem__``, equal those of torch's DataLoader with the same seed
+(with ``concurrency=1``: one sample at a time per worker, as torch's).
 ``persistent_workers=True`` keeps the processes across epochs; ``loader.close()`` (here: the ``with`` block) ends them.
 
 Classes used in workers live at module level and the work is under ``if __name__ == "__main__":``, so that the
@@ -61,8 +62,17 @@ def main() -> None:
     expected = list(torch.utils.data.DataLoader(SentenceDataset(96), batch_size=16, shuffle=True, num_workers=2))
 
     torch.manual_seed(0)
+    # concurrency=1: each worker fetches one sample at a time, as torch's, so the random draws inside __getitem__ are
+    # torch's bit for bit. (With more, a worker fetches several samples at once in its threads when it has CPU to
+    # spare, and which sample gets which draw follows the threads.)
     with aloader.DataLoader(
-        SentenceDataset(96), batch_size=16, shuffle=True, num_workers=2, persistent_workers=True, transform=with_pid
+        SentenceDataset(96),
+        batch_size=16,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=True,
+        transform=with_pid,
+        concurrency=1,
     ) as loader:
         first = list(loader)
         second = list(loader)  # same worker processes, new order
