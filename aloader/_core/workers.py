@@ -109,17 +109,26 @@ class WorkerStage:
             self._outstanding[self._finished.popleft()] -= 1
 
     async def _await_batch(self, future: asyncio.Future[Any], submitted: float, samples: int, worker_id: int) -> Any:
-        try:
+        async def receive() -> Any:
             batch = await future
             # fetch, transform and collate, all in the worker, with the round trip
             self._ctx.stats.add("fetch", samples, time.perf_counter() - submitted)
-            batch = await pin_batch(self._ctx, batch)
+            return await pin_batch(self._ctx, batch)
+
+        return await self._settled(worker_id, receive())
+
+    async def _settled(self, worker_id: int, work: Awaitable[Any]) -> Any:
+        """``work``'s outcome, its worker recorded as finished (``_finish``) unless it was cancelled or gave
+        ``NO_BATCH`` (no outcome for the consumer to take)."""
+        try:
+            batch = await work
         except asyncio.CancelledError:
             raise
         except BaseException:
             self._finish(worker_id)
             raise
-        self._finish(worker_id)
+        if batch is not NO_BATCH:
+            self._finish(worker_id)
         return batch
 
     def _finish(self, worker_id: int) -> None:
@@ -167,28 +176,23 @@ class WorkerStage:
         resets: list[asyncio.Future[Any] | None] = [self._submit(w, "reset", None, what) for w in range(n)]
         what = "fetching the next batch of its copy of the iterable dataset"
 
-        async def next_batch(worker_id: int, future: asyncio.Future[Any]) -> Any:
+        async def receive(worker_id: int, future: asyncio.Future[Any]) -> Any:
             reset = resets[worker_id]
-            try:
-                if reset is not None:
-                    resets[worker_id] = None
-                    try:
-                        await reset  # iter(dataset) in the worker failed: raise it at this worker's first batch
-                    except Exception:
-                        active[worker_id] = False
-                        raise
-                batch = await future
-                if batch is NO_BATCH:  # this worker's copy is exhausted: no outcome for the consumer to take
+            if reset is not None:
+                resets[worker_id] = None
+                try:
+                    await reset  # iter(dataset) in the worker failed: raise it at this worker's first batch
+                except Exception:
                     active[worker_id] = False
-                    return NO_BATCH
-                batch = await pin_batch(self._ctx, batch)
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
-                self._finish(worker_id)
-                raise
-            self._finish(worker_id)
-            return batch
+                    raise
+            batch = await future
+            if batch is NO_BATCH:  # this worker's copy is exhausted
+                active[worker_id] = False
+                return NO_BATCH
+            return await pin_batch(self._ctx, batch)
+
+        async def next_batch(worker_id: int, future: asyncio.Future[Any]) -> Any:
+            return await self._settled(worker_id, receive(worker_id, future))
 
         seq, worker_id = 0, 0
         while True:
