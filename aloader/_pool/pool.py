@@ -196,8 +196,9 @@ class WorkerPool:
         return self._context.get_start_method() if self._context is not None else None
 
     def start_by_fork_if_safe(self) -> bool:
-        """The sync driver's early start: fork the workers now, in the consumer's thread, before the pipeline's
-        threads exist, when the default start would fork (False, and nothing started, otherwise)."""
+        """The sync driver's early start, in the consumer's thread before the pipeline's threads exist: when no start
+        method is given and :func:`fork_is_safe`, start the workers now (True if they were forked; False if another
+        loader's thread stayed in user code and the forkserver started them). Otherwise nothing is started here."""
         if self._started or self._context is not None or not fork_is_safe():
             return False
         self.start()
