@@ -4,15 +4,25 @@ Hand-off without polling. The consumer blocks in ``Condition.wait()`` with no ti
 POSIX) until the loop appends an item; the loop side awaits an ``asyncio.Event`` that the consumer sets, through
 ``call_soon_threadsafe``, only when it takes an item while the loop is waiting for room. The last item is ``END`` or
 a ``Failed`` outcome, so the consumer learns how the epoch ended from the data itself.
+
+The consumer does work too, when it would otherwise wait: a call the loop offers (``offer``) to a consumer that is
+waiting in ``get()``, or that spends next to no time between two ``get()`` calls, is run by the consumer itself
+when it has nothing to take, and the outcomes it returns are yielded from here in their turn (every item before
+them taken), without going through the loop. The fast lane makes its batches so: in the consumer's own thread, as
+torch's ``num_workers=0`` does, with no thread hand-off and no wait for the loop between batches (see
+``_core/lane.py``). A consumer busy between items (a training step) is left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
+
+from aloader._core.sink import ConsumerCall
 
 __all__ = ["LoopChannel", "ThreadChannel", "new_event_loop", "start_loop_thread"]
 
@@ -33,6 +43,20 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return _new_loop()
 
 
+_NOTHING: Final = object()
+
+
+class _Made:
+    """Outcomes a consumer made itself with ``call``, from sequence number ``seq`` on (None: in any order)."""
+
+    __slots__ = ("call", "outcomes", "seq")
+
+    def __init__(self, call: ConsumerCall, outcomes: list[object]) -> None:
+        self.call = call
+        self.seq = call.first
+        self.outcomes = deque(outcomes)
+
+
 class ThreadChannel:
     """A bounded FIFO from one event loop (``put``) to one plain thread (``get``)."""
 
@@ -45,6 +69,18 @@ class ThreadChannel:
         self._cond = threading.Condition(self._lock)
         self._room = asyncio.Event()
         self._producer_waiting = False
+        # Offered to the consumer, run by it in get(): (the call, the idle_below it was offered with).
+        self._calls: deque[tuple[ConsumerCall, float]] = deque()
+        self._made: deque[_Made] = deque()  # outcomes of calls the consumer ran, waiting for their turn
+        self._yielded: ConsumerCall | None = None  # a call whose last outcome get() is returning
+        self._taken = 0  # items the consumer has taken (END aside): the sequence number of the next one
+        self._inside = False  # the consumer is in get(): waiting for an item, or running a call
+        self._waiting = False  # the consumer is blocked in get() with nothing to take and nothing to run
+        self._left = 0.0  # when the consumer last left get() (perf_counter; 0: not yet)
+        # The consumer's time between two get() calls: the least of the last few, so that one pause (the GIL taken
+        # by another thread, a garbage collection) does not make a consumer that comes straight back look busy.
+        self._recent: deque[float] = deque(maxlen=8)
+        self._outside = float("inf")
 
     async def put(self, item: object) -> None:
         """Loop side: append ``item``, waiting while the channel is full."""
@@ -63,13 +99,64 @@ class ThreadChannel:
                 with self._cond:
                     self._producer_waiting = False
 
-    def get(self) -> object:
-        """Thread side: the next item, blocking until there is one."""
+    def offer(self, call: ConsumerCall, idle_below: float) -> bool:
+        """Loop side: give ``call`` to the consumer (True) if it is in ``get()`` or spends less than ``idle_below``
+        seconds between two ``get()`` calls; with ``idle_below=0``, only if it is waiting with nothing else to run
+        (one such call at a time: a call that blocks until others run must not hold up the others). Else (False)
+        the caller runs it elsewhere."""
         with self._cond:
-            while not self._items:
-                self._cond.wait()
-            item = self._items.popleft()
-            wake = self._producer_waiting
+            if idle_below <= 0:
+                if not self._waiting or self._calls:
+                    return False
+            elif not self._inside and self._outside >= idle_below:
+                return False
+            self._calls.append((call, idle_below))
+            self._cond.notify()
+            return True
+
+    def get(self) -> object:
+        """Thread side: the next item, blocking until there is one. In turn: an outcome of a call the consumer ran
+        (when every item before it has been taken), an item put by the loop, or else, before waiting, a call."""
+        entered = time.perf_counter()
+        if self._left:
+            self._recent.append(entered - self._left)  # a consumer that starts a slow step is seen within 8 items
+            self._outside = min(self._recent)
+        wake = False
+        try:
+            while True:
+                with self._cond:
+                    self._inside = True
+                    item = self._next_made()
+                    while item is _NOTHING and not self._items and not self._calls:
+                        self._waiting = True
+                        try:
+                            self._cond.wait()
+                        finally:
+                            self._waiting = False
+                        item = self._next_made()
+                    if item is _NOTHING and self._items:
+                        item = self._items.popleft()
+                        wake = self._producer_waiting
+                    if item is not _NOTHING:
+                        self._inside = False
+                        self._taken += 1
+                        declined = self._decline_calls()
+                        break
+                    call, _ = self._calls.popleft()
+                made = call.run()  # outside the lock: the loop may put and offer meanwhile
+                if made:
+                    with self._cond:
+                        self._made.append(_Made(call, made))
+                del call, made
+        except BaseException:
+            self._inside = False  # Ctrl-C: the iterator closes, nothing more may be offered to it
+            raise
+        self._left = time.perf_counter()
+        for call in declined:
+            call.decline()
+        if self._yielded is not None:  # the last outcome of a call the consumer made: the loop may make more
+            self._yielded.yielded()
+            self._yielded = None
         if wake:
             try:
                 self._loop.call_soon_threadsafe(self._room.set)
@@ -106,10 +193,37 @@ class ThreadChannel:
             self._items.append(item)
             self._cond.notify()
 
+    def _decline_calls(self) -> list[ConsumerCall]:
+        """Under the lock, leaving get() with calls not run: those the consumer is not known to come back for soon
+        enough go back to the loop (the batches they make must not wait for a consumer that is away)."""
+        if not self._calls:
+            return []
+        kept = [(call, idle_below) for call, idle_below in self._calls if self._outside < idle_below]
+        declined = [call for call, idle_below in self._calls if self._outside >= idle_below]
+        self._calls = deque(kept)
+        return declined
+
+    def _next_made(self) -> object:
+        """Under the lock: the next outcome of a call the consumer ran, if it is its turn; else _NOTHING."""
+        if not self._made:
+            return _NOTHING
+        made = self._made[0]
+        if made.seq is not None and made.seq != self._taken:
+            return _NOTHING  # items before it are still to come from the loop
+        item = made.outcomes.popleft()
+        if made.seq is not None:
+            made.seq += 1
+        if not made.outcomes:
+            self._made.popleft()
+            self._yielded = made.call
+        return item
+
     def clear(self) -> None:
-        """Drop buffered items (on close, so their memory is released at once)."""
+        """Drop buffered items, calls not run and outcomes not yielded (on close, so their memory is released)."""
         with self._cond:
             self._items.clear()
+            self._calls.clear()
+            self._made.clear()
 
     @property
     def capacity(self) -> int:
@@ -146,6 +260,10 @@ class LoopChannel:
     def put_final(self, item: object) -> None:
         self._items.append(item)
         self._readable.set()
+
+    def offer(self, call: ConsumerCall, idle_below: float) -> bool:
+        """Never: an ``async for`` consumer is the caller's loop, which must not run a batch."""
+        return False
 
     async def get(self) -> object:
         while not self._items:

@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
@@ -101,6 +101,67 @@ def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def run_and_deliver(
+    fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
+) -> BaseException | None:
+    """Run ``fn`` (user code) in this thread, through the fork gate, and hand its outcome to ``future``'s loop;
+    return the exception it raised, if any. Pool threads call it, and the sync driver's consumer for the fast lane's
+    calls it makes itself (``_core/lane.py``)."""
+    if future.cancelled():  # cancelled while queued: nobody waits for it, skip the work
+        return None
+    try:
+        with FORK_GATE.user_code():
+            outcome = (True, fn())
+    except BaseException as exc:  # handed to the awaiting task, which decides what it means
+        outcome = (False, exc)
+    try:
+        loop.call_soon_threadsafe(_deliver, future, *outcome)
+    except RuntimeError:  # the loop is closed: the pipeline is gone and nobody waits
+        pass
+    return None if outcome[0] else outcome[1]
+
+
+DECLINED: Final = object()
+"""The outcome of a call offered to the consumer that it gave back unrun (it went on to other work, see
+``ConsumerRun.decline``): the caller runs it elsewhere."""
+
+
+def decline(future: asyncio.Future[Any]) -> None:
+    """Consumer side: give back a call it was offered, unrun; ``future`` gets :data:`DECLINED` on its loop."""
+    try:
+        future.get_loop().call_soon_threadsafe(_deliver, future, True, DECLINED)
+    except RuntimeError:  # the loop is closed: the pipeline is gone and nobody waits
+        pass
+
+
+class ConsumerRun:
+    """A call of user code the loop offers to the sync driver's consumer thread, to run while it waits for its
+    next batch instead of on one of our threads (see ``_bridge.ThreadChannel.offer``); ``future`` gets the
+    outcome. It has nothing for the consumer to yield itself (``first`` is None, ``run()`` gives nothing)."""
+
+    __slots__ = ("_fn", "future")
+
+    first = None
+
+    def __init__(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._fn: Callable[[], Any] | None = fn
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def run(self) -> list[object]:
+        fn, self._fn = self._fn, None  # its closure may hold samples: released once run
+        assert fn is not None
+        error = run_and_deliver(fn, self.future.get_loop(), self.future)
+        if isinstance(error, KeyboardInterrupt):
+            raise error  # the consumer may be the main thread: Ctrl-C stops the iteration, as in torch's loop
+        return []
+
+    def decline(self) -> None:
+        decline(self.future)
+
+    def yielded(self) -> None:
+        """Nothing to do: ``run()`` gives the consumer nothing to yield."""
+
+
 class ThreadPool:
     """Runs sync callables on daemon threads and hands each outcome back to the awaiting task's loop."""
 
@@ -151,19 +212,8 @@ class ThreadPool:
                 self._queued -= 1
             if item is None:
                 break
-            fn, loop, future = item
-            if future.cancelled():  # cancelled while queued: nobody waits for it, skip the work
-                continue
-            try:
-                with FORK_GATE.user_code():
-                    outcome = (True, fn())
-            except BaseException as exc:  # handed to the awaiting task, which decides what it means
-                outcome = (False, exc)
-            try:
-                loop.call_soon_threadsafe(_deliver, future, *outcome)
-            except RuntimeError:  # the loop is closed: the pipeline is gone and nobody waits
-                pass
-            del item, fn, future, outcome  # drop references to user data before blocking again
+            run_and_deliver(*item)
+            del item  # drop references to user data before blocking again
         with self._lock:
             self._alive -= 1
             last = self._alive == 0

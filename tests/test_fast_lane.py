@@ -28,15 +28,17 @@ def _in_lane(loader: aloader.DataLoader) -> aloader.DataLoader:
 
 
 class _LaneCalls:
-    """Counts the lane's thread calls and the units each made (wrapping the pipeline's thread side)."""
+    """Counts the lane's calls, the units each made and the thread that made them (wrapping the lane's call)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.units: list[int] = []
+        self.threads: list[threading.Thread] = []
         original = lane.Lane._run_thread
 
-        def counted(self_: lane.Lane, units: list[Any]) -> list[Any]:
-            outcomes = original(self_, units)
+        def counted(self_: lane.Lane, units: list[Any], interruptible: bool) -> list[Any]:
+            outcomes = original(self_, units, interruptible)
             self.units.append(len(outcomes))
+            self.threads.append(threading.current_thread())
             return outcomes
 
         monkeypatch.setattr(lane.Lane, "_run_thread", counted)
@@ -174,3 +176,81 @@ def test_lane_stats_count_every_batch(driver: Driver) -> None:
     assert stats.queue.capacity == lane.LANE_UNITS
     assert (stats.fetch.items, stats.fetch.failures) == (396, 1)  # the failed batch counts as a failure
     assert stats.queue.items == 100
+
+
+def test_for_makes_fast_batches_in_the_consumers_thread(driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``for``, a consumer waiting for fast batches makes the lane's calls itself (as torch's
+    ``num_workers=0`` does) and yields their batches in order; ``async for`` never makes them on the caller's loop."""
+    calls = _LaneCalls(monkeypatch)
+    dataset = TensorDataset(torch.arange(8000).reshape(4000, 2))
+    reference = [
+        b[0].tolist()
+        for b in torch.utils.data.DataLoader(
+            dataset, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(5)
+        )
+    ]
+    consumer = threading.current_thread()
+    loader = aloader.DataLoader(dataset, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(5))
+    got = [b[0].tolist() for b in driver.collect(_in_lane(loader))]
+    assert got == reference
+    in_consumer = sum(units for units, thread in zip(calls.units, calls.threads, strict=True) if thread is consumer)
+    if driver.is_async:
+        assert in_consumer == 0  # the caller's loop runs in this thread: it must stay free
+    else:
+        assert in_consumer > 0
+    assert loader.stats().batches == 2000
+
+
+def test_a_consumer_busy_between_batches_leaves_the_calls_to_the_lane_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer that spends a while on each batch (a training step, here 2 ms of work) gets its batches made by
+    the lane's thread meanwhile: after its first few batches, every call is made there."""
+    calls = _LaneCalls(monkeypatch)
+    dataset = TensorDataset(torch.arange(600))
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=2))
+    got = []
+    for batch in loader:
+        step_end = time.perf_counter() + 0.002
+        while time.perf_counter() < step_end:  # the consumer's own work (a workload, not synchronisation)
+            pass
+        got.append(int(batch[0][0]))
+    assert got == list(range(0, 600, 2))
+    assert calls.threads[-1] is not threading.current_thread()
+    assert any(thread.name.startswith("aloader-lane") for thread in calls.threads)
+
+
+class _Interrupts(Dataset[int]):
+    """Raises KeyboardInterrupt at one index (as Ctrl-C arriving inside ``__getitem__`` of the main thread)."""
+
+    def __init__(self, n: int, at: int) -> None:
+        self.n, self.at = n, at
+        self.raised_in: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.at:
+            self.raised_in = threading.current_thread()
+            raise KeyboardInterrupt
+        return i
+
+
+def test_ctrl_c_inside_a_batch_the_consumer_makes_stops_the_iteration() -> None:
+    """Ctrl-C while the consumer (the main thread) runs ``__getitem__`` in a lane call: it propagates from
+    ``next()`` as in torch's loop, and the iterator stops all its work (the autouse leak check). (Raised on the
+    lane's thread instead, it is that batch's error, raised at its position.)"""
+    dataset = _Interrupts(4000, 3000)
+    iterator = iter(_in_lane(aloader.DataLoader(dataset, batch_size=2)))
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for batch in iterator:
+            got.append(int(batch[0]))
+    # In order up to the interrupt; batches made in the same call before it are dropped with the iteration, as
+    # prefetched ones are (a resume counts only the yielded ones).
+    assert got == list(range(0, 2 * len(got), 2))
+    assert len(got) <= 1500
+    if dataset.raised_in is threading.current_thread():
+        assert next(iterator, None) is None  # closed: nothing more comes
+    iterator.close()

@@ -20,13 +20,13 @@ from aloader._core.collate import Finisher
 from aloader._core.context import Context, Record, gather_ordered
 from aloader.errors import with_context
 
-__all__ = ["CHUNK_SECONDS", "UNFINISHED", "Fetcher"]
+__all__ = ["CHUNK_SECONDS", "PROBE_SECONDS", "UNFINISHED", "Fetcher"]
 
 # A run of fast samples is fetched in one thread call of about this many seconds; slow samples get a call each.
 CHUNK_SECONDS: Final = 0.002
 # How long the rest of a first batch waits for its first sample (see Fetcher._probe_first): a thread's start and
 # the call's hand-offs take a few milliseconds on a busy machine, before the sample's own time.
-_PROBE_SECONDS: Final = 0.01
+PROBE_SECONDS: Final = 0.01
 
 UNFINISHED: Final = object()
 """In place of a batch from a thread call whose samples are awaitables: they are finished on the loop."""
@@ -119,7 +119,7 @@ class Fetcher:
         if run >= len(indices) and not inspect.iscoroutinefunction(ctx.plan.transform):
             # The common fast case: one call does the whole batch, fetch to pinned batch.
             async with ctx.slots:
-                fetched, batch = await ctx.threads.run(lambda: self._timed_unit(indices))
+                fetched, batch = await ctx.run_sync(lambda: self._timed_unit(indices), quick=True)
             if batch is not UNFINISHED:
                 return batch
             return await self.finish_awaitables(fetched, indices)
@@ -130,15 +130,15 @@ class Fetcher:
     async def _probe_first(self, indices: list[Any]) -> Any:
         """Unknown speed (a loader's first batches): the first sample alone, the rest after it or beside it.
 
-        If the first sample comes back within ``_PROBE_SECONDS``, the rest are fetched in runs sized by its time (one
+        If the first sample comes back within ``PROBE_SECONDS``, the rest are fetched in runs sized by its time (one
         call for an in-memory batch); if not, the rest are fetched a call each, concurrently, while it is still
-        being waited for, so a slow (I/O-bound) dataset loses at most ``_PROBE_SECONDS`` of its first batch. Before
+        being waited for, so a slow (I/O-bound) dataset loses at most ``PROBE_SECONDS`` of its first batch. Before
         this, every sample of a first batch was a thread call of its own: 64 calls and a dozen new threads for an
         in-memory batch of 64, most of a cold first batch's time (measured: 50-100 ms against torch's 2 ms).
         """
         first = asyncio.ensure_future(self._fetch_sync_run(indices[:1]))
         try:
-            await asyncio.wait([first], timeout=_PROBE_SECONDS)
+            await asyncio.wait([first], timeout=PROBE_SECONDS)
         except BaseException:
             first.cancel()
             raise
@@ -151,8 +151,11 @@ class Fetcher:
         return await self.finish_awaitables([sample for part in parts for sample in part], indices)
 
     async def _fetch_sync_run(self, indices: list[Any]) -> list[Any]:
+        per_sample = self._ctx.speed.per_sample
+        # Only a run known to be fast may go to the consumer: not a first sample, which may wait on anything.
+        quick = per_sample is not None and per_sample * len(indices) < CHUNK_SECONDS
         async with self._ctx.slots:
-            fetched, _ = await self._ctx.threads.run(lambda: self.run(indices, finish=False))
+            fetched, _ = await self._ctx.run_sync(lambda: self.run(indices, finish=False), quick)
         return fetched
 
     async def _resolve_awaitables(self, samples: list[Any], indices: list[Any]) -> list[Any]:

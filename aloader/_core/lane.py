@@ -7,6 +7,14 @@ sink to ``2k`` and ``k`` units (two calls in flight, one call's batches waiting)
 that turn slow (waiting on I/O after all) take the lane out of use again, and the rest of a call's units go back to
 concurrent fetching.
 
+Who makes a call: with ``for``, the consumer's own thread when it is waiting for batches, or comes back for the
+next one at once (``Emitter.offer``), as torch's ``num_workers=0`` makes them; it then yields the call's batches
+itself, in their turn, and the order stage only learns that their places are filled (:data:`DELIVERED`). A lane
+thread would take the GIL in turns with the consumer, and each batch would cross from one thread to the other
+through the loop; with one more busy thread in the process every such turn can cost a switch interval (5 ms). A
+consumer that is busy between batches (a training step) leaves the calls to the lane's thread, which makes the next
+batches meanwhile. ``async for`` always uses the lane's thread: the caller's loop must stay free.
+
 In: units from the scheduler. Out: their outcomes, completed in order (``Order.complete``). It owns its thread and
 the lane's width.
 """
@@ -21,10 +29,10 @@ from typing import Any, Final, Literal
 from aloader._core.context import Context
 from aloader._core.fetch import CHUNK_SECONDS, UNFINISHED, Fetcher
 from aloader._core.order import Order, Window
-from aloader._core.outcomes import Failed
+from aloader._core.outcomes import DELIVERED, Failed
 from aloader._core.sink import Emitter
 from aloader._stats import Stage
-from aloader._threads import ThreadPool
+from aloader._threads import DECLINED, ThreadPool, decline, run_and_deliver
 
 __all__ = ["LANE_UNITS", "Lane"]
 
@@ -35,7 +43,7 @@ LANE_UNITS: Final = 16
 _LANE_EXIT_SECONDS: Final = 0.008
 
 # Starts a unit's usual (concurrent) work as a task: (seq, unit).
-StartUnit = Callable[[int, Any], None]
+StartUnit = Callable[[int, Any], object]
 
 
 class _Unfinished:
@@ -60,6 +68,9 @@ class Lane:
         # Its calls run one after another, so the next call's units are queued while the current one runs, and lane
         # calls never contend with each other for the GIL.
         self.thread = ThreadPool(1, name="aloader-lane")
+        # The consumer may make calls itself unless the order stage must see each outcome: the failure budget
+        # settles failures there, in hand-off order.
+        self._in_consumer = ctx.plan.max_failures is None
 
     def units(self) -> int:
         """How many consecutive units to make in the next call: more than one once units are known to be fast."""
@@ -111,7 +122,19 @@ class Lane:
         after one that turned slow are given to ``start``."""
         try:
             async with self._ctx.slots:
-                outcomes = await self.thread.run(lambda: self._run_thread(units))
+                call = _InConsumer(self, first, units) if self._in_consumer else None
+                # To the consumer if it waits for batches, or takes less than a quarter of a batch's time between
+                # two: making them itself costs it little, and overlapping would gain less than the turns cost.
+                made: list[Any] | object = DECLINED
+                if call is not None and self._emitter.offer(call, (self._ctx.speed.per_unit or 0.0) / 4):
+                    made = await call.future
+                if isinstance(made, list):
+                    assert call is not None
+                    outcomes = made
+                    self._ctx.stats.delivered(call.failed)  # the batches the consumer yielded itself
+                else:
+                    del call
+                    outcomes = await self.thread.run(lambda: self._run_thread(units, interruptible=False))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the thread call itself failed (not a sample: those are outcomes)
@@ -130,8 +153,9 @@ class Lane:
                     outcome = Failed(exc)
             self._order.complete(seq, outcome)
 
-    def _run_thread(self, units: list[Any]) -> list[Any]:
-        """Thread side: each unit fetched, transformed, collated and pinned, or its failure."""
+    def _run_thread(self, units: list[Any], interruptible: bool) -> list[Any]:
+        """Thread side: each unit fetched, transformed, collated and pinned, or its failure. ``interruptible``: run
+        by the consumer, which may be the main thread: Ctrl-C there stops the iteration, as in torch's loop."""
         ctx, fetcher = self._ctx, self._fetcher
         getitems = ctx.plan.auto_collation and fetcher.access.getitems is not None
         outcomes: list[Any] = []
@@ -150,6 +174,10 @@ class Lane:
                     else:
                         fetched, batch = fetcher.run(indices, True, record)
                     outcomes.append(_Unfinished(fetched) if batch is UNFINISHED else batch)
+                except KeyboardInterrupt as exc:
+                    if interruptible:
+                        raise
+                    outcomes.append(Failed(exc))
                 except BaseException as exc:  # the consumer raises it at this batch, as for a batch task
                     outcomes.append(Failed(exc))
                 seconds = time.perf_counter() - started
@@ -159,3 +187,52 @@ class Lane:
         finally:
             ctx.stats.add_all(entries)
         return outcomes
+
+
+class _InConsumer:
+    """A lane call the sync driver's consumer runs in its own thread (``ConsumerCall``). The consumer yields the
+    outcomes up to the first that must be finished on the loop (awaitables); ``future`` gets :data:`DELIVERED` for
+    each of those, then the rest, which go through the order stage as usual."""
+
+    __slots__ = ("_lane", "_units", "failed", "first", "future")
+
+    def __init__(self, lane: Lane, first: int, units: list[Any]) -> None:
+        self._lane = lane
+        self._units: list[Any] | None = units
+        self.first: int | None = first if lane._ctx.plan.in_order else None
+        self.future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.failed: list[bool] = []  # for each outcome the consumer yields: is it a failure (for the stats)
+
+    def run(self) -> list[object]:
+        units, self._units = self._units, None  # released once run
+        assert units is not None
+        made: list[object] = []
+
+        def make() -> list[Any]:
+            outcomes = self._lane._run_thread(units, interruptible=True)
+            cut = next((i for i, o in enumerate(outcomes) if type(o) is _Unfinished), len(outcomes))
+            made.extend(outcomes[:cut])
+            self.failed = [type(o) is Failed for o in made]  # set before the loop learns of the outcomes
+            return [DELIVERED] * cut + outcomes[cut:]
+
+        error = run_and_deliver(make, self.future.get_loop(), self.future)
+        if isinstance(error, KeyboardInterrupt):
+            raise error  # the consumer may be the main thread: Ctrl-C stops the iteration, as in torch's loop
+        return made
+
+    def decline(self) -> None:
+        decline(self.future)
+
+    def yielded(self) -> None:
+        """Consumer side: the outcomes it made are all yielded; their window slots are free (one wake of the loop
+        per call, not per batch)."""
+        count, window = len(self.failed), self._lane._window
+
+        def release() -> None:
+            for _ in range(count):
+                window.release()
+
+        try:
+            self.future.get_loop().call_soon_threadsafe(release)
+        except RuntimeError:  # the loop is closed: the epoch is over
+            pass

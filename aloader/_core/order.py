@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aloader._core.outcomes import END, NO_BATCH, SKIPPED, Failed
+from aloader._core.outcomes import DELIVERED, END, NO_BATCH, SKIPPED, Failed
 from aloader._failures import FailureBudget
 
 __all__ = ["Order", "Window"]
@@ -105,6 +105,8 @@ class Order:
         if self._budget is not None:  # in hand-off order: the budget runs out at the same batch in every run
             # A unit skipped whole still goes to the consumer, as SKIPPED: it counts as consumed in the state.
             outcome = self._budget.settle(outcome, SKIPPED, Failed)
+        if outcome is DELIVERED:
+            return  # the consumer holds the batch: its slot is freed once it has yielded it (lane.py)
         if outcome is NO_BATCH:
             self._window.release()  # no batch to hand to the sink: the slot is free now
         else:

@@ -4,14 +4,15 @@ A *unit* is what one batch is made from: a list of sample indices (auto-collatio
 pulled from an iterable dataset. Every unit has an *outcome*, handed from stage to stage and finally to the consumer:
 a batch, a :class:`Failed` (the consumer raises it at that position), :data:`SKIPPED` (``max_failures`` dropped the
 whole unit: counted, not yielded) or, inside the core only, :data:`NO_BATCH` (a worker's copy of an iterable
-dataset was already exhausted). :data:`END` follows the last outcome of an epoch.
+dataset was already exhausted) and :data:`DELIVERED` (the consumer made the batch and yielded it itself).
+:data:`END` follows the last outcome of an epoch.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["END", "NO_BATCH", "SKIPPED", "Failed"]
+__all__ = ["DELIVERED", "END", "NO_BATCH", "SKIPPED", "Failed"]
 
 
 class _Marker:
@@ -37,6 +38,11 @@ counts it as a consumed unit (so a resume skips it too) and yields nothing for i
 NO_BATCH: Final = _Marker("NO_BATCH")
 """A unit that yields nothing and is not counted: a worker's answer to ``next`` when its copy of an iterable dataset
 is exhausted for this epoch. Never reaches the sink; its window slot is released at once."""
+
+DELIVERED: Final = _Marker("DELIVERED")
+"""A unit whose batch the sync driver's consumer made in its own thread and yielded itself, in order (the fast
+lane's calls, see ``lane.py``): it completes the unit's place in the order and never reaches the sink; its window
+slot is freed when the consumer has yielded the batch."""
 
 
 class Failed:

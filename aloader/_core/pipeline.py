@@ -62,6 +62,7 @@ class Pipeline:
         self._workers = WorkerStage(ctx, plan.workers) if plan.workers is not None else None
         paced = self._workers is not None and self._workers.paced
         self._emitter = Emitter(order.done, window, ctx.stats, plan.timeout, paced)
+        ctx.consumer = self._emitter.offer
         offload = self._workers.finish_items if self._workers is not None and self._workers.kind == "items" else None
         finisher = Finisher(ctx, offload)
         access = MapAccess(plan.dataset) if plan.kind == "map" else None
@@ -102,10 +103,11 @@ class Pipeline:
         if workers is not None and not workers.started:
             workers.start_by_fork_if_safe()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def run(self, sink: Sink) -> None:
         """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""

@@ -9,6 +9,7 @@ the source's position.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -16,7 +17,7 @@ from typing import Any
 
 from aloader._core.collate import Finisher
 from aloader._core.context import Context
-from aloader._core.fetch import Fetcher
+from aloader._core.fetch import PROBE_SECONDS, Fetcher
 from aloader._core.lane import Lane
 from aloader._core.order import Order, Window
 from aloader._core.workers import WorkerStage
@@ -25,7 +26,7 @@ from aloader.errors import with_context
 
 __all__ = ["Scheduler"]
 
-Spawn = Callable[[Coroutine[Any, Any, None]], None]
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 class Scheduler:
@@ -51,14 +52,14 @@ class Scheduler:
         self._lane = lane
         self._workers = workers
 
-    def start(self, seq: int, work: Callable[[], Awaitable[Any]]) -> None:
+    def start(self, seq: int, work: Callable[[], Awaitable[Any]]) -> asyncio.Task[None]:
         """Run ``work`` as a task whose result (or exception) completes unit ``seq``."""
-        self._spawn(self._order.settle(seq, work))
+        return self._spawn(self._order.settle(seq, work))
 
-    def start_unit(self, seq: int, unit: Any) -> None:
+    def start_unit(self, seq: int, unit: Any) -> asyncio.Task[None]:
         """A map-style unit's usual work: fetched concurrently in this process."""
         assert self._fetcher is not None
-        self.start(seq, functools.partial(self._fetcher.unit, unit))
+        return self.start(seq, functools.partial(self._fetcher.unit, unit))
 
     async def run(self) -> None:
         try:
@@ -107,7 +108,12 @@ class Scheduler:
             if self._workers is not None and self._workers.kind == "map":
                 self.start(seq, self._workers.map_work(unit))
             else:
-                self.start_unit(seq, unit)
+                task = self.start_unit(seq, unit)
+                if lane is not None and ctx.speed.per_sample is None:
+                    # A sync dataset of unknown speed (a loader's first batch): the other units wait for it, up to
+                    # PROBE_SECONDS. Fast, it is done by then, and they go to the lane; slow (I/O), they start
+                    # concurrently then. Started at once, each would probe in threads of its own, beside it.
+                    await asyncio.wait([task], timeout=PROBE_SECONDS)
             seq += 1
 
     def _index_source(self) -> Callable[[], Awaitable[Any]]:

@@ -17,7 +17,25 @@ from aloader._core.order import Window
 from aloader._core.outcomes import END, SKIPPED, Failed
 from aloader._stats import Recorder
 
-__all__ = ["Emitter", "Sink"]
+__all__ = ["ConsumerCall", "Emitter", "Sink"]
+
+
+class ConsumerCall(Protocol):
+    """Work the sink's consumer runs in its own thread, whose outcomes it then yields itself (see ``lane.py``)."""
+
+    @property
+    def first(self) -> int | None:
+        """The sequence number of its first outcome: the consumer yields them once it has taken every item before
+        it. None: they may be yielded at once (``in_order=False``)."""
+
+    def run(self) -> list[object]:
+        """Make the outcomes (the loop learns of them too); return those the consumer yields, in order."""
+
+    def decline(self) -> None:
+        """Give the call back unrun (the consumer went on to other work): the loop runs it elsewhere."""
+
+    def yielded(self) -> None:
+        """The consumer has yielded every outcome ``run()`` returned (their memory is its no more)."""
 
 
 class Sink(Protocol):
@@ -33,6 +51,10 @@ class Sink(Protocol):
 
     def put_many(self, items: list[object]) -> None:
         """Append ``items``, for which there is room now, at once (one wake-up of the consumer)."""
+
+    def offer(self, call: ConsumerCall, idle_below: float) -> bool:
+        """Give ``call`` to the consumer to run in its own thread (True) if it waits for items or spends less than
+        ``idle_below`` seconds between two of them; never to a consumer that is an event loop."""
 
     def resize(self, capacity: int) -> None:
         """Hold up to ``capacity`` items from now on (items already held above it stay)."""
@@ -67,6 +89,10 @@ class Emitter:
         if self._sink is not None:
             self._sink.resize(max(self._depth, units))
             self._stats.resized(self._sink.capacity)
+
+    def offer(self, call: ConsumerCall, idle_below: float) -> bool:
+        """Give ``call`` to the consumer if it is waiting for batches (see ``Sink.offer``)."""
+        return self._sink is not None and self._sink.offer(call, idle_below)
 
     async def run(self, sink: Sink) -> None:
         self._sink, self._depth = sink, sink.capacity

@@ -30,7 +30,7 @@ from aloader._threads import _deliver
 __all__ = ["WorkerStage"]
 
 # Starts a unit's task: (seq, work).
-Start = Callable[[int, Callable[[], Awaitable[Any]]], None]
+Start = Callable[[int, Callable[[], Awaitable[Any]]], object]
 
 
 class WorkerStage:
