@@ -68,9 +68,10 @@ class Lane:
         # Its calls run one after another, so the next call's units are queued while the current one runs, and lane
         # calls never contend with each other for the GIL.
         self.thread = ThreadPool(1, name="aloader-lane")
-        # The consumer may make calls itself unless the order stage must see each outcome: the failure budget
-        # settles failures there, in hand-off order.
-        self._in_consumer = ctx.plan.max_failures is None
+        # The consumer may make calls itself unless the order stage must see each outcome (the failure budget
+        # settles failures there, in hand-off order), or a timeout runs: a consumer away with a call it kept would
+        # look like a pipeline that makes no batch.
+        self._in_consumer = ctx.plan.max_failures is None and ctx.plan.timeout == 0
 
     def units(self) -> int:
         """How many consecutive units to make in the next call: more than one once units are known to be fast."""
