@@ -105,7 +105,7 @@ class Scheduler:
                     order.fail(seq, with_context(stop, "in the sampler"))
                 return
             if self._workers is not None and self._workers.kind == "map":
-                self.start(seq, self._workers.map_work(unit))
+                self.start(seq, self._workers.map_work(seq, unit))
             else:
                 self.start_unit(seq, unit)
             seq += 1
