@@ -24,7 +24,6 @@ by worker processes (each has its own copy): there the consumer drops the first 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import itertools
 import threading
@@ -34,6 +33,7 @@ from typing import Any, Final, Protocol
 import torch
 from torch.utils.data import BatchSampler
 
+from aloader._encoding import decode, decode_rng, encode, encode_rng
 from aloader._worker_state import WorkerLedger, check_saved, has_state, state_of
 from aloader.samplers import DistributedSampler
 
@@ -79,48 +79,9 @@ aloader that knows only format 2 refuses a format 3 state rather than drop its w
 _LOADABLE_FORMATS: Final = (1, 2, 3)
 
 
-def _encode_rng(state: torch.Tensor) -> str:
-    return base64.b64encode(bytes(state.tolist())).decode("ascii")
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
-
-
-_TENSOR: Final = "__aloader_tensor__"
-
-
-def _encode(state: Any) -> Any:
-    """A user object's state with its tensors (a torch generator's state, say) as base64 text: the loader's state
-    stays JSON-serialisable. ``_decode`` gives the tensors back before the state is loaded."""
-    if isinstance(state, torch.Tensor):
-        data = state.detach().cpu().contiguous()
-        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        dtype = str(data.dtype).removeprefix("torch.")
-        return {_TENSOR: base64.b64encode(raw).decode("ascii"), "dtype": dtype, "shape": list(data.shape)}
-    if isinstance(state, Mapping):
-        return {key: _encode(value) for key, value in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_encode(value) for value in state)
-    return state
-
-
-def _decode(state: Any) -> Any:
-    if isinstance(state, Mapping):
-        if _TENSOR in state:
-            dtype = getattr(torch, state["dtype"])
-            raw = bytearray(base64.b64decode(state[_TENSOR]))
-            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            return flat.view(dtype).reshape(state["shape"]).clone()
-        return {key: _decode(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [_decode(value) for value in state]
-    return state
-
-
 def _load_into(obj: Any, state: Any) -> None:
     if state is not None and has_state(obj):
-        obj.load_state_dict(_decode(state))
+        obj.load_state_dict(decode(state))
 
 
 class Cursor:
@@ -445,12 +406,12 @@ class LoaderState:
             "batches": taken,
             "start": start.to_dict(),
             # The sampler's position after the last unit received, when its state records it (see _Position).
-            "position": _encode(position) if position is not None and position["positional"] and taken > 0 else None,
+            "position": encode(position) if position is not None and position["positional"] and taken > 0 else None,
             # Nothing received yet: as between epochs, the sampler may hold the last epoch's end.
             "drain": self.moving and taken == 0,
             "dataset": None,
             "dataset_iter": None,
-            "workers": _encode(cursor.ledger.snapshot()) if cursor.ledger is not None else None,
+            "workers": encode(cursor.ledger.snapshot()) if cursor.ledger is not None else None,
         }
         sampler = loader.sampler
         if isinstance(sampler, DistributedSampler) and sampler.epoch == sampler.state_epoch_started:
@@ -459,19 +420,19 @@ class LoaderState:
         if loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Iterable:
             snapshot = cursor.snapshot_at(taken)
             if snapshot is not None:
-                state["dataset"], state["dataset_iter"] = _encode(snapshot[0]), _encode(snapshot[1])
+                state["dataset"], state["dataset_iter"] = encode(snapshot[0]), encode(snapshot[1])
         else:
-            state["dataset"] = _encode(state_of(loader.dataset))
+            state["dataset"] = encode(state_of(loader.dataset))
         return state
 
     def _boundary(self, loader: _Loader) -> dict[str, Any]:
         """Between epochs: the next ``iter()`` starts epoch ``self.epoch`` from the generators as they are now."""
         own, other = _generators(loader)
         start = _Start()
-        start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
-        start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-        start.sampler = _encode(state_of(loader.sampler))
-        start.batch_sampler = _encode(state_of(loader.batch_sampler))
+        start.loader_rng = encode_rng(own.get_state()) if own is not None else None
+        start.sampler_rng = encode_rng(other.get_state()) if other is not None else None
+        start.sampler = encode(state_of(loader.sampler))
+        start.batch_sampler = encode(state_of(loader.batch_sampler))
         if loader._persistent_pool is not None and not loader._persistent_pool.broken:
             # The next epoch reuses the persistent workers and draws no base seed: a new loader must not either.
             start.drew_base_seed = False
@@ -482,7 +443,7 @@ class LoaderState:
         ledger = self._last_ledger
         if loader._persistent_pool is not None and not loader._persistent_pool.broken and ledger is not None:
             # The persistent workers' copies carry their state into the next epoch (a new pool's would not).
-            workers = _encode(ledger.snapshot(iterators=False))
+            workers = encode(ledger.snapshot(iterators=False))
         return {
             "format": STATE_FORMAT,
             "epoch": self.next_epoch,
@@ -494,7 +455,7 @@ class LoaderState:
             # iterates it to that end, so the sampler is where the uninterrupted run's is (see load_state_dict).
             "drain": self.moving,
             # An iterable dataset's state at its end would resume an empty epoch: it starts afresh instead.
-            "dataset": _encode(state_of(dataset)) if kind_map else None,
+            "dataset": encode(state_of(dataset)) if kind_map else None,
             "dataset_iter": None,
             "workers": workers,
         }
@@ -512,9 +473,9 @@ class LoaderState:
             )
         if state.get("format") not in _LOADABLE_FORMATS:
             raise ValueError(
-                "load_state_dict(): this is not an aloader DataLoader state of format 1 or 2 (format 2 since aloader "
-                f"0.1.0.dev0 with the StatefulDataLoader contract; got format={state.get('format')!r}): pass the dict "
-                "returned by DataLoader.state_dict() of this or an earlier aloader"
+                "load_state_dict(): this is not an aloader DataLoader state of format 1, 2 or 3 (format 3 since the "
+                f"per-worker dataset states; got format={state.get('format')!r}): pass the dict returned by "
+                "DataLoader.state_dict() of this or an earlier aloader"
             )
         position = state.get("position")
         if position is not None and not (
@@ -562,16 +523,16 @@ class LoaderState:
                     # Recompute the epoch's draws from torch's global generator as they were, without moving the
                     # caller's global generator (they restore it with their own checkpoint).
                     restore_global = torch.get_rng_state()
-                    torch.set_rng_state(_decode_rng(start.global_rng))
+                    torch.set_rng_state(decode_rng(start.global_rng))
                 self.start = start
                 self.cursor = Cursor(taken=pending["batches"])
             else:
                 start = _Start()
-                start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
-                start.global_rng = _encode_rng(torch.get_rng_state()) if own is None else None
-                start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-                start.sampler = _encode(state_of(loader.sampler))
-                start.batch_sampler = _encode(state_of(loader.batch_sampler))
+                start.loader_rng = encode_rng(own.get_state()) if own is not None else None
+                start.global_rng = encode_rng(torch.get_rng_state()) if own is None else None
+                start.sampler_rng = encode_rng(other.get_state()) if other is not None else None
+                start.sampler = encode(state_of(loader.sampler))
+                start.batch_sampler = encode(state_of(loader.batch_sampler))
                 self.start = start
                 self.cursor = Cursor()
                 self.epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
@@ -597,9 +558,9 @@ class LoaderState:
         pending: Mapping[str, Any],
     ) -> None:
         if own is not None and start.loader_rng is not None:
-            own.set_state(_decode_rng(start.loader_rng))
+            own.set_state(decode_rng(start.loader_rng))
         if other is not None and start.sampler_rng is not None:
-            other.set_state(_decode_rng(start.sampler_rng))
+            other.set_state(decode_rng(start.sampler_rng))
         _load_into(loader.sampler, start.sampler)
         _load_into(loader.batch_sampler, start.batch_sampler)
         distributed = pending.get("distributed")
@@ -641,7 +602,7 @@ class LoaderState:
         states: list[Any] | None = None
         setup_states = None
         if saved is not None and not reused_pool:
-            states = _decode(saved["states"])
+            states = decode(saved["states"])
             setup_states = tuple(states)
             if resuming is not None and resuming["mid_epoch"]:
                 first = saved["next"]
