@@ -408,8 +408,9 @@ def test_snapshot_every_n_steps_is_accepted_and_the_state_stays_exact() -> None:
 
 def test_per_worker_states_need_their_num_workers_and_a_format_2_state_still_loads() -> None:
     def make(workers: int) -> aloader.DataLoader:
+        context = "fork" if workers else None
         return aloader.DataLoader(
-            CountingMap(), batch_size=3, num_workers=workers, concurrency=1, multiprocessing_context="fork"
+            CountingMap(), batch_size=3, num_workers=workers, concurrency=1, multiprocessing_context=context
         )
 
     with make(2) as loader:
