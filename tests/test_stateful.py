@@ -224,12 +224,16 @@ def done(loader: Any) -> None:
     gc.collect()
 
 
-def sdl_run(make: Callable[[], Any], epoch: int, k: int) -> tuple[list[list[Any]], list[list[Any]]]:
+def sdl_run(
+    make: Callable[[], Any], epoch: int, k: int, resume: bool = True
+) -> tuple[list[list[Any]], list[list[Any]]]:
     """StatefulDataLoader: (the uninterrupted epochs, the batches after a state taken at step ``k`` of ``epoch``
-    and loaded into a new loader, joined to the ones received before it)."""
+    and loaded into a new loader, joined to the ones received before it; the uninterrupted ones without ``resume``)."""
     loader = make()
     full = [[plain(b) for b in loader] for _ in range(EPOCHS)]
     done(loader)
+    if not resume:
+        return full, full
     loader = make()
     received = [[plain(b) for b in loader] for _ in range(epoch)]
     iterator = iter(loader)
@@ -273,7 +277,10 @@ def check(
         options.update(multiprocessing_context="fork", persistent_workers=persistent)
     own = ALOADER_OPTIONS.get(case, {})
     make = CASES.get(case) or WORKER_CASES[case]
-    sdl_full, sdl_resumed = sdl_run(lambda: StatefulDataLoader(**make(), **options), epoch, k)
+    # StatefulDataLoader defines no mid-epoch resume with in_order=False (there its own resume may even raise
+    # StopIteration as it fast-forwards): only its uninterrupted stream is compared then.
+    sdl_resumes = in_order or k == 0
+    sdl_full, sdl_resumed = sdl_run(lambda: StatefulDataLoader(**make(), **options), epoch, k, resume=sdl_resumes)
     al_full, al_resumed = aloader_run(driver, lambda: aloader.DataLoader(**make(), **options, **own), epoch, k)
     if not in_order:
         # Completion order (aloader applies it in the main process too): the same batches, in an order of their own.
