@@ -15,13 +15,15 @@ pulled from the (batch) sampler, or ``k * batch_size`` items from an iterable da
 (read and dropped, never held). Batches in flight or prefetched at the snapshot are not counted, so they are neither
 lost nor repeated. Nothing here depends on ``concurrency``, ``num_workers`` or ``prefetch_factor``.
 
-The one case that cannot skip at the source is an iterable dataset iterated by worker processes (each has its own
-copy): there the consumer drops the first ``k`` batches of the re-run epoch (``Cursor.drop``).
+With worker processes, a dataset (or an iterable's iterator) with state is saved per worker: each worker's copy's
+state after the last batch the consumer received from it (``workers``, see ``_worker_state``), loaded into that
+worker's copy on resume. The one case that cannot skip at the source is an iterable dataset *without* state iterated
+by worker processes (each has its own copy): there the consumer drops the first ``k`` batches of the re-run epoch
+(``Cursor.drop``).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import itertools
 import threading
@@ -31,6 +33,8 @@ from typing import Any, Final, Protocol
 import torch
 from torch.utils.data import BatchSampler
 
+from aloader._encoding import decode, decode_rng, encode, encode_rng
+from aloader._worker_state import WorkerLedger, check_saved, has_state, state_of
 from aloader.samplers import DistributedSampler
 
 
@@ -55,6 +59,8 @@ class _Loader(Protocol):
     def _base_seed(self) -> int: ...
     @property
     def _persistent_pool(self) -> _Pool | None: ...
+    @property
+    def num_workers(self) -> int: ...
 
 
 class _Pool(Protocol):
@@ -64,65 +70,18 @@ class _Pool(Protocol):
 
 __all__ = ["STATE_FORMAT", "BatchIterator", "Cursor", "LoaderState", "is_stock_batch_sampler"]
 
-STATE_FORMAT: Final = 2
+STATE_FORMAT: Final = 3
 """Bumped when the layout of the state changes. Format 1 (aloader 0.1.0.dev0 before the StatefulDataLoader contract)
-is format 2 without ``position``, ``drain`` and ``dataset_iter``, and loads with the same meaning; another format is
-refused with a clear error."""
+is format 2 without ``position``, ``drain`` and ``dataset_iter``; format 2 is format 3 without ``workers`` (the
+per-worker dataset states). Both load with the same meaning; another format is refused with a clear error (an
+aloader that knows only format 2 refuses a format 3 state rather than drop its worker states)."""
 
-_LOADABLE_FORMATS: Final = (1, 2)
-
-
-def _encode_rng(state: torch.Tensor) -> str:
-    return base64.b64encode(bytes(state.tolist())).decode("ascii")
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
-
-
-_TENSOR: Final = "__aloader_tensor__"
-
-
-def _encode(state: Any) -> Any:
-    """A user object's state with its tensors (a torch generator's state, say) as base64 text: the loader's state
-    stays JSON-serialisable. ``_decode`` gives the tensors back before the state is loaded."""
-    if isinstance(state, torch.Tensor):
-        data = state.detach().cpu().contiguous()
-        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        dtype = str(data.dtype).removeprefix("torch.")
-        return {_TENSOR: base64.b64encode(raw).decode("ascii"), "dtype": dtype, "shape": list(data.shape)}
-    if isinstance(state, Mapping):
-        return {key: _encode(value) for key, value in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_encode(value) for value in state)
-    return state
-
-
-def _decode(state: Any) -> Any:
-    if isinstance(state, Mapping):
-        if _TENSOR in state:
-            dtype = getattr(torch, state["dtype"])
-            raw = bytearray(base64.b64decode(state[_TENSOR]))
-            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            return flat.view(dtype).reshape(state["shape"]).clone()
-        return {key: _decode(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [_decode(value) for value in state]
-    return state
-
-
-def _has_state(obj: object) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def _state_of(obj: Any) -> Any:
-    """``obj.state_dict()`` when ``obj`` has state of its own (both methods), else None."""
-    return obj.state_dict() if _has_state(obj) else None
+_LOADABLE_FORMATS: Final = (1, 2, 3)
 
 
 def _load_into(obj: Any, state: Any) -> None:
-    if state is not None and _has_state(obj):
-        obj.load_state_dict(_decode(state))
+    if state is not None and has_state(obj):
+        obj.load_state_dict(decode(state))
 
 
 class Cursor:
@@ -132,7 +91,7 @@ class Cursor:
     prefetched) is not counted: it is produced again after a resume.
     """
 
-    __slots__ = ("_lock", "_positions", "_snapshots", "drop", "ended", "taken")
+    __slots__ = ("_lock", "_positions", "_snapshots", "drop", "ended", "ledger", "taken")
 
     def __init__(self, taken: int = 0, drop: int = 0) -> None:
         self.taken = taken  # outcomes of this epoch received by the consumer (including before a resume)
@@ -141,9 +100,12 @@ class Cursor:
         self._lock = threading.Lock()
         self._snapshots: dict[int, Any] = {}  # iterable dataset's state after the items of unit k were pulled
         self._positions: dict[int, Any] = {}  # the sampler chain's state after unit k was drawn (``_Position``)
+        self.ledger: WorkerLedger | None = None  # each worker's dataset state (num_workers > 0)
 
     def took(self, item: object, end: object) -> bool:
         """Count ``item`` taken from the pipeline; True when the consumer must drop it instead."""
+        if self.ledger is not None:
+            self.ledger.took(item)  # in the consumer's thread: a state_dict() right after sees it
         if item is end:
             self.ended = True
             return False
@@ -182,7 +144,7 @@ class _Snapshots:
 
     def __init__(self, dataset: Any, iterator: Any, per_unit: int, cursor: Cursor, initial: Any) -> None:
         self._dataset = dataset
-        self._iterator = iterator if iterator is not dataset and _has_state(iterator) else None
+        self._iterator = iterator if iterator is not dataset and has_state(iterator) else None
         self._per_unit = per_unit
         self._cursor = cursor
         self._first_unit = cursor.taken
@@ -192,7 +154,7 @@ class _Snapshots:
         cursor.snapshot(self._first_unit, initial)
 
     def _state(self) -> tuple[Any, Any]:
-        return _state_of(self._dataset), _state_of(self._iterator)
+        return state_of(self._dataset), state_of(self._iterator)
 
     def _pulled(self) -> None:
         self._items += 1
@@ -270,7 +232,7 @@ class BatchIterator(Iterator[list[Any]]):
         try:
             if self.sampler_iter is None:
                 self.sampler_iter = iter(self.sampler)
-                self.after_iter = _state_of(self.sampler)
+                self.after_iter = state_of(self.sampler)
                 _load_into(self.sampler_iter, self.iter_state)
             batch = list(itertools.islice(self.sampler_iter, self.batch_size))
         except BaseException:
@@ -332,18 +294,18 @@ class _Position(Iterator[Any]):
         self._source = source
         self._cursor = cursor
         self._unit = cursor.taken
-        self._reference = _state_of(holder)  # right after iter(): a state that moves from it records the position
+        self._reference = state_of(holder)  # right after iter(): a state that moves from it records the position
         cursor.position(self._unit, initial)
 
     def _iterator(self) -> Any:
         source = self._source
         iterator = source.sampler_iter if isinstance(source, BatchIterator) else source
-        return iterator if iterator is not self._holder and _has_state(iterator) else None
+        return iterator if iterator is not self._holder and has_state(iterator) else None
 
     def __next__(self) -> Any:
         unit = next(self._source)
         self._unit += 1
-        sampler, sampler_iter = _state_of(self._holder), _state_of(self._iterator())
+        sampler, sampler_iter = state_of(self._holder), state_of(self._iterator())
         source = self._source
         reference = source.after_iter if isinstance(source, BatchIterator) else self._reference
         moving = sampler is not None and not _same(sampler, reference)
@@ -404,7 +366,7 @@ def _generators(loader: _Loader) -> tuple[torch.Generator | None, torch.Generato
     own = loader.generator
     for holder in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
         generator = getattr(holder, "generator", None)
-        if isinstance(generator, torch.Generator) and generator is not own and not _has_state(holder):
+        if isinstance(generator, torch.Generator) and generator is not own and not has_state(holder):
             return own, generator
     return own, None
 
@@ -426,6 +388,7 @@ class LoaderState:
         # The sampler's own state has been seen to change as it yields (it records its position, see _Position):
         # a state taken between epochs then holds the position at the end of the last one (``drain``).
         self.moving = False
+        self._last_ledger: WorkerLedger | None = None  # the last epoch's (a persistent pool's workers carry on)
 
     # ------------------------------------------------------------------------------------------ saving
     def state_dict(self, loader: _Loader) -> dict[str, Any]:
@@ -443,11 +406,12 @@ class LoaderState:
             "batches": taken,
             "start": start.to_dict(),
             # The sampler's position after the last unit received, when its state records it (see _Position).
-            "position": _encode(position) if position is not None and position["positional"] and taken > 0 else None,
+            "position": encode(position) if position is not None and position["positional"] and taken > 0 else None,
             # Nothing received yet: as between epochs, the sampler may hold the last epoch's end.
             "drain": self.moving and taken == 0,
             "dataset": None,
             "dataset_iter": None,
+            "workers": encode(cursor.ledger.snapshot()) if cursor.ledger is not None else None,
         }
         sampler = loader.sampler
         if isinstance(sampler, DistributedSampler) and sampler.epoch == sampler.state_epoch_started:
@@ -456,25 +420,30 @@ class LoaderState:
         if loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Iterable:
             snapshot = cursor.snapshot_at(taken)
             if snapshot is not None:
-                state["dataset"], state["dataset_iter"] = _encode(snapshot[0]), _encode(snapshot[1])
+                state["dataset"], state["dataset_iter"] = encode(snapshot[0]), encode(snapshot[1])
         else:
-            state["dataset"] = _encode(_state_of(loader.dataset))
+            state["dataset"] = encode(state_of(loader.dataset))
         return state
 
     def _boundary(self, loader: _Loader) -> dict[str, Any]:
         """Between epochs: the next ``iter()`` starts epoch ``self.epoch`` from the generators as they are now."""
         own, other = _generators(loader)
         start = _Start()
-        start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
-        start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-        start.sampler = _encode(_state_of(loader.sampler))
-        start.batch_sampler = _encode(_state_of(loader.batch_sampler))
+        start.loader_rng = encode_rng(own.get_state()) if own is not None else None
+        start.sampler_rng = encode_rng(other.get_state()) if other is not None else None
+        start.sampler = encode(state_of(loader.sampler))
+        start.batch_sampler = encode(state_of(loader.batch_sampler))
         if loader._persistent_pool is not None and not loader._persistent_pool.broken:
             # The next epoch reuses the persistent workers and draws no base seed: a new loader must not either.
             start.drew_base_seed = False
             start.base_seed = loader._base_seed
         dataset = loader.dataset
         kind_map = loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Map
+        workers = None
+        ledger = self._last_ledger
+        if loader._persistent_pool is not None and not loader._persistent_pool.broken and ledger is not None:
+            # The persistent workers' copies carry their state into the next epoch (a new pool's would not).
+            workers = encode(ledger.snapshot(iterators=False))
         return {
             "format": STATE_FORMAT,
             "epoch": self.next_epoch,
@@ -486,8 +455,9 @@ class LoaderState:
             # iterates it to that end, so the sampler is where the uninterrupted run's is (see load_state_dict).
             "drain": self.moving,
             # An iterable dataset's state at its end would resume an empty epoch: it starts afresh instead.
-            "dataset": _encode(_state_of(dataset)) if kind_map else None,
+            "dataset": encode(state_of(dataset)) if kind_map else None,
             "dataset_iter": None,
+            "workers": workers,
         }
 
     # ----------------------------------------------------------------------------------------- loading
@@ -503,9 +473,9 @@ class LoaderState:
             )
         if state.get("format") not in _LOADABLE_FORMATS:
             raise ValueError(
-                "load_state_dict(): this is not an aloader DataLoader state of format 1 or 2 (format 2 since aloader "
-                f"0.1.0.dev0 with the StatefulDataLoader contract; got format={state.get('format')!r}): pass the dict "
-                "returned by DataLoader.state_dict() of this or an earlier aloader"
+                "load_state_dict(): this is not an aloader DataLoader state of format 1, 2 or 3 (format 3 since the "
+                f"per-worker dataset states; got format={state.get('format')!r}): pass the dict returned by "
+                "DataLoader.state_dict() of this or an earlier aloader"
             )
         position = state.get("position")
         if position is not None and not (
@@ -517,6 +487,7 @@ class LoaderState:
                 raise ValueError(f"load_state_dict(): the state's {key!r} is missing or not a {kind.__name__}")
         if state["batches"] < 0 or state["epoch"] < 0:
             raise ValueError("load_state_dict(): 'epoch' and 'batches' must not be negative")
+        check_saved(state.get("workers"), loader.num_workers)
         # Samplers, datasets and generators take their state now, as the caller would expect from a load: a
         # set_epoch() called between this and iter() then wins, as in an uninterrupted run.
         self._apply_start(loader, _Start.from_dict(state["start"]), *_generators(loader), state)
@@ -552,16 +523,16 @@ class LoaderState:
                     # Recompute the epoch's draws from torch's global generator as they were, without moving the
                     # caller's global generator (they restore it with their own checkpoint).
                     restore_global = torch.get_rng_state()
-                    torch.set_rng_state(_decode_rng(start.global_rng))
+                    torch.set_rng_state(decode_rng(start.global_rng))
                 self.start = start
                 self.cursor = Cursor(taken=pending["batches"])
             else:
                 start = _Start()
-                start.loader_rng = _encode_rng(own.get_state()) if own is not None else None
-                start.global_rng = _encode_rng(torch.get_rng_state()) if own is None else None
-                start.sampler_rng = _encode_rng(other.get_state()) if other is not None else None
-                start.sampler = _encode(_state_of(loader.sampler))
-                start.batch_sampler = _encode(_state_of(loader.batch_sampler))
+                start.loader_rng = encode_rng(own.get_state()) if own is not None else None
+                start.global_rng = encode_rng(torch.get_rng_state()) if own is None else None
+                start.sampler_rng = encode_rng(other.get_state()) if other is not None else None
+                start.sampler = encode(state_of(loader.sampler))
+                start.batch_sampler = encode(state_of(loader.batch_sampler))
                 self.start = start
                 self.cursor = Cursor()
                 self.epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
@@ -587,9 +558,9 @@ class LoaderState:
         pending: Mapping[str, Any],
     ) -> None:
         if own is not None and start.loader_rng is not None:
-            own.set_state(_decode_rng(start.loader_rng))
+            own.set_state(decode_rng(start.loader_rng))
         if other is not None and start.sampler_rng is not None:
-            other.set_state(_decode_rng(start.sampler_rng))
+            other.set_state(decode_rng(start.sampler_rng))
         _load_into(loader.sampler, start.sampler)
         _load_into(loader.batch_sampler, start.batch_sampler)
         distributed = pending.get("distributed")
@@ -614,6 +585,32 @@ class LoaderState:
         """The epoch drew no base seed: persistent workers keep theirs."""
         if self.start is not None:
             self.start.drew_base_seed = False
+
+    def ledger(self, loader: _Loader, kind: str | None, reused_pool: bool) -> tuple[WorkerLedger | None, int, Any]:
+        """For an epoch with worker processes of ``kind``: (the ledger recording each worker's dataset state, the
+        worker that gets the epoch's first batch, the states a new pool's workers load as they start)."""
+        cursor = self.cursor
+        assert cursor is not None
+        previous = self._last_ledger
+        self._last_ledger = None
+        resuming = self._resuming
+        taken = resuming["batches"] if resuming is not None and resuming["mid_epoch"] else 0
+        first = taken % loader.num_workers if kind == "map" else 0  # batch k goes to worker k % n, as in the run
+        if kind is None or (kind == "map" and not has_state(loader.dataset)) or kind == "items":
+            return None, first, None
+        saved = resuming.get("workers") if resuming is not None else None
+        states: list[Any] | None = None
+        setup_states = None
+        if saved is not None and not reused_pool:
+            states = decode(saved["states"])
+            setup_states = tuple(states)
+            if resuming is not None and resuming["mid_epoch"]:
+                first = saved["next"]
+        elif reused_pool and previous is not None:
+            states = previous.latest()  # the persistent workers' copies as the last epoch left them
+        ledger = WorkerLedger(loader.num_workers, states, first)
+        cursor.ledger = self._last_ledger = ledger
+        return ledger, first, setup_states
 
     def position(self, loader: _Loader, kind: str, source: Any, async_batching: bool, in_workers: bool) -> Any:
         """The epoch's source, moved to the resumed position (without fetching) and snapshotting if it must."""
@@ -655,10 +652,11 @@ class LoaderState:
                 return _Raising(exc)  # the sampler failed: raise where its batch would have been
             return iter(()) if first is _EXHAUSTED else itertools.chain([first], source)
         if in_workers:
-            cursor.drop = skip  # each worker iterates its own copy: re-run, and drop what was received
-            return source
+            if resuming is None or resuming.get("workers") is None:
+                cursor.drop = skip  # each worker iterates its own copy: re-run, and drop what was received
+            return source  # (with per-worker states, each worker's copy resumes itself: nothing to drop)
         per_unit = _unit_size(loader)
-        if _has_state(dataset) or _has_state(source):
+        if has_state(dataset) or has_state(source):
             # The dataset resumed itself (its state was loaded before iter(), its iterator's now, in torchdata's
             # order); snapshot them batch by batch.
             initial = None

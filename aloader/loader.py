@@ -166,8 +166,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 f"but got snapshot_every_n_steps={snapshot_every_n_steps!r}"
             )
         # torchdata's StatefulDataLoader option, accepted so code written for it runs unchanged. There it sets how often
-        # worker processes send their state; aloader's state is the sampler's position and the main process's
-        # snapshots, exact at every step whatever the value (see docs/resume.md).
+        # worker processes send their state (a resume replays the steps since the last one); aloader's workers send
+        # it with every batch, so the state is exact at every step whatever the value (see docs/resume.md).
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.concurrency: int = DEFAULT_CONCURRENCY if concurrency is None else concurrency
         self.transform = transform
@@ -212,8 +212,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next ``iter()`` continue where ``state`` (from ``state_dict()``) was taken: the rest of that
         epoch's batches, in order, then the following epochs as the uninterrupted run would have gone on.
-        ``concurrency``, ``num_workers`` and ``prefetch_factor`` may differ from the saving loader's."""
+        ``concurrency`` and ``prefetch_factor`` may differ from the saving loader's, and so may ``num_workers`` unless
+        the state holds per-worker dataset states (a dataset with ``state_dict()`` iterated by worker processes)."""
         self._resume.load_state_dict(self, state)
+        if state and state.get("workers") is not None and self._persistent_pool is not None:
+            # Persistent workers hold their own copies' states: new ones start from the loaded per-worker states.
+            self.close()
 
     # ------------------------------------------------------------------------------------------------ iteration
     def __iter__(self) -> LoaderIterator:  # type: ignore[override]
@@ -314,6 +318,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             dataset_kind = "async-iterable"
         worker_kind = pool_kind(dataset_kind, self.dataset, self.transform) if self.num_workers > 0 else None
         owns_workers = False
+        # Each worker's dataset state, recorded per batch, and a resumed state's loaded into a new pool's workers.
+        ledger, first_worker, worker_states = self._resume.ledger(self, worker_kind, reused_pool=pool is not None)
         if worker_kind is not None and pool is None:
             # Imported here: a loader without workers never needs the pool's modules (import aloader stays lighter).
             from aloader._pool import WorkerPool, WorkerSetup
@@ -335,6 +341,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                     skip_failures=self.max_failures is not None,
                     concurrency=self.concurrency,
                     sharing_strategy=torch.multiprocessing.get_sharing_strategy(),  # type: ignore[no-untyped-call]
+                    worker_states=worker_states,
                 ),
                 self.num_workers,
                 self.multiprocessing_context,
@@ -374,6 +381,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             max_failures=self.max_failures,
             progress=self.progress,
             speed=self._speed,
+            ledger=ledger if worker_kind is not None else None,
+            first_worker=first_worker,
         )
 
     def _pin_memory_device(self) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import Dataset, IterableDataset, RandomSampler
 
@@ -110,6 +110,52 @@ class StatefulIteratorShards(IterableDataset[Any]):
         return _Counting(list(range(worker, N, workers)))
 
 
+class CountingShards(IterableDataset[Any]):
+    """Split over workers; each copy counts the items it has ever served (across epochs) and yields the count with
+    each item: its state evolves inside the worker, and a persistent worker carries it into the next epoch. Its
+    state is all of it: loaded into a new copy, the copy goes on as the saved one would (a shard finished goes back
+    to its start, so the next ``iter()`` starts the next epoch)."""
+
+    def __init__(self) -> None:
+        self.position, self.served = 0, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = list(range(worker, N, workers))
+        while self.position < len(mine):
+            self.position += 1
+            self.served += 1
+            yield torch.tensor([mine[self.position - 1], self.served])
+        self.position = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position, self.served = state["position"], state["served"]
+
+
+class CountingMap(Dataset[Any]):
+    """Map-style; each sample carries how many samples this copy (one per worker) has fetched so far."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> Any:
+        self.calls += 1
+        return torch.tensor([i, self.calls])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = state["calls"]
+
+
 def seeded(seed: int = 3) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -141,6 +187,20 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "iterable dataset with a stateful iterator": lambda: {"dataset": StatefulIteratorShards(), "batch_size": 3},
     "plain iterable dataset": lambda: {"dataset": Shards(), "batch_size": 3},
 }
+# Datasets whose state evolves in worker processes, checked with workers only. Without workers, aloader starts an
+# iterable dataset's next epoch from a fresh state (see docs/resume.md), which the first one's count does not survive,
+# and the main process fetches the next batch's first sample while a batch is being fetched, even with concurrency=1,
+# which the second one's count shows.
+WORKER_CASES: dict[str, Callable[[], dict[str, Any]]] = {
+    "iterable dataset counting in its workers": lambda: {"dataset": CountingShards(), "batch_size": 3},
+    "map-style dataset counting in its workers": lambda: {"dataset": CountingMap(), "batch_size": 3},
+    "iterable dataset with a stateful iterator": CASES["iterable dataset with a stateful iterator"],
+}
+# aloader's own options for a case: a dataset whose samples depend on the order of its calls is fetched one sample at
+# a time, as torch's workers do (more at once would interleave the calls).
+ALOADER_OPTIONS: dict[str, dict[str, Any]] = {"map-style dataset counting in its workers": {"concurrency": 1}}
+# Cases whose samples depend on which worker made them: with in_order=False that is decided by timing.
+BY_WORKER = {"map-style dataset counting in its workers"}
 
 
 def plain(batch: Any) -> Any:
@@ -164,12 +224,16 @@ def done(loader: Any) -> None:
     gc.collect()
 
 
-def sdl_run(make: Callable[[], Any], epoch: int, k: int) -> tuple[list[list[Any]], list[list[Any]]]:
+def sdl_run(
+    make: Callable[[], Any], epoch: int, k: int, resume: bool = True
+) -> tuple[list[list[Any]], list[list[Any]]]:
     """StatefulDataLoader: (the uninterrupted epochs, the batches after a state taken at step ``k`` of ``epoch``
-    and loaded into a new loader, joined to the ones received before it)."""
+    and loaded into a new loader, joined to the ones received before it; the uninterrupted ones without ``resume``)."""
     loader = make()
     full = [[plain(b) for b in loader] for _ in range(EPOCHS)]
     done(loader)
+    if not resume:
+        return full, full
     loader = make()
     received = [[plain(b) for b in loader] for _ in range(epoch)]
     iterator = iter(loader)
@@ -205,12 +269,19 @@ def aloader_run(
     return full, joined(received, current, rest, ended)
 
 
-def check(driver: Driver, case: str, epoch: int, k: int, workers: int, in_order: bool) -> None:
+def check(
+    driver: Driver, case: str, epoch: int, k: int, workers: int, in_order: bool, persistent: bool = False
+) -> None:
     options: dict[str, Any] = {"num_workers": workers, "in_order": in_order}
     if workers:
-        options["multiprocessing_context"] = "fork"
-    sdl_full, sdl_resumed = sdl_run(lambda: StatefulDataLoader(**CASES[case](), **options), epoch, k)
-    al_full, al_resumed = aloader_run(driver, lambda: aloader.DataLoader(**CASES[case](), **options), epoch, k)
+        options.update(multiprocessing_context="fork", persistent_workers=persistent)
+    own = ALOADER_OPTIONS.get(case, {})
+    make = CASES.get(case) or WORKER_CASES[case]
+    # StatefulDataLoader defines no mid-epoch resume with in_order=False (there its own resume may even raise
+    # StopIteration as it fast-forwards): only its uninterrupted stream is compared then.
+    sdl_resumes = in_order or k == 0
+    sdl_full, sdl_resumed = sdl_run(lambda: StatefulDataLoader(**make(), **options), epoch, k, resume=sdl_resumes)
+    al_full, al_resumed = aloader_run(driver, lambda: aloader.DataLoader(**make(), **options, **own), epoch, k)
     if not in_order:
         # Completion order (aloader applies it in the main process too): the same batches, in an order of their own.
         # A state taken mid-epoch counts batches received, not which: only a state with none received is exact.
@@ -256,7 +327,7 @@ def test_every_step_of_two_epochs_matches_stateful_dataloader(driver: Driver, ca
     max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(
-    case=st.sampled_from(list(CASES)),
+    case=st.sampled_from([*CASES, *WORKER_CASES]),
     epoch=st.integers(0, EPOCHS - 1),
     step=st.integers(0, 8),
     workers=st.sampled_from([0, 1, 3]),
@@ -265,7 +336,35 @@ def test_every_step_of_two_epochs_matches_stateful_dataloader(driver: Driver, ca
 def test_any_resume_point_matches_stateful_dataloader(
     driver: Driver, case: str, epoch: int, step: int, workers: int, in_order: bool
 ) -> None:
+    assume(workers > 0 or case in CASES)
+    assume(in_order or workers < 2 or case not in BY_WORKER)
     check(driver, case, epoch, step, workers, in_order)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["new workers", "persistent workers"])
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("case", list(WORKER_CASES))
+def test_per_worker_state_resumes_as_stateful_dataloader(
+    driver: Driver, case: str, workers: int, persistent: bool
+) -> None:
+    """Each worker's copy of the dataset (or its iterator) resumes from its own state, as StatefulDataLoader's: part
+    way through the first and second epochs, after the last batch, and at the end of an epoch (the next epoch)."""
+    for epoch, k in ((0, 2), (1, 1), (1, 4), (1, 9), (1, 20)):
+        check(driver, case, epoch, k, workers, in_order=True, persistent=persistent)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["new workers", "persistent workers"])
+@pytest.mark.parametrize("case", [c for c in WORKER_CASES if c not in BY_WORKER])
+def test_per_worker_state_out_of_order(driver: Driver, case: str, persistent: bool) -> None:
+    """``in_order=False``: StatefulDataLoader defines a resume between epochs only, and there both agree (``check``).
+    Mid-epoch, each worker's copy resumes after the last batch received from it, so aloader yields exactly the
+    batches the epoch had left, in an order of its own."""
+    for epoch, k in ((0, 0), (1, 20)):
+        check(driver, case, epoch, k, 3, in_order=False, persistent=persistent)
+    options = {"num_workers": 3, "in_order": False, "multiprocessing_context": "fork", "persistent_workers": persistent}
+    for epoch, k in ((0, 2), (1, 5)):
+        full, resumed = aloader_run(driver, lambda: aloader.DataLoader(**WORKER_CASES[case](), **options), epoch, k)
+        assert [sorted(map(str, e)) for e in resumed] == [sorted(map(str, e)) for e in full]
 
 
 def test_an_empty_state_changes_nothing_and_a_torchdata_state_is_named() -> None:
@@ -289,8 +388,8 @@ def test_a_format_1_state_still_loads() -> None:
     resumed = aloader.DataLoader(Numbers(), batch_size=4, shuffle=True, generator=seeded())
     resumed.load_state_dict(old)
     assert [b.tolist() for b in resumed] == full[1:]
-    with pytest.raises(ValueError, match="format 1 or 2"):
-        resumed.load_state_dict({**state, "format": 3})
+    with pytest.raises(ValueError, match=r"format 1, 2 or 3 .*got format=4"):
+        resumed.load_state_dict({**state, "format": 4})
 
 
 def test_snapshot_every_n_steps_is_accepted_and_the_state_stays_exact() -> None:
@@ -312,3 +411,31 @@ def test_snapshot_every_n_steps_is_accepted_and_the_state_stays_exact() -> None:
     assert [b.tolist() for b in resumed] == full[3:]
     with pytest.raises(TypeError, match="snapshot_every_n_steps option should be an integer"):
         aloader.DataLoader(Numbers(), snapshot_every_n_steps="4")  # type: ignore[arg-type]
+
+
+def test_per_worker_states_need_their_num_workers_and_a_format_2_state_still_loads() -> None:
+    def make(workers: int) -> aloader.DataLoader:
+        context = "fork" if workers else None
+        return aloader.DataLoader(
+            CountingMap(), batch_size=3, num_workers=workers, concurrency=1, multiprocessing_context=context
+        )
+
+    with make(2) as loader:
+        full = [b[:, 0].tolist() for b in loader]
+        iterator = iter(loader)
+        next(iterator), next(iterator)
+        state = loader.state_dict()
+        iterator.close()
+    assert state["format"] == 3
+    assert state["workers"]["num_workers"] == 2
+    assert [s[0] for s in state["workers"]["states"]] == [{"calls": 3}, {"calls": 3}]
+    with make(3) as other, pytest.raises(ValueError, match=r"2 worker processes.*Resume with num_workers=2"):
+        other.load_state_dict(state)
+    with make(0) as other, pytest.raises(ValueError, match=r"has num_workers=0"):
+        other.load_state_dict(state)
+    # Format 2 had no per-worker states: the workers start from the main process's copy, as they did then.
+    old = {key: value for key, value in state.items() if key != "workers"}
+    old["format"] = 2
+    with make(3) as other:
+        other.load_state_dict(old)
+        assert [b[:, 0].tolist() for b in other] == full[2:]

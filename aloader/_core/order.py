@@ -63,6 +63,8 @@ class Order:
         self._next_seq = 0
         self._outstanding = 0
         self._source_done = False
+        # Told of each outcome as it is handed off, in the consumer's order (see StateLedger.handed_off).
+        self.handed: Callable[[int, object], None] | None = None
 
     def open(self, count: int = 1) -> None:
         """``count`` more units were dispatched: END waits for their outcomes."""
@@ -77,10 +79,10 @@ class Order:
         if self._in_order:
             self._ready[seq] = outcome
             while self._next_seq in self._ready:
-                self._hand_off(self._ready.pop(self._next_seq))
+                self._hand_off(self._next_seq, self._ready.pop(self._next_seq))
                 self._next_seq += 1
         else:
-            self._hand_off(outcome)
+            self._hand_off(seq, outcome)
         self._outstanding -= 1
         self._end_if_finished()
 
@@ -101,10 +103,12 @@ class Order:
             outcome = Failed(exc)
         self.complete(seq, outcome)
 
-    def _hand_off(self, outcome: object) -> None:
+    def _hand_off(self, seq: int, outcome: object) -> None:
         if self._budget is not None:  # in hand-off order: the budget runs out at the same batch in every run
             # A unit skipped whole still goes to the consumer, as SKIPPED: it counts as consumed in the state.
             outcome = self._budget.settle(outcome, SKIPPED, Failed)
+        if self.handed is not None:
+            self.handed(seq, outcome)
         if outcome is DELIVERED:
             return  # the consumer holds the batch: its slot is freed once it has yielded it (lane.py)
         if outcome is NO_BATCH:

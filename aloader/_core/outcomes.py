@@ -10,9 +10,9 @@ dataset was already exhausted) and :data:`DELIVERED` (the consumer made the batc
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["DELIVERED", "END", "NO_BATCH", "SKIPPED", "Failed"]
+__all__ = ["DELIVERED", "END", "NO_BATCH", "SKIPPED", "Failed", "WithState"]
 
 
 class _Marker:
@@ -52,3 +52,18 @@ class Failed:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+class WithState:
+    """A worker's answer with the state of its copy of the dataset (and of its iterator) taken right after the
+    answer's items were fetched or pulled: ``outcome`` is the batch (or ``NO_BATCH``, or None for the start of an
+    epoch). Only sent when the dataset or its iterator has ``state_dict()``; see ``aloader._worker_state``."""
+
+    __slots__ = ("outcome", "state")
+
+    def __init__(self, outcome: Any, state: Any) -> None:
+        self.outcome = outcome
+        self.state = state
+
+    def __reduce__(self) -> tuple[type[WithState], tuple[Any, Any]]:
+        return WithState, (self.outcome, self.state)

@@ -59,6 +59,8 @@ class Pipeline:
             else None
         )
         order = Order(plan.in_order, window, budget)
+        if plan.ledger is not None:
+            order.handed = plan.ledger.handed_off
         self._workers = WorkerStage(ctx, plan.workers) if plan.workers is not None else None
         paced = self._workers is not None and self._workers.paced
         self._emitter = Emitter(order.done, window, ctx.stats, plan.timeout, paced)

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from aloader._core.access import MapAccess
 
-__all__ = ["DatasetKind", "Plan", "PoolKind", "Speed", "Workers", "pool_kind", "window_for"]
+__all__ = ["DatasetKind", "Plan", "PoolKind", "Speed", "StateLedger", "Workers", "pool_kind", "window_for"]
 
 DatasetKind = Literal["map", "iterable", "async-iterable"]
 PoolKind = Literal["map", "iterable", "items"]
@@ -48,6 +48,20 @@ class Workers(Protocol):
 
     def submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
         """Queue a task for ``worker_id`` (never blocks); the future resolves with its result or raises."""
+
+
+class StateLedger(Protocol):
+    """Where the worker stage reports each worker's dataset state (``aloader._worker_state.WorkerLedger``; a
+    protocol, as the core sees nothing above it). Called on the pipeline's loop."""
+
+    def initial(self, worker_id: int, state: Any) -> None:
+        """The worker's state as the epoch starts, before its first batch."""
+
+    def arrived(self, seq: int, worker_id: int, state: Any) -> None:
+        """Unit ``seq`` came back from ``worker_id`` with ``state`` (None: not known, e.g. the batch raised)."""
+
+    def handed_off(self, seq: int, outcome: object) -> None:
+        """Unit ``seq``'s outcome went to the sink (in the order the consumer will take it), or was ``NO_BATCH``."""
 
 
 class Speed:
@@ -111,6 +125,10 @@ class Plan:
     # Cores this process may keep busy (a worker: its share of the machine's): the fetch limit then adapts to the
     # CPU use (see limit.py). None: ``concurrency`` fetch calls from the start (the main process).
     cpu_share: float | None = None
+    # Each worker's dataset state, recorded per batch (None: no worker or nothing to record), and the worker that
+    # gets the epoch's first batch (a resumed epoch continues the uninterrupted run's turn).
+    ledger: StateLedger | None = None
+    first_worker: int = 0
 
     def indices(self, unit: Any) -> list[Any]:
         """The sample indices of a map-style unit: the sampler's list (auto-collation), else its single index."""

@@ -106,7 +106,7 @@ class Scheduler:
                     order.fail(seq, with_context(stop, "in the sampler"))
                 return
             if self._workers is not None and self._workers.kind == "map":
-                self.start(seq, self._workers.map_work(unit))
+                self.start(seq, self._workers.map_work(seq, unit))
             else:
                 task = self.start_unit(seq, unit)
                 if lane is not None and ctx.speed.per_sample is None:

@@ -23,7 +23,7 @@ from aloader._core.access import describe_indices
 from aloader._core.collate import pin_batch, plural
 from aloader._core.context import Context
 from aloader._core.order import Order, Window
-from aloader._core.outcomes import NO_BATCH
+from aloader._core.outcomes import NO_BATCH, WithState
 from aloader._core.plan import Workers
 from aloader._threads import _deliver
 
@@ -51,34 +51,62 @@ class WorkerStage:
         # the window outstanding, a batch counting until the consumer takes it), so a slow worker is passed over.
         n = workers.num_workers
         self._by_room = self.kind in ("map", "iterable") and not ctx.plan.in_order
-        self._turn = 0  # the next worker in turn
+        # A resumed epoch's first batch goes to the worker whose turn it was in the uninterrupted run (its copy of the
+        # dataset then continues from its own saved state, see aloader._worker_state).
+        self._first = ctx.plan.first_worker % n
+        self._turn = self._first  # the next worker in turn
+        self._ledger = ctx.plan.ledger
         self._outstanding = [0] * n  # map tasks per worker not yet taken by the consumer
         self._finished: collections.deque[int] = collections.deque()  # workers of finished batches, in sink order
 
     async def start(self) -> None:
-        """Start the processes if they are not running yet; blocking work, so in a thread."""
-        if self.workers.started:
-            return
-        try:
-            await self._ctx.threads.run(self.workers.start)
-        except Exception as exc:
-            exc.add_note(
-                "aloader: starting the DataLoader's worker processes failed; the dataset, collate_fn, "
-                "transform and worker_init_fn must be picklable to reach them"
-            )
-            raise
+        """Start the processes if they are not running yet (blocking work, so in a thread); then, for a map-style
+        dataset whose state is recorded, ask each worker for its state as the epoch starts."""
+        if not self.workers.started:
+            try:
+                await self._ctx.threads.run(self.workers.start)
+            except Exception as exc:
+                exc.add_note(
+                    "aloader: starting the DataLoader's worker processes failed; the dataset, collate_fn, "
+                    "transform and worker_init_fn must be picklable to reach them"
+                )
+                raise
+        if self.kind == "map" and self._ledger is not None:
+            # Answered before the worker's first batch of the epoch (its tasks run one at a time, in order): after
+            # the batches an earlier epoch left to a persistent worker, and after a loaded state.
+            for worker_id in range(self.workers.num_workers):
+                future = self.workers.submit(worker_id, "state", None, "reporting the state of its dataset")
+                future.add_done_callback(functools.partial(self._initial, worker_id))
+
+    def _initial(self, worker_id: int, future: asyncio.Future[Any]) -> None:
+        """A worker's state as the epoch starts (the answer to ``state``, or to an iterable's ``reset``)."""
+        if self._ledger is None or future.cancelled() or future.exception() is not None:
+            return  # a failure is raised by the epoch's batches
+        answer = future.result()
+        if isinstance(answer, WithState):
+            self._ledger.initial(worker_id, answer.state)
+
+    def _arrived(self, seq: int, worker_id: int, answer: Any) -> Any:
+        """A worker's answer for unit ``seq``: its state goes to the ledger, its outcome is returned."""
+        if not isinstance(answer, WithState):
+            if self._ledger is not None:
+                self._ledger.arrived(seq, worker_id, None)
+            return answer
+        if self._ledger is not None:
+            self._ledger.arrived(seq, worker_id, answer.state)
+        return answer.outcome
 
     def _submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
         self._submitted += 1
         return self.workers.submit(worker_id, op, payload, what)
 
     # ------------------------------------------------------------------------------------------------ map
-    def map_work(self, unit: Any) -> Callable[[], Awaitable[Any]]:
-        """Send ``unit`` to its worker now (dispatch order is the order each worker gets its batches in), and
-        return the work that awaits its batch."""
+    def map_work(self, seq: int, unit: Any) -> Callable[[], Awaitable[Any]]:
+        """Send ``unit`` (the epoch's ``seq``-th) to its worker now (dispatch order is the order each worker gets its
+        batches in), and return the work that awaits its batch."""
         indices = self._ctx.plan.indices(unit)
         future, worker_id = self._submit_map(indices)
-        return functools.partial(self._await_batch, future, time.perf_counter(), len(indices), worker_id)
+        return functools.partial(self._await_batch, seq, future, time.perf_counter(), len(indices), worker_id)
 
     def _submit_map(self, indices: list[Any]) -> tuple[asyncio.Future[Any], int]:
         what = f"holding the batch of sample indices {describe_indices(indices)}"
@@ -89,7 +117,7 @@ class WorkerStage:
         """The worker of the next task; ``active``: the workers whose iterable copy is not exhausted (None: all)."""
         n = self.workers.num_workers
         if not self._by_room:
-            return self._submitted % n  # torch's in_order=True: strictly in turn
+            return (self._first + self._submitted) % n  # torch's in_order=True: strictly in turn
         live = [w for w in range(n) if active is None or active[w]]
         room = max(1, self._ctx.plan.window // len(live))  # torch: max_tasks // the number of active workers
         chosen = None
@@ -108,16 +136,18 @@ class WorkerStage:
         if self._by_room and self._finished:
             self._outstanding[self._finished.popleft()] -= 1
 
-    async def _await_batch(self, future: asyncio.Future[Any], submitted: float, samples: int, worker_id: int) -> Any:
+    async def _await_batch(
+        self, seq: int, future: asyncio.Future[Any], submitted: float, samples: int, worker_id: int
+    ) -> Any:
         async def receive() -> Any:
-            batch = await future
+            batch = self._arrived(seq, worker_id, await future)
             # fetch, transform and collate, all in the worker, with the round trip
             self._ctx.stats.add("fetch", samples, time.perf_counter() - submitted)
             return await pin_batch(self._ctx, batch)
 
-        return await self._settled(worker_id, receive())
+        return await self._settled(seq, worker_id, receive())
 
-    async def _settled(self, worker_id: int, work: Awaitable[Any]) -> Any:
+    async def _settled(self, seq: int, worker_id: int, work: Awaitable[Any]) -> Any:
         """``work``'s outcome, its worker recorded as finished (``_finish``) unless it was cancelled or gave
         ``NO_BATCH`` (no outcome for the consumer to take)."""
         try:
@@ -126,6 +156,8 @@ class WorkerStage:
             raise
         except BaseException:
             self._finish(worker_id)
+            if self._ledger is not None:
+                self._ledger.arrived(seq, worker_id, None)  # it raised: its worker's state is not known after it
             raise
         if batch is not NO_BATCH:
             self._finish(worker_id)
@@ -174,9 +206,12 @@ class WorkerStage:
         active = [True] * n
         what = "starting to iterate its copy of the dataset"
         resets: list[asyncio.Future[Any] | None] = [self._submit(w, "reset", None, what) for w in range(n)]
+        for worker_id, reset in enumerate(resets):
+            assert reset is not None
+            reset.add_done_callback(functools.partial(self._initial, worker_id))
         what = "fetching the next batch of its copy of the iterable dataset"
 
-        async def receive(worker_id: int, future: asyncio.Future[Any]) -> Any:
+        async def receive(seq: int, worker_id: int, future: asyncio.Future[Any]) -> Any:
             reset = resets[worker_id]
             if reset is not None:
                 resets[worker_id] = None
@@ -185,16 +220,16 @@ class WorkerStage:
                 except Exception:
                     active[worker_id] = False
                     raise
-            batch = await future
+            batch = self._arrived(seq, worker_id, await future)
             if batch is NO_BATCH:  # this worker's copy is exhausted
                 active[worker_id] = False
                 return NO_BATCH
             return await pin_batch(self._ctx, batch)
 
-        async def next_batch(worker_id: int, future: asyncio.Future[Any]) -> Any:
-            return await self._settled(worker_id, receive(worker_id, future))
+        async def next_batch(seq: int, worker_id: int, future: asyncio.Future[Any]) -> Any:
+            return await self._settled(seq, worker_id, receive(seq, worker_id, future))
 
-        seq, worker_id = 0, 0
+        seq, worker_id = 0, self._first
         while True:
             await window.acquire()
             if not any(active):
@@ -210,7 +245,7 @@ class WorkerStage:
             future = self._submit(
                 worker_id, "next", None, "fetching the next batch of its copy of the iterable dataset"
             )
-            start(seq, functools.partial(next_batch, worker_id, future))
+            start(seq, functools.partial(next_batch, seq, worker_id, future))
             seq, worker_id = seq + 1, (worker_id + 1) % n
 
     # ---------------------------------------------------------------------------------------------- close

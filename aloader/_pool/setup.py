@@ -166,3 +166,6 @@ class WorkerSetup:
     concurrency: int = 1
     # torch.multiprocessing's sharing strategy in the main process: workers share tensors the same way.
     sharing_strategy: str = "file_descriptor"
+    # A resumed state's per-worker states: worker i's [dataset state, iterator state] (or None), loaded as it starts
+    # (see aloader._worker_state). None: every worker starts from the dataset as it is.
+    worker_states: tuple[Any, ...] | None = None

@@ -9,11 +9,16 @@ serves tasks until the main process closes its pipe::
                    map    -> _core.fetch (sync __getitem__ in this worker's threads, up to ``concurrency`` at once)
                    items  -> _core.collate (transform and collate samples fetched by the main process)
                    reset / next -> this worker's copy of an iterable dataset, one batch at a time
+                   state        -> the state of this worker's copy of a map-style dataset (at an epoch's start)
                    each answer sent as soon as it is ready (tensors as shared memory, see transfer.py)
 
 So a worker fetches ``concurrency`` samples at once while its batches wait on storage, and the main process keeps
 several batches in flight per worker (see ``loader.py``). With ``concurrency=1`` a worker runs one task at a time,
 one sample at a time, in the order given: exactly torch's worker loop, and torch's random draws.
+
+A dataset (or an iterable's iterator) with ``state_dict()`` is answered batch by batch with its state
+(``WithState``, see ``aloader._worker_state``); a map-style one then runs its batches one at a time, so that the
+state after a batch holds that batch's fetches and none of the next one's.
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ from aloader._core.access import MapAccess
 from aloader._core.collate import Finisher
 from aloader._core.context import Context
 from aloader._core.fetch import Fetcher
-from aloader._core.outcomes import NO_BATCH
+from aloader._core.outcomes import NO_BATCH, WithState
 from aloader._core.plan import Plan
 from aloader._pool.setup import WorkerSetup
 from aloader._pool.transfer import RemoteError, send_result
+from aloader._worker_state import WorkerTracker
 from aloader.errors import context_of
 
 __all__ = ["WorkerCore", "worker_main"]
@@ -58,8 +64,9 @@ _ARENAS: Final = 2
 class WorkerCore:
     """The core in one worker process: answers the main process's tasks with the core's stages."""
 
-    def __init__(self, setup: WorkerSetup, worker_id: int) -> None:
+    def __init__(self, setup: WorkerSetup, worker_id: int, tracker: WorkerTracker | None = None) -> None:
         self._setup = setup
+        self._tracker = tracker if tracker is not None else WorkerTracker(setup.dataset, None)
         plan = Plan(
             kind="map" if setup.kind == "map" else "iterable",
             dataset=setup.dataset,
@@ -82,8 +89,10 @@ class WorkerCore:
         ctx = self._ctx = Context(plan, site=f" in DataLoader worker process {worker_id}")
         self._finisher = Finisher(ctx)
         self._fetcher = Fetcher(ctx, MapAccess(setup.dataset), self._finisher) if setup.kind == "map" else None
-        # concurrency=1: one task at a time, in the order given (torch's draws).
-        self._serial = asyncio.Lock() if setup.concurrency == 1 else None
+        # concurrency=1: one task at a time, in the order given (torch's draws). A map-style dataset with state: one
+        # batch at a time too, so each batch's state is exact (its samples are still fetched concurrently).
+        stateful_map = setup.kind == "map" and self._tracker.tracks
+        self._serial = asyncio.Lock() if setup.concurrency == 1 or stateful_map else None
         self._pulling = asyncio.Lock()  # an iterable copy yields one batch's items at a time (not thread-safe)
         self._iterator: Any = None
         self._ended = False
@@ -96,22 +105,38 @@ class WorkerCore:
 
     async def _run(self, op: str, payload: Any) -> Any:
         threads = self._ctx.threads
+        tracker = self._tracker
         if op == "map":
             assert self._fetcher is not None
-            return await self._fetcher.unit(payload if self._setup.auto_collation else payload[0])
+            batch = await self._fetcher.unit(payload if self._setup.auto_collation else payload[0])
+            return WithState(batch, await threads.run(tracker.snapshot)) if tracker.tracks else batch
+        if op == "state":
+            return WithState(None, await threads.run(tracker.snapshot)) if tracker.tracks else None
         if op == "items":
             positions, samples, label = payload
             return await threads.run(lambda: self._finisher.finish_sync(positions, samples, label))
         async with self._pulling:
             if op == "reset":
                 self._iterator, self._ended = None, False
-                self._iterator = await threads.run(lambda: iter(self._setup.dataset))
-                return None
+                self._iterator, state = await threads.run(tracker.reset)
+                self._ended = tracker.ended
+                return WithState(None, state) if state is not None else None
             items = await threads.run(self._pull)
+            if tracker.tracks:
+                # Taken before the next pull can start (the lock): the state right after this batch's items. The batch
+                # is finished under the lock too, so this worker's batches are sent in the order of their states
+                # (with in_order=False the consumer then receives them in that order: its state is exact).
+                state = await threads.run(tracker.snapshot)
+                if items is NO_BATCH:
+                    return WithState(NO_BATCH, state)
+                return WithState(await threads.run(lambda: self._finish(items)), state)
         if items is NO_BATCH:
             return NO_BATCH
         # The transform and collate of this batch may run while the next batch's items are pulled.
-        return await threads.run(lambda: self._finisher.finish_sync(["item"] * len(items), items, "item"))
+        return await threads.run(lambda: self._finish(items))
+
+    def _finish(self, items: list[Any]) -> Any:
+        return self._finisher.finish_sync(["item"] * len(items), items, "item")
 
     def _pull(self) -> Any:
         """Thread side: as torch's _IterableDatasetFetcher, a short last batch unless drop_last; then exhausted."""
@@ -124,13 +149,13 @@ class WorkerCore:
             try:
                 items.append(next(self._iterator))
             except StopIteration:
-                self._ended = True
+                self._ended = self._tracker.ended = True
                 break
             except Exception as exc:
                 what = "items" if setup.auto_collation else "an item"
                 items.append(ctx.failed("fetch", exc, f"fetching {what} of the iterable dataset"))
         if not items or (setup.auto_collation and setup.drop_last and len(items) < wanted):
-            self._ended = True
+            self._ended = self._tracker.ended = True
             return NO_BATCH
         return items
 
@@ -292,8 +317,12 @@ def worker_main(worker_id: int, conn: multiprocessing.connection.Connection, set
         if setup.worker_init_fn is not None:
             where = "in worker_init_fn"
             setup.worker_init_fn(worker_id)
+        # The saved state of this worker's copy of the dataset, after worker_init_fn (torchdata's order).
+        where = "loading the worker's saved dataset state"
+        saved = setup.worker_states[worker_id] if setup.worker_states is not None else None
+        tracker = WorkerTracker(setup.dataset, saved)
         where = "starting the worker"
-        core = WorkerCore(setup, worker_id)
+        core = WorkerCore(setup, worker_id, tracker)
     except Exception as exc:
         core = RemoteError.capture(exc, where)
     loop = new_event_loop()
