@@ -418,6 +418,8 @@ class LoaderState:
             # Our distributed sampler resumes itself (and re-splits when the world size changed).
             state["distributed"] = sampler.state_at(taken * _unit_size(loader))
         if loader._dataset_kind == torch.utils.data.dataloader._DatasetKind.Iterable:
+            # Worker processes each iterate their own copy: the stream of batches depends on their number.
+            state["iterable_workers"] = loader.num_workers
             snapshot = cursor.snapshot_at(taken)
             if snapshot is not None:
                 state["dataset"], state["dataset_iter"] = encode(snapshot[0]), encode(snapshot[1])
@@ -488,6 +490,15 @@ class LoaderState:
         if state["batches"] < 0 or state["epoch"] < 0:
             raise ValueError("load_state_dict(): 'epoch' and 'batches' must not be negative")
         check_saved(state.get("workers"), loader.num_workers)
+        saved_workers = state.get("iterable_workers")
+        if state["mid_epoch"] and state["batches"] > 0 and saved_workers not in (None, loader.num_workers):
+            raise ValueError(
+                f"load_state_dict(): this state was taken in the middle of an epoch of an iterable dataset with "
+                f"num_workers={saved_workers}; each worker process iterates its own copy, so the batches already "
+                f"received cannot be found again with num_workers={loader.num_workers}. Resume with "
+                f"num_workers={saved_workers} (as torchdata's StatefulDataLoader requires), or from a state taken "
+                "between epochs"
+            )
         # Samplers, datasets and generators take their state now, as the caller would expect from a load: a
         # set_epoch() called between this and iter() then wins, as in an uninterrupted run.
         self._apply_start(loader, _Start.from_dict(state["start"]), *_generators(loader), state)

@@ -439,3 +439,21 @@ def test_per_worker_states_need_their_num_workers_and_a_format_2_state_still_loa
     with make(3) as other:
         other.load_state_dict(old)
         assert [b[:, 0].tolist() for b in other] == full[2:]
+
+
+@pytest.mark.parametrize(("saved_with", "loaded_with"), [(0, 2), (2, 1)])
+def test_an_iterable_resumed_mid_epoch_with_other_num_workers_is_refused(
+    driver: Driver, saved_with: int, loaded_with: int
+) -> None:
+    """Each worker iterates its own copy of an iterable dataset, so the batches received so far depend on
+    ``num_workers``: resuming mid-epoch with another number is refused with what to do (StatefulDataLoader refuses
+    too), rather than yielding other batches (it yielded none at all from 0 to 2 workers)."""
+    loader = aloader.DataLoader(StatefulShards(), batch_size=4, num_workers=saved_with)
+    assert len(driver.collect(loader, limit=3)) == 3
+    state = loader.state_dict()
+    other = aloader.DataLoader(StatefulShards(), batch_size=4, num_workers=loaded_with)
+    with pytest.raises(ValueError, match=rf"Resume with num_workers={saved_with}"):
+        other.load_state_dict(state)
+    same = aloader.DataLoader(StatefulShards(), batch_size=4, num_workers=saved_with)
+    same.load_state_dict(state)
+    assert len(driver.collect(same)) == 3  # 6 batches in all, with 0 or 2 workers (22 items, shards of 11)
