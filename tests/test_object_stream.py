@@ -151,7 +151,11 @@ def test_a_resume_reads_nothing_before_its_position(driver: Driver, http: Object
     resumed.load_state_dict(state)
     rest = driver.collect(resumed)
     assert [s for b in iterator_batches + rest for s in b] == [f"object {i}" for i in range(COUNT)]
-    assert http.requests == COUNT - 10  # the first ten were not read again
+    keys = list(OBJECTS)
+    # The first ten were not read again, and each of the rest once. (The request count would not do: a read of the
+    # first loader, abandoned mid-flight, may reach the server after the reset.)
+    assert [http.requests_for(key) for key in keys[:10]] == [0] * 10
+    assert all(http.requests_for(key) >= 1 for key in keys[10:])
 
 
 def test_a_missing_object_raises_at_its_position(driver: Driver, http: ObjectServer) -> None:

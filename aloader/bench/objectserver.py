@@ -69,7 +69,8 @@ class Faults:
 class _Counters:
     requests: int = 0
     faults: int = 0
-    per_key: dict[str, int] = field(default_factory=dict)
+    per_key: dict[str, int] = field(default_factory=dict)  # faults injected per key
+    read: dict[str, int] = field(default_factory=dict)  # requests per key
 
 
 def synthetic_objects(count: int, size: int, *, prefix: str = "obj/", seed: int = 0) -> dict[str, bytes]:
@@ -121,6 +122,10 @@ class ObjectServer:
     def requests(self) -> int:
         """Requests answered or failed so far."""
         return self._counters.requests
+
+    def requests_for(self, key: str) -> int:
+        """Requests for ``key`` answered or failed since the counters were reset."""
+        return self._counters.read.get(key, 0)
 
     @property
     def faults_injected(self) -> int:
@@ -223,6 +228,7 @@ class ObjectServer:
         key = target.split("?", 1)[0].lstrip("/")
         counters = self._counters
         counters.requests += 1
+        counters.read[key] = counters.read.get(key, 0) + 1
         if method not in ("GET", "HEAD"):
             await self._respond(writer, 405, b"", method)
             return keep_alive
