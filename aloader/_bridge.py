@@ -80,7 +80,6 @@ class ThreadChannel:
         # The consumer's time between two get() calls: the least of the last few, so that one pause (the GIL taken
         # by another thread, a garbage collection) does not make a consumer that comes straight back look busy.
         self._recent: deque[float] = deque(maxlen=8)
-        self._outside = float("inf")
 
     async def put(self, item: object) -> None:
         """Loop side: append ``item``, waiting while the channel is full."""
@@ -108,7 +107,7 @@ class ThreadChannel:
             if idle_below <= 0:
                 if not self._waiting or self._calls:
                     return False
-            elif not self._inside and self._outside >= idle_below:
+            elif not self._inside and self._outside() >= idle_below:
                 return False
             self._calls.append((call, idle_below))
             self._cond.notify()
@@ -120,7 +119,6 @@ class ThreadChannel:
         entered = time.perf_counter()
         if self._left:
             self._recent.append(entered - self._left)  # a consumer that starts a slow step is seen within 8 items
-            self._outside = min(self._recent)
         wake = False
         try:
             while True:
@@ -193,13 +191,18 @@ class ThreadChannel:
             self._items.append(item)
             self._cond.notify()
 
+    def _outside(self) -> float:
+        """The consumer's time between two get() calls, as the least of the last few (inf before the second)."""
+        return min(self._recent, default=float("inf"))
+
     def _decline_calls(self) -> list[ConsumerCall]:
         """Under the lock, leaving get() with calls not run: those the consumer is not known to come back for soon
         enough go back to the loop (the batches they make must not wait for a consumer that is away)."""
         if not self._calls:
             return []
-        kept = [(call, idle_below) for call, idle_below in self._calls if self._outside < idle_below]
-        declined = [call for call, idle_below in self._calls if self._outside >= idle_below]
+        outside = self._outside()
+        kept = [(call, idle_below) for call, idle_below in self._calls if outside < idle_below]
+        declined = [call for call, idle_below in self._calls if outside >= idle_below]
         self._calls = deque(kept)
         return declined
 
