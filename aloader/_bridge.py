@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from aloader._core.sink import ConsumerCall
+from aloader._core.sink import HANDED_BACK, ConsumerCall, ConsumerSource
 
 __all__ = ["LoopChannel", "ThreadChannel", "new_event_loop", "start_loop_thread"]
 
@@ -77,6 +77,9 @@ class ThreadChannel:
         self._inside = False  # the consumer is in get(): waiting for an item, or running a call
         self._waiting = False  # the consumer is blocked in get() with nothing to take and nothing to run
         self._left = 0.0  # when the consumer last left get() (perf_counter; 0: not yet)
+        # The source, handed to the consumer (with its idle_below) and not yet started; then held by the consumer.
+        self._source_offered: tuple[ConsumerSource, float] | None = None
+        self._source: ConsumerSource | None = None
         # The consumer's time between two get() calls: the least of the last few, so that one pause (the GIL taken
         # by another thread, a garbage collection) does not make a consumer that comes straight back look busy.
         self._recent: deque[float] = deque(maxlen=8)
@@ -113,19 +116,39 @@ class ThreadChannel:
             self._cond.notify()
             return True
 
+    def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
+        """Loop side: give the source to the consumer (True) if its recent time between two ``get()`` calls is
+        under ``idle_below``: a consumer that comes straight back for batches makes them itself, drawing the units
+        too, so the loop does nothing per batch. It starts once every item before ``source.first`` is taken."""
+        with self._cond:
+            if self._outside() >= idle_below:
+                return False
+            self._source_offered = (source, idle_below)
+            self._cond.notify()
+            return True
+
     def get(self) -> object:
         """Thread side: the next item, blocking until there is one. In turn: an outcome of a call the consumer ran
-        (when every item before it has been taken), an item put by the loop, or else, before waiting, a call."""
+        (when every item before it has been taken), an item put by the loop, or else, before waiting, a call; or,
+        while the consumer holds the source, the next unit's batch, made here."""
         entered = time.perf_counter()
         if self._left:
             self._recent.append(entered - self._left)  # a consumer that starts a slow step is seen within 8 items
+        source = self._source
+        if source is not None:  # drawing and making each batch itself: no lock, no wake of the loop
+            item = source.step(self._outside())
+            if item is not HANDED_BACK:
+                self._taken += 1
+                self._left = time.perf_counter()
+                return item
+            self._source = source = None  # given back: the next items come from the loop
         wake = False
         try:
             while True:
                 with self._cond:
                     self._inside = True
                     item = self._next_made()
-                    while item is _NOTHING and not self._items and not self._calls:
+                    while item is _NOTHING and not self._items and not self._calls and not self._source_ready():
                         self._waiting = True
                         try:
                             self._cond.wait()
@@ -135,12 +158,26 @@ class ThreadChannel:
                     if item is _NOTHING and self._items:
                         item = self._items.popleft()
                         wake = self._producer_waiting
+                    if item is _NOTHING and not self._calls:  # the source, which is the consumer's from here
+                        assert self._source_offered is not None
+                        source, self._source_offered = self._source_offered[0], None
+                        self._inside = False
                     if item is not _NOTHING:
                         self._inside = False
                         self._taken += 1
                         declined = self._decline_calls()
                         break
-                    call, _ = self._calls.popleft()
+                    if source is None:
+                        call, _ = self._calls.popleft()
+                if source is not None:
+                    item = source.step(self._outside())  # outside the lock, as a call
+                    if item is not HANDED_BACK:
+                        self._source = source
+                        self._taken += 1
+                        declined = []
+                        break
+                    source = None
+                    continue
                 made = call.run()  # outside the lock: the loop may put and offer meanwhile
                 if made:
                     with self._cond:
@@ -150,8 +187,8 @@ class ThreadChannel:
             self._inside = False  # Ctrl-C: the iterator closes, nothing more may be offered to it
             raise
         self._left = time.perf_counter()
-        for call in declined:
-            call.decline()
+        for unrun in declined:
+            unrun.decline()
         if self._yielded is not None:  # the last outcome of a call the consumer made: the loop may make more
             self._yielded.yielded()
             self._yielded = None
@@ -161,6 +198,11 @@ class ThreadChannel:
             except RuntimeError:  # the loop has closed: nobody is waiting any more
                 pass
         return item
+
+    def _source_ready(self) -> bool:
+        """Under the lock: the source was handed over and every item before its first unit is taken."""
+        offered = self._source_offered
+        return offered is not None and offered[0].first == self._taken
 
     def release_after_interrupt(self) -> None:
         """Consumer side, after an asynchronous exception (Ctrl-C) escaped ``get()``: let go of the lock if held.
@@ -195,14 +237,18 @@ class ThreadChannel:
         """The consumer's time between two get() calls, as the least of the last few (inf before the second)."""
         return min(self._recent, default=float("inf"))
 
-    def _decline_calls(self) -> list[ConsumerCall]:
+    def _decline_calls(self) -> list[ConsumerCall | ConsumerSource]:
         """Under the lock, leaving get() with calls not run: those the consumer is not known to come back for soon
         enough go back to the loop (the batches they make must not wait for a consumer that is away)."""
-        if not self._calls:
-            return []
+        declined: list[ConsumerCall | ConsumerSource] = []
         outside = self._outside()
+        if self._source_offered is not None and outside >= self._source_offered[1]:
+            declined.append(self._source_offered[0])
+            self._source_offered = None
+        if not self._calls:
+            return declined
         kept = [(call, idle_below) for call, idle_below in self._calls if outside < idle_below]
-        declined = [call for call, idle_below in self._calls if outside >= idle_below]
+        declined += [call for call, idle_below in self._calls if outside >= idle_below]
         self._calls = deque(kept)
         return declined
 
@@ -227,6 +273,7 @@ class ThreadChannel:
             self._items.clear()
             self._calls.clear()
             self._made.clear()
+            self._source_offered = self._source = None
 
     @property
     def capacity(self) -> int:
@@ -266,6 +313,10 @@ class LoopChannel:
 
     def offer(self, call: ConsumerCall, idle_below: float) -> bool:
         """Never: an ``async for`` consumer is the caller's loop, which must not run a batch."""
+        return False
+
+    def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
+        """Never, for the same reason."""
         return False
 
     async def get(self) -> object:

@@ -107,12 +107,24 @@ class Recorder:
     def add_all(self, entries: list[tuple[Stage, int, float]]) -> None:
         """Several ``add`` calls under one acquisition of the lock (a lane call's batches)."""
         with self._lock:
-            for stage, items, seconds in entries:
-                if items > 0:
-                    counters = self._stages[stage]
-                    counters.items += items
-                    counters.busy += seconds
-                    counters.histogram.add(seconds / items, items)
+            self._add_entries(entries)
+
+    def _add_entries(self, entries: list[tuple[Stage, int, float]]) -> None:
+        for stage, items, seconds in entries:
+            if items > 0:
+                counters = self._stages[stage]
+                counters.items += items
+                counters.busy += seconds
+                counters.histogram.add(seconds / items, items)
+
+    def made_by_consumer(self, entries: list[tuple[Stage, int, float]], failed: bool) -> None:
+        """A batch the consumer drew, made and yielded itself (the sync driver holding the source, ``lane.py``):
+        its stage times, and the batch, under one acquisition of the lock."""
+        with self._lock:
+            self._add_entries(entries)
+            self._batches += 1
+            self._failed_batches += failed
+            self._ready.add(0.0, 1)
 
     def blocked(self, stage: Stage, seconds: float) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 import aloader
+from aloader import _bridge
 from aloader._core import fetch, lane
 from tests.conftest import Driver, torch_outcomes
 from tests.datasets import AsyncSquares, FailingSet, Rendezvous
@@ -254,3 +255,86 @@ def test_ctrl_c_inside_a_batch_the_consumer_makes_stops_the_iteration() -> None:
     if dataset.raised_in is threading.current_thread():
         assert next(iterator, None) is None  # closed: nothing more comes
     iterator.close()
+
+
+# ------------------------------------------------------------------------------ the source in the consumer's hands
+@pytest.fixture
+def straight_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sync driver's consumer counts as one that comes straight back for its batches (its time between two
+    ``next()`` calls is below any unit's), so the source is handed to it whenever the lane is in use: what the
+    tests below check must hold whoever makes the batches, and this makes the consumer do it from the start."""
+    monkeypatch.setattr(_bridge.ThreadChannel, "_outside", lambda self: 0.0)
+
+
+class _Threads:
+    """A batch sampler that records the thread each batch is drawn in (the scheduler's loop, or the consumer)."""
+
+    def __init__(self, n: int, batch_size: int, fail_at: int | None = None) -> None:
+        self.n, self.batch_size, self.fail_at = n, batch_size, fail_at
+        self.drawn_in: list[threading.Thread] = []
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self) -> Any:
+        for k in range(len(self)):
+            if k == self.fail_at:
+                raise ValueError(f"the sampler failed at batch {k}")
+            self.drawn_in.append(threading.current_thread())
+            yield list(range(k * self.batch_size, (k + 1) * self.batch_size))
+
+
+def test_for_consumer_draws_the_units_and_makes_the_batches(driver: Driver, straight_back: None) -> None:
+    """With ``for``, a consumer that comes straight back for fast batches is handed the source: it draws each unit
+    and makes its batch in its own thread, as torch's ``num_workers=0`` does, so the loop does nothing per batch.
+    The batches and the stats are torch's whoever draws them (with ``async for`` the scheduler draws them on the
+    loop, and the lane's thread makes them)."""
+    dataset = TensorDataset(torch.arange(4000).reshape(2000, 2))
+    sampler = _Threads(2000, 4)
+    reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_sampler=_Threads(2000, 4))]
+    loader = _in_lane(aloader.DataLoader(dataset, batch_sampler=sampler))
+    got = [b[0].tolist() for b in driver.collect(loader)]
+    assert got == reference
+    assert loader.stats().batches == 500
+    if not driver.is_async:
+        in_consumer = sum(thread is threading.current_thread() for thread in sampler.drawn_in)
+        assert in_consumer >= 250, "most units were drawn by the consumer"
+
+
+def test_a_sampler_failing_in_the_consumers_hands_ends_the_epoch_there(driver: Driver, straight_back: None) -> None:
+    """The sampler's error, raised while the consumer draws, comes at its position, then the epoch ends, as with
+    torch's DataLoader."""
+    dataset = FailingSet(400, set())
+    reference = torch_outcomes(torch.utils.data.DataLoader(dataset, batch_sampler=_Threads(400, 4, 60)), ValueError)
+    outcomes = driver.outcomes(_in_lane(aloader.DataLoader(dataset, batch_sampler=_Threads(400, 4, 60))))
+    got = [(kind, value.tolist() if kind == "ok" else type(value)) for kind, value in outcomes]
+    assert got == reference
+    assert got[-1] == ("err", ValueError)
+    assert "in the sampler" in str(outcomes[-1][1])
+
+
+def test_samples_turning_slow_in_the_consumers_hands_get_their_concurrency(driver: Driver, straight_back: None) -> None:
+    """The consumer makes the fast batches itself; the first slow one gives the source back to the loop, which
+    fetches the samples after it concurrently again (the rendezvous needs 8 in flight at once)."""
+    dataset = _TurnsSlow(fast=64, slow=36, parties=8, batch_size=4)
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=4, concurrency=16))
+    got = [int(x) for b in driver.collect(loader) for x in b]
+    assert got == list(range(100))
+    assert dataset.rendezvous.max_inside >= 8
+
+
+def test_awaitables_from_a_sync_getitem_in_the_consumers_hands(driver: Driver, straight_back: None) -> None:
+    """A sync ``__getitem__`` that returns coroutines: the consumer gives the unit to the loop, which awaits them,
+    and the batches stay in order."""
+    dataset = ConcatDataset([AsyncSquares(30), AsyncSquares(30)])  # type: ignore[list-item]
+    got = [row for b in driver.collect(_in_lane(aloader.DataLoader(dataset, batch_size=4))) for row in b.tolist()]
+    assert got == [[i, i * i] for i in range(30)] * 2
+
+
+def test_failures_in_the_consumers_hands_fail_only_their_batch(driver: Driver, straight_back: None) -> None:
+    """A sample that raises while the consumer makes its batch: torch's sequence of batches and errors."""
+    dataset = FailingSet(200, {9, 37})
+    reference = torch_outcomes(torch.utils.data.DataLoader(FailingSet(200, {9, 37}), batch_size=4), ValueError)
+    outcomes = driver.outcomes(_in_lane(aloader.DataLoader(dataset, batch_size=4)))
+    got = [(kind, value.tolist() if kind == "ok" else type(value)) for kind, value in outcomes]
+    assert got == reference

@@ -26,13 +26,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
 
-from aloader._core.context import Context
+from aloader._core.context import Context, Record
 from aloader._core.fetch import CHUNK_SECONDS, UNFINISHED, Fetcher
 from aloader._core.order import Order, Window
 from aloader._core.outcomes import DELIVERED, Failed
-from aloader._core.sink import Emitter
+from aloader._core.sink import HANDED_BACK, Emitter
 from aloader._stats import Stage
-from aloader._threads import DECLINED, ThreadPool, decline, run_and_deliver
+from aloader._threads import DECLINED, FORK_GATE, ThreadPool, decline, run_and_deliver
 
 __all__ = ["LANE_UNITS", "Lane"]
 
@@ -157,37 +157,150 @@ class Lane:
     def _run_thread(self, units: list[Any], interruptible: bool) -> list[Any]:
         """Thread side: each unit fetched, transformed, collated and pinned, or its failure. ``interruptible``: run
         by the consumer, which may be the main thread: Ctrl-C there stops the iteration, as in torch's loop."""
-        ctx, fetcher = self._ctx, self._fetcher
-        getitems = ctx.plan.auto_collation and fetcher.access.getitems is not None
         outcomes: list[Any] = []
         entries: list[tuple[Stage, int, float]] = []  # the call's stage times, recorded at once at its end
+        getitems = self._getitems
 
         def record(stage: Stage, items: int, seconds: float) -> None:
             entries.append((stage, items, seconds))
 
         try:
             for unit in units:
-                indices = ctx.plan.indices(unit)
-                started = time.perf_counter()
-                try:
-                    if getitems:
-                        fetched, batch = fetcher.getitems_sync(indices, record)
-                    else:
-                        fetched, batch = fetcher.run(indices, True, record)
-                    outcomes.append(_Unfinished(fetched) if batch is UNFINISHED else batch)
-                except KeyboardInterrupt as exc:
-                    if interruptible:
-                        raise
-                    outcomes.append(Failed(exc))
-                except BaseException as exc:  # the consumer raises it at this batch, as for a batch task
-                    outcomes.append(Failed(exc))
-                seconds = time.perf_counter() - started
-                ctx.speed.unit_took(seconds)
+                outcome, seconds = self._make(unit, getitems, record, interruptible)
+                outcomes.append(outcome)
                 if seconds >= _LANE_EXIT_SECONDS:
                     break  # slow after all (I/O, a cache miss): the rest go back to concurrent fetching
         finally:
-            ctx.stats.add_all(entries)
+            self._ctx.stats.add_all(entries)
         return outcomes
+
+    def _make(self, unit: Any, getitems: bool, record: Record, interruptible: bool) -> tuple[Any, float]:
+        """One unit fetched, transformed, collated and pinned: (its outcome, the seconds it took)."""
+        fetcher = self._fetcher
+        indices = self._ctx.plan.indices(unit)
+        started = time.perf_counter()
+        try:
+            if getitems:
+                fetched, batch = fetcher.getitems_sync(indices, record)
+            else:
+                fetched, batch = fetcher.run(indices, True, record)
+            outcome = _Unfinished(fetched) if batch is UNFINISHED else batch
+        except KeyboardInterrupt as exc:
+            if interruptible:
+                raise
+            outcome = Failed(exc)
+        except BaseException as exc:  # the consumer raises it at this batch, as for a batch task
+            outcome = Failed(exc)
+        seconds = time.perf_counter() - started
+        self._ctx.speed.unit_took(seconds)
+        return outcome, seconds
+
+    @property
+    def _getitems(self) -> bool:
+        return self._ctx.plan.auto_collation and self._fetcher.access.getitems is not None
+
+    # ------------------------------------------------------------------------------------- the source itself
+    async def hand_source(self, seq: int, unit: Any, draw: Callable[[], Any]) -> tuple[int, Stop] | None:
+        """Give the source to the sync driver's consumer, if it comes straight back for batches: from unit ``seq``
+        (``unit``, drawn, opened and holding a window slot) on, it draws each unit with ``draw`` and makes its batch
+        when it asks for it, as torch's ``num_workers=0`` does, so the loop does nothing per batch; None if not.
+        Once it gives the source back: (the next sequence number, None | "end" | the sampler's error)."""
+        if not self._in_consumer:
+            return None
+        idle_below = (self._ctx.speed.per_unit or 0.0) / 4
+        source = _Drawn(self, seq, unit, draw, idle_below)
+        if not self._emitter.hand_source(source, idle_below):
+            return None
+        back = await source.future
+        if back is DECLINED:
+            return None
+        next_seq, stop, unfinished = back
+        order = self._order
+        made = next_seq - seq - (unfinished is not None)  # made and yielded by the consumer
+        order.open(next_seq - seq - 1)  # the first was opened by the scheduler
+        for done in range(seq, seq + made):
+            order.complete(done, DELIVERED)
+        if unfinished is None:
+            self._window.release()  # the first unit's slot: no batch of the consumer's waits in the sink
+        else:  # its samples are awaitables (a sync __getitem__ returned them): finished here, through the sink
+            indices = self._ctx.plan.indices(unfinished[1])
+            try:
+                outcome = await self._fetcher.finish_awaitables(unfinished[2].samples, indices)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                outcome = Failed(exc)
+            order.complete(unfinished[0], outcome)
+        return next_seq, stop
+
+
+Stop = BaseException | Literal["end"] | None
+
+
+class _Drawn:
+    """The source in the consumer's hands (``ConsumerSource``): each ``step`` draws a unit and makes its batch, in
+    the consumer's thread. It gives the source back (``future``: the next sequence number, why, and a unit whose
+    samples are awaitables, if any) after a unit that was slow, while the consumer is busy between batches (the
+    lane's thread then makes them meanwhile), at the sampler's end or error."""
+
+    __slots__ = ("_draw", "_idle_below", "_lane", "_next", "_unit", "first", "future")
+
+    def __init__(self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any], idle_below: float) -> None:
+        self._lane = lane
+        self.first = first
+        self._next: int | None = first  # the sequence number of the next unit; None once given back
+        self._unit: Any = unit  # the first unit, drawn by the scheduler
+        self._draw = draw
+        self._idle_below = idle_below
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def step(self, outside: float) -> object:
+        seq = self._next
+        if seq is None:
+            return HANDED_BACK
+        lane = self._lane
+        ctx = lane._ctx
+        unit, self._unit = self._unit, _NONE
+        if unit is _NONE:
+            drawn = time.perf_counter()
+            try:
+                unit = self._draw()
+            except StopIteration:
+                return self._give_back(seq, "end")
+            except Exception as exc:
+                return self._give_back(seq, exc)
+            ctx.stats.add("sampler", ctx.plan.size(unit), time.perf_counter() - drawn)
+        entries: list[tuple[Stage, int, float]] = []
+        with FORK_GATE.user_code():
+            outcome, seconds = lane._make(unit, lane._getitems, lambda *entry: entries.append(entry), True)
+        if type(outcome) is _Unfinished:  # the loop finishes it, and the sink hands it over
+            ctx.stats.add_all(entries)
+            return self._give_back(seq + 1, None, (seq, unit, outcome))
+        ctx.stats.made_by_consumer(entries, type(outcome) is Failed)
+        if seconds >= _LANE_EXIT_SECONDS or outside >= self._idle_below:
+            self._give_back(seq + 1, None)  # slow after all, or the consumer is busy: the loop makes the next
+        else:
+            self._next = seq + 1
+        return outcome
+
+    def _give_back(self, next_seq: int, stop: Stop, unfinished: tuple[int, Any, _Unfinished] | None = None) -> object:
+        self._next = None
+        try:
+            self.future.get_loop().call_soon_threadsafe(_settle, self.future, (next_seq, stop, unfinished))
+        except RuntimeError:  # the loop is closed: the epoch is over
+            pass
+        return HANDED_BACK
+
+    def decline(self) -> None:
+        decline(self.future)
+
+
+_NONE: Final = object()
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 class _InConsumer:

@@ -76,6 +76,9 @@ class Scheduler:
     async def _map(self) -> None:
         ctx, window, order, lane = self._ctx, self._window, self._order, self._lane
         next_unit = self._index_source()
+        # A sampler's iterator, which the sync driver's consumer may draw from itself (see Lane.hand_source).
+        source = ctx.plan.source
+        draw = None if isinstance(source, AsyncIterator) else source.__next__
         seq = 0
         while True:
             started = time.perf_counter()
@@ -94,6 +97,15 @@ class Scheduler:
             ctx.stats.add("sampler", ctx.plan.size(unit), time.perf_counter() - drawn)
             order.open()
             count = lane.units() if lane is not None else 1
+            if lane is not None and count > 1 and draw is not None:
+                handed = await lane.hand_source(seq, unit, draw)
+                if handed is not None:  # the consumer made units from seq on, and gave the source back
+                    seq, stop = handed
+                    if stop is None:
+                        continue
+                    if isinstance(stop, Exception):
+                        order.fail(seq, with_context(stop, "in the sampler"))
+                    return
             if lane is not None and count > 1:
                 units, stop = await lane.draw(next_unit, count - 1)
                 units.insert(0, unit)

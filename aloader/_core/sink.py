@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Final, Protocol
 
 from aloader._core.order import Window
 from aloader._core.outcomes import END, SKIPPED, Failed
 from aloader._stats import Recorder
 
-__all__ = ["ConsumerCall", "Emitter", "Sink"]
+__all__ = ["HANDED_BACK", "ConsumerCall", "ConsumerSource", "Emitter", "Sink"]
 
 
 class ConsumerCall(Protocol):
@@ -38,6 +38,27 @@ class ConsumerCall(Protocol):
         """The consumer has yielded every outcome ``run()`` returned (their memory is its no more)."""
 
 
+HANDED_BACK: Final = object()
+"""What :meth:`ConsumerSource.step` returns once it has given the source back: the next items come from the sink."""
+
+
+class ConsumerSource(Protocol):
+    """The source itself, handed to the sync driver's consumer (see ``lane.py``): from sequence number ``first`` on,
+    the consumer draws each unit and makes its batch in its own thread when it asks for it, as torch's
+    ``num_workers=0`` does, until it gives the source back to the loop (a slow unit, a busy consumer, the end)."""
+
+    @property
+    def first(self) -> int:
+        """The sequence number of its first unit: the consumer starts once it has taken every item before it."""
+
+    def step(self, outside: float) -> object:
+        """The next outcome, made now; or :data:`HANDED_BACK` once the source is the loop's again. ``outside``: the
+        consumer's recent time between two items (it gives the source back when it is busy between them)."""
+
+    def decline(self) -> None:
+        """Give it back unstarted (the consumer went on to other work)."""
+
+
 class Sink(Protocol):
     """Where finished batches go; ``put`` waits while the consumer is behind (the prefetch bound)."""
 
@@ -55,6 +76,10 @@ class Sink(Protocol):
     def offer(self, call: ConsumerCall, idle_below: float) -> bool:
         """Give ``call`` to the consumer to run in its own thread (True) if it waits for items or spends less than
         ``idle_below`` seconds between two of them; never to a consumer that is an event loop."""
+
+    def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
+        """Give ``source`` to the consumer (True) if it comes back for items within ``idle_below`` seconds; never
+        to a consumer that is an event loop."""
 
     def resize(self, capacity: int) -> None:
         """Hold up to ``capacity`` items from now on (items already held above it stay)."""
@@ -93,6 +118,10 @@ class Emitter:
     def offer(self, call: ConsumerCall, idle_below: float) -> bool:
         """Give ``call`` to the consumer if it is waiting for batches (see ``Sink.offer``)."""
         return self._sink is not None and self._sink.offer(call, idle_below)
+
+    def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
+        """Give the source to the consumer if it comes straight back for batches (see ``Sink.hand_source``)."""
+        return self._sink is not None and self._sink.hand_source(source, idle_below)
 
     async def run(self, sink: Sink) -> None:
         self._sink, self._depth = sink, sink.capacity
