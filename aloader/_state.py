@@ -132,9 +132,11 @@ class Cursor:
     def _record(self, records: dict[int, Any], unit: int, state: Any) -> None:
         with self._lock:
             records[unit] = state
-            # Units the consumer has already passed can no longer be asked for.
-            for old in [u for u in records if u < self.taken]:
-                del records[old]
+            # Units the consumer has already passed can no longer be asked for. They are recorded in increasing
+            # order, so the oldest is the first key.
+            taken = self.taken
+            while (oldest := next(iter(records))) < taken:
+                del records[oldest]
 
 
 class _Snapshots:
@@ -275,6 +277,10 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+# The position of a sampler without state (nor its iterator): the resume skips the units received.
+_NO_POSITION: Final = {"sampler": None, "sampler_iter": None, "positional": False}
+
+
 class _Position(Iterator[Any]):
     """A map-style epoch's index source, recording after each unit drawn the sampler's position as torchdata's
     StatefulDataLoader snapshots it: the ``state_dict()`` of the sampler (or batch sampler) and of its iterator.
@@ -295,6 +301,7 @@ class _Position(Iterator[Any]):
         self._cursor = cursor
         self._unit = cursor.taken
         self._reference = state_of(holder)  # right after iter(): a state that moves from it records the position
+        self._stateless: bool | None = None  # neither the sampler nor its iterator has state (known once drawn)
         cursor.position(self._unit, initial)
 
     def _iterator(self) -> Any:
@@ -305,6 +312,11 @@ class _Position(Iterator[Any]):
     def __next__(self) -> Any:
         unit = next(self._source)
         self._unit += 1
+        if self._stateless is None:
+            self._stateless = not has_state(self._holder) and self._iterator() is None
+        if self._stateless:  # torch's own samplers: the same snapshot after every unit
+            self._cursor.position(self._unit, _NO_POSITION)
+            return unit
         sampler, sampler_iter = state_of(self._holder), state_of(self._iterator())
         source = self._source
         reference = source.after_iter if isinstance(source, BatchIterator) else self._reference

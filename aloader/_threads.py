@@ -47,7 +47,8 @@ class ForkGate:
             os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._running = 0  # calls of user code in progress on aloader's threads
         self._forking = 0  # forks waiting or in progress: no call may begin
         self._local = threading.local()  # this thread's calls in progress (a fork from inside one excludes it)
@@ -55,22 +56,26 @@ class ForkGate:
     def _open(self) -> bool:
         return self._forking == 0
 
-    @contextlib.contextmanager
-    def user_code(self) -> Iterator[None]:
-        """Around a call of user code on one of aloader's threads."""
-        with self._cond:
-            self._cond.wait_for(self._open)
+    def user_code(self) -> _UserCode:
+        """Around a call of user code on one of aloader's threads (``with FORK_GATE.user_code():``)."""
+        return _UserCode(self)
+
+    def enter(self) -> None:
+        """A call of user code begins (waits while a fork is being made)."""
+        with self._lock:
+            if self._forking:  # rare: a fork is being made, wait until it is done
+                self._cond.wait_for(self._open)
             self._running += 1
         local = self._local
         local.depth = getattr(local, "depth", 0) + 1
-        try:
-            yield
-        finally:
-            local.depth -= 1
-            with self._cond:
-                self._running -= 1
-                if self._forking:
-                    self._cond.notify_all()
+
+    def exit(self) -> None:
+        """The call of user code that ``enter`` began has returned (or raised)."""
+        self._local.depth -= 1
+        with self._lock:
+            self._running -= 1
+            if self._forking:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def closed(self, seconds: float) -> Iterator[bool]:
@@ -86,6 +91,21 @@ class ForkGate:
             with self._cond:
                 self._forking -= 1
                 self._cond.notify_all()
+
+
+class _UserCode:
+    """``with`` a call of user code (``ForkGate.enter``/``exit``): a plain class, as cheap as the lock it takes."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: ForkGate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        self._gate.enter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._gate.exit()
 
 
 FORK_GATE = ForkGate()

@@ -199,14 +199,16 @@ class Fetcher:
         ctx, access = self._ctx, self.access
         record = record or ctx.stats.add
         started = time.perf_counter()
-        samples = []
-        getitem = access.getitem
-        keys = [access.key(index) for index in indices] if access.remaps else indices
-        for index, key in zip(indices, keys, strict=True):
+        samples: list[Any] = []
+        append, getitem = samples.append, access.getitem
+        keys = iter([access.key(index) for index in indices] if access.remaps else indices)
+        while True:  # as tight as torch's own loop; a sample that raises is marked (or raised), the rest go on
             try:
-                samples.append(getitem(key))
+                for key in keys:
+                    append(getitem(key))
+                break
             except Exception as exc:
-                samples.append(ctx.failed("fetch", exc, f"fetching sample index {index!r}"))
+                append(ctx.failed("fetch", exc, f"fetching sample index {indices[len(samples)]!r}"))
         elapsed = time.perf_counter() - started
         record("fetch", len(indices), elapsed)
         ctx.speed.sample_took(elapsed / len(indices))
