@@ -277,8 +277,12 @@ class _Drawn:
             ctx.stats.add_all(entries)
             return self._give_back(seq + 1, None, (seq, unit, outcome))
         ctx.stats.made_by_consumer(entries, type(outcome) is Failed)
-        if seconds >= _LANE_EXIT_SECONDS or outside >= self._idle_below:
-            self._give_back(seq + 1, None)  # slow after all, or the consumer is busy: the loop makes the next
+        # Slow after all (their average, as the lane's own exit: one unit slowed by another thread holding the GIL
+        # must not send the next ones through the loop, which would wait for it more often still), or the consumer
+        # is busy between batches: the loop makes the next ones.
+        slow = seconds >= _LANE_EXIT_SECONDS and (ctx.speed.per_unit or 0.0) >= _LANE_EXIT_SECONDS
+        if slow or outside >= self._idle_below:
+            self._give_back(seq + 1, None)
         else:
             self._next = seq + 1
         return outcome
