@@ -338,3 +338,26 @@ def test_failures_in_the_consumers_hands_fail_only_their_batch(driver: Driver, s
     outcomes = driver.outcomes(_in_lane(aloader.DataLoader(dataset, batch_size=4)))
     got = [(kind, value.tolist() if kind == "ok" else type(value)) for kind, value in outcomes]
     assert got == reference
+
+
+@pytest.mark.parametrize("step", [1, 37, 250])
+def test_state_dict_while_the_consumer_draws_resumes_where_it_is(
+    driver: Driver, straight_back: None, step: int
+) -> None:
+    """A ``state_dict()`` taken while the consumer holds the source is where the consumer is: the resumed loader
+    gives the rest of the uninterrupted epoch."""
+    dataset = TensorDataset(torch.arange(1000))
+
+    def make() -> aloader.DataLoader:
+        return _in_lane(
+            aloader.DataLoader(dataset, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(7))
+        )
+
+    whole = [b[0].tolist() for b in driver.collect(make())]
+    first = make()
+    head = [b[0].tolist() for b in driver.collect(first, limit=step)]
+    state = first.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = [b[0].tolist() for b in driver.collect(resumed)]
+    assert head + tail == whole
