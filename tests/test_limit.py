@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aloader._core.limit import FetchSlots
+from aloader._core.limit import Adaptation, FetchSlots
 from aloader._stats import Recorder
 
 
@@ -61,3 +61,55 @@ def test_adaptive_limit_grows_while_calls_wait_without_using_the_cpu() -> None:
         assert slots.limit >= 8
 
     asyncio.run(main())
+
+
+# The adaptive limit's decisions, window by window (``Adaptation``): fed the CPU use of each 20 ms window as a fraction
+# of the worker's share of the cores, so no test depends on timing.
+
+
+def test_mostly_waiting_doubles_and_computing_shrinks_to_one_call() -> None:
+    rule = Adaptation(64)
+    assert [rule.window(0.1) for _ in range(7)] == [2, 4, 8, 16, 32, 64, 64]
+    # Fully busy from then on: it shrinks once the average (~0.1 s) is over 95%, then by a quarter per window.
+    assert [rule.window(1.0) for _ in range(14)] == [64] * 10 + [48, 36, 27, 21]
+    rule = Adaptation(64)
+    assert [rule.window(1.0) for _ in range(5)] == [1] * 5  # a CPU-bound dataset stays at one call at a time
+
+
+def test_grows_until_its_share_of_the_cores_is_nearly_all_busy() -> None:
+    # A worker that cannot get its whole share (others take some) still grows while under 85% of it: the old band
+    # (70-90%) stopped at 70% and left the machine a fifth idle.
+    rule = Adaptation(64)
+    rule.limit = 12
+    assert [rule.window(0.8) for _ in range(3)] == [15, 18, 22]
+    rule = Adaptation(64)
+    rule.limit = 12
+    assert [rule.window(0.9) for _ in range(3)] == [12, 12, 12]  # between 85% and 95%: held
+
+
+def test_one_windows_noise_does_not_move_the_limit() -> None:
+    rule = Adaptation(64)
+    rule.limit = 16
+    assert [rule.window(0.9) for _ in range(8)] == [16] * 8
+    assert rule.window(0.1) == 20  # one window mostly waiting (a batch's samples all on their GET): no doubling
+    rule = Adaptation(64)
+    rule.limit = 16
+    assert [rule.window(0.9) for _ in range(8)] == [16] * 8
+    assert rule.window(1.0) == 16  # nor does one fully busy window shrink it
+    assert [rule.window(0.1) for _ in range(6)][-1] == 64  # a dataset that really waits still doubles
+
+
+def test_the_limit_only_grows_when_calls_waited_for_a_slot() -> None:
+    rule = Adaptation(64)
+    rule.limit = 8
+    assert rule.window(0.1, waited=False) == 8  # idle with nothing held back (between epochs): no growth
+    assert rule.window(0.6, waited=False) == 8
+    rule = Adaptation(64)
+    rule.limit = 8
+    assert rule.window(1.0, waited=False) == 6  # shrinking does not need waiters
+
+
+def test_the_limit_stays_within_one_and_concurrency() -> None:
+    rule = Adaptation(3)
+    assert [rule.window(0.0) for _ in range(4)] == [2, 3, 3, 3]
+    assert [rule.window(2.0) for _ in range(6)] == [3, 3, 2, 1, 1, 1]
