@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from aloader._core.sink import HANDED_BACK, ConsumerCall, ConsumerSource
 
-__all__ = ["LoopChannel", "ThreadChannel", "new_event_loop", "start_loop_thread"]
+__all__ = ["Cycles", "LoopChannel", "ThreadChannel", "new_event_loop", "start_loop_thread"]
 
 
 # Imported with aloader (a few ms beside torch's seconds), not at the first iter(), where it would delay the first
@@ -57,6 +57,84 @@ class _Made:
         self.outcomes = deque(outcomes)
 
 
+DIRECT: Final = 0  # the consumer made the item itself, holding the source
+LOOP: Final = 1  # the item came from the loop's side (the lane's thread, fetch threads, or a call the consumer ran)
+
+
+class Cycles:
+    """Which maker serves a consumer that is busy between batches better: itself (holding the source) or the loop.
+
+    A consumer that spends time between two batches (a training step) would overlap it with the next batches made on
+    the lane's thread, if its step left the GIL free. Often it does not (the step's own Python, or short tensor ops
+    between which the GIL changes hands): the two threads then take the GIL in turns, and the overlap costs more
+    than it gains (measured: a model step of small matrix products ran at 0.90x torch's loop with the lane's thread,
+    1.0x with the consumer making its batches). So the consumer's *cycle*, its time from one ``get()`` to the next,
+    is measured with each maker (its mean since the figure was started, leaving out the first few cycles after a change
+    of maker, when the pipeline refills or the consumer drains it: a mean, as the GIL's turns make a few cycles far
+    longer than the rest), and the consumer keeps the source while it is busy only where its
+    cycle with the source is shorter by a margin. The loop is the default; the consumer tries making its batches
+    once the loop's cycle is known, and each figure is measured again after ``STALE`` items.
+    """
+
+    WARMUP: Final = 8  # cycles after a change of maker that are not measured
+    ENOUGH: Final = 128  # measured cycles before a maker's figure counts
+    STALE: Final = 2048  # items after which a maker's figure is measured again
+    MARGIN: Final = 1.0  # the consumer keeps the source only if its cycle is shorter than this times the loop's
+
+    __slots__ = ("_at", "_count", "_items", "_last", "_maker", "_streak", "_value")
+
+    def __init__(self) -> None:
+        self._value = [0.0, 0.0]  # per maker: the cycles' total since its figure was (re)started
+        self._count = [0, 0]  # per maker: cycles measured since the figure was (re)started
+        self._at = [0, 0]  # per maker: the item count when it was last measured
+        self._items = 0
+        self._last = 0.0  # when the consumer entered get() for the last item (0: not yet)
+        self._maker = LOOP  # who made the last item
+        self._streak = 0  # items in a row from that maker
+
+    def took(self, entered: float, maker: int) -> None:
+        """An item made by ``maker`` was returned by a ``get()`` entered at ``entered``: the cycle that ends here
+        (from the last item's ``get()``) was the last item's maker's."""
+        last = self._maker
+        if self._last and self._streak >= self.WARMUP:
+            count = self._count[last]
+            self._value[last] = (entered - self._last) + (self._value[last] if count else 0.0)
+            self._count[last] = count + 1
+            self._at[last] = self._items
+        self._streak = self._streak + 1 if maker == last else 0
+        self._maker = maker
+        self._last = entered
+        self._items += 1
+
+    def _known(self, maker: int) -> bool:
+        return self._count[maker] >= self.ENOUGH and self._items - self._at[maker] < self.STALE
+
+    def direct_better(self) -> bool:
+        """Both cycles are known, and the consumer's own is the shorter by the margin."""
+        if not (self._known(DIRECT) and self._known(LOOP)):
+            return False
+        value, count = self._value, self._count
+        return value[DIRECT] / count[DIRECT] < self.MARGIN * value[LOOP] / count[LOOP]
+
+    def try_direct(self) -> bool:
+        """The loop's cycle is known and the consumer's is not (never measured, or stale): try it (its figure
+        starts afresh)."""
+        if not self._known(LOOP) or self._known(DIRECT):
+            return False
+        self._count[DIRECT] = 0
+        return True
+
+    def keep_direct(self) -> bool:
+        """Holding the source while busy: keep it while its trial runs or while it is the better maker; give it back
+        for the loop's figure to be measured again once that is stale (which starts it afresh)."""
+        if self._count[DIRECT] < self.ENOUGH:
+            return True
+        if self._known(DIRECT) and self._count[LOOP] >= self.ENOUGH and self._items - self._at[LOOP] >= self.STALE:
+            self._count[LOOP] = 0
+            return False
+        return self.direct_better()
+
+
 class ThreadChannel:
     """A bounded FIFO from one event loop (``put``) to one plain thread (``get``)."""
 
@@ -77,9 +155,12 @@ class ThreadChannel:
         self._inside = False  # the consumer is in get(): waiting for an item, or running a call
         self._waiting = False  # the consumer is blocked in get() with nothing to take and nothing to run
         self._left = 0.0  # when the consumer last left get() (perf_counter; 0: not yet)
-        # The source, handed to the consumer (with its idle_below) and not yet started; then held by the consumer.
-        self._source_offered: tuple[ConsumerSource, float] | None = None
+        # The source, handed to the consumer and not yet started: (it, idle_below, handed by choice: the consumer
+        # is busy between batches but makes them faster itself, see Cycles); then held by the consumer.
+        self._source_offered: tuple[ConsumerSource, float, bool] | None = None
         self._source: ConsumerSource | None = None
+        self._source_idle = 0.0  # the idle_below of the source held
+        self.cycles = Cycles()
         # The consumer's time between two get() calls: the least of the last few, so that one pause (the GIL taken
         # by another thread, a garbage collection) does not make a consumer that comes straight back look busy.
         self._recent: deque[float] = deque(maxlen=8)
@@ -119,11 +200,15 @@ class ThreadChannel:
     def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
         """Loop side: give the source to the consumer (True) if its recent time between two ``get()`` calls is
         under ``idle_below``: a consumer that comes straight back for batches makes them itself, drawing the units
-        too, so the loop does nothing per batch. It starts once every item before ``source.first`` is taken."""
+        too, so the loop does nothing per batch. A consumer busy between batches gets it where it is the faster
+        maker, or to try (``Cycles``). It starts once every item before ``source.first`` is taken."""
         with self._cond:
+            chosen = False
             if self._outside() >= idle_below:
-                return False
-            self._source_offered = (source, idle_below)
+                if not (self.cycles.direct_better() or self.cycles.try_direct()):
+                    return False
+                chosen = True
+            self._source_offered = (source, idle_below, chosen)
             self._cond.notify()
             return True
 
@@ -136,9 +221,10 @@ class ThreadChannel:
             self._recent.append(entered - self._left)  # a consumer that starts a slow step is seen within 8 items
         source = self._source
         if source is not None:  # drawing and making each batch itself: no lock, no wake of the loop
-            item = source.step(self._outside())
+            item = source.step(self._away())
             if item is not HANDED_BACK:
                 self._taken += 1
+                self.cycles.took(entered, DIRECT)
                 self._left = time.perf_counter()
                 return item
             self._source = source = None  # given back: the next items come from the loop
@@ -160,20 +246,23 @@ class ThreadChannel:
                         wake = self._producer_waiting
                     if item is _NOTHING and not self._calls:  # the source, which is the consumer's from here
                         assert self._source_offered is not None
-                        source, self._source_offered = self._source_offered[0], None
+                        source, self._source_idle, _ = self._source_offered
+                        self._source_offered = None
                         self._inside = False
                     if item is not _NOTHING:
                         self._inside = False
                         self._taken += 1
+                        self.cycles.took(entered, LOOP)
                         declined = self._decline_calls()
                         break
                     if source is None:
                         call, _ = self._calls.popleft()
                 if source is not None:
-                    item = source.step(self._outside())  # outside the lock, as a call
+                    item = source.step(self._away())  # outside the lock, as a call
                     if item is not HANDED_BACK:
                         self._source = source
                         self._taken += 1
+                        self.cycles.took(entered, DIRECT)
                         declined = []
                         break
                     source = None
@@ -198,6 +287,11 @@ class ThreadChannel:
             except RuntimeError:  # the loop has closed: nobody is waiting any more
                 pass
         return item
+
+    def _away(self) -> bool:
+        """Holding the source: the consumer spends time between batches and is not the faster maker (give it back,
+        so that the loop's threads make the next ones meanwhile)."""
+        return self._outside() >= self._source_idle and not self.cycles.keep_direct()
 
     def _source_ready(self) -> bool:
         """Under the lock: the source was handed over and every item before its first unit is taken."""
@@ -242,8 +336,9 @@ class ThreadChannel:
         enough go back to the loop (the batches they make must not wait for a consumer that is away)."""
         declined: list[ConsumerCall | ConsumerSource] = []
         outside = self._outside()
-        if self._source_offered is not None and outside >= self._source_offered[1]:
-            declined.append(self._source_offered[0])
+        offered = self._source_offered
+        if offered is not None and outside >= offered[1] and not offered[2]:
+            declined.append(offered[0])
             self._source_offered = None
         if not self._calls:
             return declined

@@ -212,16 +212,15 @@ def test_for_makes_fast_batches_in_the_consumers_thread(driver: Driver, monkeypa
 def test_a_consumer_busy_between_batches_leaves_the_calls_to_the_lane_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A consumer that spends a while on each batch (a training step, here 2 ms of work) gets its batches made by
-    the lane's thread meanwhile: after its first few batches, every call is made there."""
+    """A consumer that spends a while on each batch (a training step that leaves the GIL free, as one waiting for
+    a GPU does, here a 2 ms wait) gets its batches made by the lane's thread meanwhile: the lane's calls are made
+    there, never in the consumer (which may only try drawing and making batches itself, see ``Cycles``)."""
     calls = _LaneCalls(monkeypatch)
     dataset = TensorDataset(torch.arange(600))
     loader = _in_lane(aloader.DataLoader(dataset, batch_size=2))
     got = []
     for batch in loader:
-        step_end = time.perf_counter() + 0.002
-        while time.perf_counter() < step_end:  # the consumer's own work (a workload, not synchronisation)
-            pass
+        time.sleep(0.002)  # the consumer's own step, the GIL free (a workload, not synchronisation)
         got.append(int(batch[0][0]))
     assert got == list(range(0, 600, 2))
     assert calls.threads[-1] is not threading.current_thread()
@@ -368,3 +367,78 @@ def test_state_dict_while_the_consumer_draws_resumes_where_it_is(
     resumed.load_state_dict(state)
     tail = [b[0].tolist() for b in driver.collect(resumed)]
     assert head + tail == whole
+
+
+# --------------------------------------------------- who serves a consumer busy between batches (Cycles, no timing)
+class _Clock:
+    """Feeds ``Cycles`` the consumer's ``get()`` entries as a fake clock: cycles of a chosen length, by a maker."""
+
+    def __init__(self) -> None:
+        self.cycles = _bridge.Cycles()
+        self.now = 1.0
+
+    def run(self, maker: int, count: int, cycle: float) -> None:
+        for _ in range(count):
+            self.cycles.took(self.now, maker)
+            self.now += cycle
+
+
+def _measured(count: int = 0) -> int:
+    """Items a maker needs in a row for its figure to count (its warm-up cycles, then enough)."""
+    return _bridge.Cycles.WARMUP + _bridge.Cycles.ENOUGH + 1 + count
+
+
+def test_cycles_try_the_consumer_once_the_loops_cycle_is_known() -> None:
+    clock = _Clock()
+    assert not clock.cycles.try_direct()  # nothing is known yet: the loop serves a busy consumer
+    clock.run(_bridge.LOOP, _measured(), 0.001)
+    assert not clock.cycles.direct_better()
+    assert clock.cycles.try_direct()  # the loop's cycle is known: the consumer tries making its batches
+    clock.run(_bridge.DIRECT, _bridge.Cycles.WARMUP, 0.0006)
+    assert clock.cycles.keep_direct()  # its trial runs until its figure counts
+
+
+def test_cycles_keep_the_consumer_where_its_own_cycle_is_shorter() -> None:
+    clock = _Clock()
+    clock.run(_bridge.LOOP, _measured(), 0.001)  # the step and the lane's thread take the GIL in turns
+    assert clock.cycles.try_direct()
+    clock.run(_bridge.DIRECT, _measured(), 0.0008)
+    assert clock.cycles.direct_better()
+    assert clock.cycles.keep_direct()
+
+
+def test_cycles_give_back_where_the_loops_cycle_is_shorter_and_try_again_when_stale() -> None:
+    clock = _Clock()
+    clock.run(_bridge.LOOP, _measured(), 0.001)  # the step leaves the GIL free: the lane's thread overlaps it
+    assert clock.cycles.try_direct()
+    clock.run(_bridge.DIRECT, _measured(), 0.0012)
+    assert not clock.cycles.direct_better()
+    assert not clock.cycles.keep_direct()  # given back
+    clock.run(_bridge.LOOP, _bridge.Cycles.STALE - 1, 0.001)
+    assert not clock.cycles.try_direct()  # measured recently: no new trial
+    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.ENOUGH, 0.001)
+    assert clock.cycles.try_direct()  # stale: tried again (the step may have changed)
+
+
+def test_cycles_measure_the_loop_again_when_its_figure_is_stale() -> None:
+    clock = _Clock()
+    clock.run(_bridge.LOOP, _measured(), 0.001)
+    assert clock.cycles.try_direct()
+    clock.run(_bridge.DIRECT, _measured(), 0.0008)
+    assert clock.cycles.keep_direct()
+    clock.run(_bridge.DIRECT, _bridge.Cycles.STALE, 0.0008)
+    assert not clock.cycles.keep_direct()  # the loop's figure is stale: given back for it to be measured again
+    assert not clock.cycles.try_direct() and not clock.cycles.direct_better()  # until it is measured
+    clock.run(_bridge.LOOP, _measured(), 0.001)
+    assert clock.cycles.direct_better()
+
+
+def test_cycles_leave_out_the_cycles_right_after_a_change_of_maker() -> None:
+    """The first cycles after the loop takes over include the pipeline's refill: they are not the loop's figure."""
+    clock = _Clock()
+    clock.run(_bridge.DIRECT, 3, 0.0005)
+    clock.run(_bridge.LOOP, _bridge.Cycles.WARMUP, 0.05)  # refilling
+    clock.run(_bridge.LOOP, _bridge.Cycles.ENOUGH + 1, 0.001)
+    assert clock.cycles.try_direct()
+    clock.run(_bridge.DIRECT, _measured(), 0.0009)
+    assert clock.cycles.direct_better()  # 0.9 ms against the loop's 1 ms, not its refill's 50 ms

@@ -208,7 +208,7 @@ class Lane:
         if not self._in_consumer:
             return None
         idle_below = (self._ctx.speed.per_unit or 0.0) / 4
-        source = _Drawn(self, seq, unit, draw, idle_below)
+        source = _Drawn(self, seq, unit, draw)
         if not self._emitter.hand_source(source, idle_below):
             return None
         back = await source.future
@@ -243,18 +243,17 @@ class _Drawn:
     samples are awaitables, if any) after a unit that was slow, while the consumer is busy between batches (the
     lane's thread then makes them meanwhile), at the sampler's end or error."""
 
-    __slots__ = ("_draw", "_idle_below", "_lane", "_next", "_unit", "first", "future")
+    __slots__ = ("_draw", "_lane", "_next", "_unit", "first", "future")
 
-    def __init__(self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any], idle_below: float) -> None:
+    def __init__(self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any]) -> None:
         self._lane = lane
         self.first = first
         self._next: int | None = first  # the sequence number of the next unit; None once given back
         self._unit: Any = unit  # the first unit, drawn by the scheduler
         self._draw = draw
-        self._idle_below = idle_below
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-    def step(self, outside: float) -> object:
+    def step(self, away: bool) -> object:
         seq = self._next
         if seq is None:
             return HANDED_BACK
@@ -281,7 +280,7 @@ class _Drawn:
         # must not send the next ones through the loop, which would wait for it more often still), or the consumer
         # is busy between batches: the loop makes the next ones.
         slow = seconds >= _LANE_EXIT_SECONDS and (ctx.speed.per_unit or 0.0) >= _LANE_EXIT_SECONDS
-        if slow or outside >= self._idle_below:
+        if slow or away:
             self._give_back(seq + 1, None)
         else:
             self._next = seq + 1

@@ -51,9 +51,9 @@ class ConsumerSource(Protocol):
     def first(self) -> int:
         """The sequence number of its first unit: the consumer starts once it has taken every item before it."""
 
-    def step(self, outside: float) -> object:
-        """The next outcome, made now; or :data:`HANDED_BACK` once the source is the loop's again. ``outside``: the
-        consumer's recent time between two items (it gives the source back when it is busy between them)."""
+    def step(self, away: bool) -> object:
+        """The next outcome, made now; or :data:`HANDED_BACK` once the source is the loop's again. ``away``: the
+        consumer is busy between items and the loop's threads serve it better (it gives the source back)."""
 
     def decline(self) -> None:
         """Give it back unstarted (the consumer went on to other work)."""
