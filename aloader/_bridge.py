@@ -81,7 +81,7 @@ class Cycles:
     STALE: Final = 2048  # items after which a maker's figure is measured again
     MARGIN: Final = 1.0  # the consumer keeps the source only if its cycle is shorter than this times the loop's
 
-    __slots__ = ("_at", "_count", "_items", "_last", "_maker", "_streak", "_value")
+    __slots__ = ("_at", "_count", "_items", "_last", "_maker", "_streak", "_trial", "_value")
 
     def __init__(self) -> None:
         self._value = [0.0, 0.0]  # per maker: the cycles' total since its figure was (re)started
@@ -91,6 +91,7 @@ class Cycles:
         self._last = 0.0  # when the consumer entered get() for the last item (0: not yet)
         self._maker = LOOP  # who made the last item
         self._streak = 0  # items in a row from that maker
+        self._trial = False  # the consumer holds the source to have its cycle measured (try_direct)
 
     def took(self, entered: float, maker: int) -> None:
         """An item made by ``maker`` was returned by a ``get()`` entered at ``entered``: the cycle that ends here
@@ -122,13 +123,16 @@ class Cycles:
         if not self._known(LOOP) or self._known(DIRECT):
             return False
         self._count[DIRECT] = 0
+        self._trial = True
         return True
 
     def keep_direct(self) -> bool:
         """Holding the source while busy: keep it while its trial runs or while it is the better maker; give it back
         for the loop's figure to be measured again once that is stale (which starts it afresh)."""
-        if self._count[DIRECT] < self.ENOUGH:
-            return True
+        if self._trial:
+            if self._count[DIRECT] < self.ENOUGH:
+                return True
+            self._trial = False
         if self._known(DIRECT) and self._count[LOOP] >= self.ENOUGH and self._items - self._at[LOOP] >= self.STALE:
             self._count[LOOP] = 0
             return False
