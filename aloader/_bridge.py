@@ -71,9 +71,13 @@ class Cycles:
     1.0x with the consumer making its batches). So the consumer's *cycle*, its time from one ``get()`` to the next,
     is measured with each maker (its mean since the figure was started, leaving out the first few cycles after a change
     of maker, when the pipeline refills or the consumer drains it: a mean, as the GIL's turns make a few cycles far
-    longer than the rest), and the consumer keeps the source while it is busy only where its
-    cycle with the source is shorter by a margin. The loop is the default; the consumer tries making its batches
-    once the loop's cycle is known, and each figure is measured again after ``STALE`` items.
+    longer than the rest), and the consumer keeps the source while it is busy only where its cycle with the source
+    is the shorter. The loop is the default; the consumer tries making its batches once the loop's cycle is known,
+    and each figure is measured again after ``STALE`` items.
+
+    ``took`` and ``keep_direct`` run in the consumer's thread, ``direct_better`` and ``try_direct`` on the loop
+    (under the channel's lock, while the consumer does not hold the source): a benign race, as with ``Speed``, where a
+    cycle counted late moves a figure by one cycle.
     """
 
     WARMUP: Final = 8  # cycles after a change of maker that are not measured
@@ -111,7 +115,7 @@ class Cycles:
         return self._count[maker] >= self.ENOUGH and self._items - self._at[maker] < self.STALE
 
     def direct_better(self) -> bool:
-        """Both cycles are known, and the consumer's own is the shorter by the margin."""
+        """Both cycles are known, and the consumer's own is the shorter (by ``MARGIN``)."""
         if not (self._known(DIRECT) and self._known(LOOP)):
             return False
         value, count = self._value, self._count

@@ -15,6 +15,11 @@ through the loop; with one more busy thread in the process every such turn can c
 consumer that is busy between batches (a training step) leaves the calls to the lane's thread, which makes the next
 batches meanwhile. ``async for`` always uses the lane's thread: the caller's loop must stay free.
 
+Who draws the units: the scheduler, on the loop; or, with ``for`` and a consumer that comes straight back for
+batches (or measures faster making them itself), the consumer, which is handed the sampler (``hand_source``): it
+draws each unit and makes its batch inside ``next()``, as torch's loop does, and the loop does nothing per batch
+until it gives the sampler back.
+
 In: units from the scheduler. Out: their outcomes, completed in order (``Order.complete``). It owns its thread and
 the lane's width.
 """
@@ -240,8 +245,9 @@ Stop = BaseException | Literal["end"] | None
 class _Drawn:
     """The source in the consumer's hands (``ConsumerSource``): each ``step`` draws a unit and makes its batch, in
     the consumer's thread. It gives the source back (``future``: the next sequence number, why, and a unit whose
-    samples are awaitables, if any) after a unit that was slow, while the consumer is busy between batches (the
-    lane's thread then makes them meanwhile), at the sampler's end or error."""
+    samples are awaitables, if any) when units are slow on average, when the consumer is busy between batches and
+    not the faster maker (``_bridge.Cycles``: the lane's thread then makes them meanwhile), at the sampler's end or
+    error."""
 
     __slots__ = ("_draw", "_lane", "_next", "_unit", "first", "future")
 
