@@ -135,7 +135,7 @@ class Cursor:
             # Units the consumer has already passed can no longer be asked for. They are recorded in increasing
             # order, so the oldest is the first key.
             taken = self.taken
-            while (oldest := next(iter(records))) < taken:
+            while records and (oldest := next(iter(records))) < taken:
                 del records[oldest]
 
 
