@@ -122,9 +122,7 @@ class Recorder:
         its stage times, and the batch, under one acquisition of the lock."""
         with self._lock:
             self._add_entries(entries)
-            self._batches += 1
-            self._failed_batches += failed
-            self._ready.add(0.0, 1)
+            self._delivered(failed)
 
     def blocked(self, stage: Stage, seconds: float) -> None:
         with self._lock:
@@ -162,9 +160,13 @@ class Recorder:
         queue, which was empty for them."""
         with self._lock:
             for one in failed:
-                self._batches += 1
-                self._failed_batches += one
-                self._ready.add(0.0, 1)
+                self._delivered(one)
+
+    def _delivered(self, failed: bool) -> None:
+        """Under the lock: a batch the consumer made itself (it never waited in the queue)."""
+        self._batches += 1
+        self._failed_batches += failed
+        self._ready.add(0.0, 1)
 
     def snapshot(self) -> LoaderStats:
         with self._lock:

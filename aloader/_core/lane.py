@@ -265,6 +265,7 @@ class _Drawn:
             return HANDED_BACK
         lane = self._lane
         ctx = lane._ctx
+        entries: list[tuple[Stage, int, float]] = []  # the batch's stage times, recorded at once below
         unit, self._unit = self._unit, _NONE
         if unit is _NONE:
             drawn = time.perf_counter()
@@ -274,8 +275,7 @@ class _Drawn:
                 return self._give_back(seq, "end")
             except Exception as exc:
                 return self._give_back(seq, exc)
-            ctx.stats.add("sampler", ctx.plan.size(unit), time.perf_counter() - drawn)
-        entries: list[tuple[Stage, int, float]] = []
+            entries.append(("sampler", ctx.plan.size(unit), time.perf_counter() - drawn))
         with FORK_GATE.user_code():
             outcome, seconds = lane._make(unit, lane._getitems, lambda *entry: entries.append(entry), True)
         if type(outcome) is _Unfinished:  # the loop finishes it, and the sink hands it over
