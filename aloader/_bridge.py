@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from aloader._core.sink import HANDED_BACK, ConsumerCall, ConsumerSource
+from aloader._core.sink import HANDED_BACK, ConsumerCall, ConsumerSource, MadeRun
 
 __all__ = ["Cycles", "LoopChannel", "ThreadChannel", "new_event_loop", "start_loop_thread"]
 
@@ -47,14 +47,56 @@ _NOTHING: Final = object()
 
 
 class _Made:
-    """Outcomes a consumer made itself with ``call``, from sequence number ``seq`` on (None: in any order)."""
+    """Outcomes made outside the order stage (``run``), from sequence number ``seq`` on (None: in any order)."""
 
-    __slots__ = ("call", "outcomes", "seq")
+    __slots__ = ("outcomes", "run", "seq")
 
-    def __init__(self, call: ConsumerCall, outcomes: list[object]) -> None:
-        self.call = call
-        self.seq = call.first
+    def __init__(self, run: MadeRun, outcomes: list[object]) -> None:
+        self.run = run
+        self.seq = run.first
         self.outcomes = deque(outcomes)
+
+
+class _Runs:
+    """The runs of outcomes made outside the order stage (``Sink.put_made``: by the sync driver's consumer, or in
+    a call of the lane's thread), each yielded in its turn: the part both channels share. Not thread-safe: the
+    thread channel uses it under its lock."""
+
+    __slots__ = ("_runs", "finished", "taken")
+
+    def __init__(self) -> None:
+        self._runs: deque[_Made] = deque()
+        self.taken = 0  # items the consumer has taken (END aside): the sequence number of the next one
+        self.finished: MadeRun | None = None  # the run whose last outcome next() returned, to be told it is yielded
+
+    def add(self, run: MadeRun, outcomes: list[object]) -> None:
+        self._runs.append(_Made(run, outcomes))
+
+    def next(self) -> object:
+        """The next outcome of a run, if it is its turn (every item before it taken); else _NOTHING. Runs may
+        arrive out of turn (a call the consumer ran after the lane's thread made the next one): a few at most."""
+        taken = self.taken
+        for made in self._runs:
+            if made.seq is None or made.seq == taken:
+                break
+        else:
+            return _NOTHING  # the items before them are still to come from the loop
+        item = made.outcomes.popleft()
+        if made.seq is not None:
+            made.seq += 1
+        if not made.outcomes:
+            self._runs.remove(made)
+            self.finished = made.run
+        return item
+
+    def tell_finished(self) -> None:
+        """Outside any lock: tell the run whose last outcome was just yielded."""
+        if self.finished is not None:
+            finished, self.finished = self.finished, None
+            finished.yielded()
+
+    def clear(self) -> None:
+        self._runs.clear()
 
 
 DIRECT: Final = 0  # the consumer made the item itself, holding the source
@@ -157,9 +199,7 @@ class ThreadChannel:
         self._producer_waiting = False
         # Offered to the consumer, run by it in get(): (the call, the idle_below it was offered with).
         self._calls: deque[tuple[ConsumerCall, float]] = deque()
-        self._made: deque[_Made] = deque()  # outcomes of calls the consumer ran, waiting for their turn
-        self._yielded: ConsumerCall | None = None  # a call whose last outcome get() is returning
-        self._taken = 0  # items the consumer has taken (END aside): the sequence number of the next one
+        self._runs = _Runs()  # outcomes of calls the consumer (or the lane's thread) ran, waiting for their turn
         self._inside = False  # the consumer is in get(): waiting for an item, or running a call
         self._waiting = False  # the consumer is blocked in get() with nothing to take and nothing to run
         self._left = 0.0  # when the consumer last left get() (perf_counter; 0: not yet)
@@ -220,18 +260,24 @@ class ThreadChannel:
             self._cond.notify()
             return True
 
+    @property
+    def on_loop(self) -> bool:
+        return False
+
     def get(self) -> object:
         """Thread side: the next item, blocking until there is one. In turn: an outcome of a call the consumer ran
         (when every item before it has been taken), an item put by the loop, or else, before waiting, a call; or,
         while the consumer holds the source, the next unit's batch, made here."""
         entered = time.perf_counter()
+        gap = float("inf")
         if self._left:
-            self._recent.append(entered - self._left)  # a consumer that starts a slow step is seen within 8 items
+            gap = entered - self._left
+            self._recent.append(gap)  # a consumer that starts a slow step is seen within 8 items
         source = self._source
         if source is not None:  # drawing and making each batch itself: no lock, no wake of the loop
-            item = source.step(self._away())
+            item = source.step(self._away(gap))
             if item is not HANDED_BACK:
-                self._taken += 1
+                self._runs.taken += 1
                 self.cycles.took(entered, DIRECT)
                 self._left = time.perf_counter()
                 return item
@@ -241,14 +287,14 @@ class ThreadChannel:
             while True:
                 with self._cond:
                     self._inside = True
-                    item = self._next_made()
+                    item = self._runs.next()
                     while item is _NOTHING and not self._items and not self._calls and not self._source_ready():
                         self._waiting = True
                         try:
                             self._cond.wait()
                         finally:
                             self._waiting = False
-                        item = self._next_made()
+                        item = self._runs.next()
                     if item is _NOTHING and self._items:
                         item = self._items.popleft()
                         wake = self._producer_waiting
@@ -259,17 +305,17 @@ class ThreadChannel:
                         self._inside = False
                     if item is not _NOTHING:
                         self._inside = False
-                        self._taken += 1
+                        self._runs.taken += 1
                         self.cycles.took(entered, LOOP)
                         declined = self._decline_calls()
                         break
                     if source is None:
                         call, _ = self._calls.popleft()
                 if source is not None:
-                    item = source.step(self._away())  # outside the lock, as a call
+                    item = source.step(self._away(gap))  # outside the lock, as a call
                     if item is not HANDED_BACK:
                         self._source = source
-                        self._taken += 1
+                        self._runs.taken += 1
                         self.cycles.took(entered, DIRECT)
                         declined = []
                         break
@@ -278,7 +324,7 @@ class ThreadChannel:
                 made = call.run()  # outside the lock: the loop may put and offer meanwhile
                 if made:
                     with self._cond:
-                        self._made.append(_Made(call, made))
+                        self._runs.add(call, made)
                 del call, made
         except BaseException:
             self._inside = False  # Ctrl-C: the iterator closes, nothing more may be offered to it
@@ -286,9 +332,7 @@ class ThreadChannel:
         self._left = time.perf_counter()
         for unrun in declined:
             unrun.decline()
-        if self._yielded is not None:  # the last outcome of a call the consumer made: the loop may make more
-            self._yielded.yielded()
-            self._yielded = None
+        self._runs.tell_finished()  # the last outcome of a run was yielded: the loop may make more
         if wake:
             try:
                 self._loop.call_soon_threadsafe(self._room.set)
@@ -296,15 +340,18 @@ class ThreadChannel:
                 pass
         return item
 
-    def _away(self) -> bool:
+    def _away(self, gap: float) -> bool:
         """Holding the source: the consumer spends time between batches and is not the faster maker (give it back,
-        so that the loop's threads make the next ones meanwhile)."""
+        so that the loop's threads make the next ones meanwhile). ``gap``: its time since the last item (the
+        least of the last few is at most that: a consumer that came straight back needs no more)."""
+        if gap < self._source_idle:
+            return False
         return self._outside() >= self._source_idle and not self.cycles.keep_direct()
 
     def _source_ready(self) -> bool:
         """Under the lock: the source was handed over and every item before its first unit is taken."""
         offered = self._source_offered
-        return offered is not None and offered[0].first == self._taken
+        return offered is not None and offered[0].first == self._runs.taken
 
     def release_after_interrupt(self) -> None:
         """Consumer side, after an asynchronous exception (Ctrl-C) escaped ``get()``: let go of the lock if held.
@@ -321,6 +368,12 @@ class ThreadChannel:
         """Loop side: append ``items`` (there is room for them) under one lock, with one wake-up of the consumer."""
         with self._cond:
             self._items.extend(items)
+            self._cond.notify()
+
+    def put_made(self, run: MadeRun, outcomes: list[object]) -> None:
+        """Loop side: ``outcomes`` made outside the order stage, yielded in their turn (see ``Sink.put_made``)."""
+        with self._cond:
+            self._runs.add(run, outcomes)
             self._cond.notify()
 
     def resize(self, capacity: int) -> None:
@@ -355,27 +408,12 @@ class ThreadChannel:
         self._calls = deque(kept)
         return declined
 
-    def _next_made(self) -> object:
-        """Under the lock: the next outcome of a call the consumer ran, if it is its turn; else _NOTHING."""
-        if not self._made:
-            return _NOTHING
-        made = self._made[0]
-        if made.seq is not None and made.seq != self._taken:
-            return _NOTHING  # items before it are still to come from the loop
-        item = made.outcomes.popleft()
-        if made.seq is not None:
-            made.seq += 1
-        if not made.outcomes:
-            self._made.popleft()
-            self._yielded = made.call
-        return item
-
     def clear(self) -> None:
         """Drop buffered items, calls not run and outcomes not yielded (on close, so their memory is released)."""
         with self._cond:
             self._items.clear()
             self._calls.clear()
-            self._made.clear()
+            self._runs.clear()
             self._source_offered = self._source = None
 
     @property
@@ -393,6 +431,7 @@ class LoopChannel:
     def __init__(self, capacity: int) -> None:
         self._capacity = max(1, capacity)
         self._items: deque[object] = deque()
+        self._runs = _Runs()  # outcomes of the lane's calls, yielded in their turn
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
 
@@ -414,6 +453,10 @@ class LoopChannel:
         self._items.append(item)
         self._readable.set()
 
+    def put_made(self, run: MadeRun, outcomes: list[object]) -> None:
+        self._runs.add(run, outcomes)
+        self._readable.set()
+
     def offer(self, call: ConsumerCall, idle_below: float) -> bool:
         """Never: an ``async for`` consumer is the caller's loop, which must not run a batch."""
         return False
@@ -422,15 +465,28 @@ class LoopChannel:
         """Never, for the same reason."""
         return False
 
+    @property
+    def on_loop(self) -> bool:
+        return True
+
     async def get(self) -> object:
-        while not self._items:
+        runs = self._runs
+        while True:
+            item = runs.next()
+            if item is not _NOTHING:
+                runs.taken += 1
+                runs.tell_finished()
+                return item
+            if self._items:
+                runs.taken += 1
+                self._room.set()
+                return self._items.popleft()
             self._readable.clear()
             await self._readable.wait()
-        self._room.set()
-        return self._items.popleft()
 
     def clear(self) -> None:
         self._items.clear()
+        self._runs.clear()
         self._room.set()
 
     @property

@@ -91,7 +91,7 @@ class Cursor:
     prefetched) is not counted: it is produced again after a resume.
     """
 
-    __slots__ = ("_lock", "_positions", "_snapshots", "drop", "ended", "ledger", "taken")
+    __slots__ = ("_constant", "_lock", "_positions", "_snapshots", "drop", "ended", "ledger", "taken")
 
     def __init__(self, taken: int = 0, drop: int = 0) -> None:
         self.taken = taken  # outcomes of this epoch received by the consumer (including before a resume)
@@ -100,6 +100,7 @@ class Cursor:
         self._lock = threading.Lock()
         self._snapshots: dict[int, Any] = {}  # iterable dataset's state after the items of unit k were pulled
         self._positions: dict[int, Any] = {}  # the sampler chain's state after unit k was drawn (``_Position``)
+        self._constant: tuple[int, Any] | None = None  # (from unit k on, the position of every unit: no state)
         self.ledger: WorkerLedger | None = None  # each worker's dataset state (num_workers > 0)
 
     def took(self, item: object, end: object) -> bool:
@@ -125,9 +126,19 @@ class Cursor:
     def position(self, unit: int, state: Any) -> None:
         self._record(self._positions, unit, state)
 
+    def position_from(self, unit: int, state: Any) -> None:
+        """Every unit from ``unit`` on has the position ``state`` (a sampler without state): nothing to record per
+        unit."""
+        with self._lock:
+            self._constant = (unit, state)
+
     def position_at(self, unit: int) -> Any:
         with self._lock:
-            return self._positions.get(unit)
+            position = self._positions.get(unit)
+            constant = self._constant
+            if position is None and constant is not None and unit >= constant[0]:
+                return constant[1]
+            return position
 
     def _record(self, records: dict[int, Any], unit: int, state: Any) -> None:
         with self._lock:
@@ -314,8 +325,9 @@ class _Position(Iterator[Any]):
         self._unit += 1
         if self._stateless is None:
             self._stateless = not has_state(self._holder) and self._iterator() is None
-        if self._stateless:  # torch's own samplers: the same snapshot after every unit
-            self._cursor.position(self._unit, _NO_POSITION)
+            if self._stateless:  # torch's own samplers: the same snapshot after every unit, recorded once
+                self._cursor.position_from(self._unit, _NO_POSITION)
+        if self._stateless:
             return unit
         sampler, sampler_iter = state_of(self._holder), state_of(self._iterator())
         source = self._source

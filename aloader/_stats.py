@@ -117,12 +117,14 @@ class Recorder:
                 counters.busy += seconds
                 counters.histogram.add(seconds / items, items)
 
-    def made_by_consumer(self, entries: list[tuple[Stage, int, float]], failed: bool) -> None:
-        """A batch the consumer drew, made and yielded itself (the sync driver holding the source, ``lane.py``):
-        its stage times, and the batch, under one acquisition of the lock."""
+    def made_with_source(self, entries: list[tuple[Stage, int, float]], failed: list[bool]) -> None:
+        """Batches drawn and made by whoever held the source (the sync driver's consumer, or the lane's thread for
+        ``async for``; see ``lane.py``), which never waited in the queue: their stage times, and the batches (is
+        each a failure), under one acquisition of the lock."""
         with self._lock:
             self._add_entries(entries)
-            self._delivered(failed)
+            for one in failed:
+                self._delivered(one)
 
     def blocked(self, stage: Stage, seconds: float) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ T = TypeVar("T")
 _pool_ids = itertools.count()
 
 # A work item: the call, and where its outcome goes. ``None`` tells a worker to exit.
-_Work = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_Work = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", bool]
 
 
 class ForkGate:
@@ -122,15 +122,19 @@ def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 def run_and_deliver(
-    fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
+    fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], gated: bool = True
 ) -> BaseException | None:
     """Run ``fn`` (user code) in this thread, through the fork gate, and hand its outcome to ``future``'s loop;
     return the exception it raised, if any. Pool threads call it, and the sync driver's consumer for the fast lane's
-    calls it makes itself (``_core/lane.py``)."""
+    calls it makes itself (``_core/lane.py``). ``gated=False``: ``fn`` passes the gate itself around each call of
+    user code (it runs long, and waits between them)."""
     if future.cancelled():  # cancelled while queued: nobody waits for it, skip the work
         return None
     try:
-        with FORK_GATE.user_code():
+        if gated:
+            with FORK_GATE.user_code():
+                outcome = (True, fn())
+        else:
             outcome = (True, fn())
     except BaseException as exc:  # handed to the awaiting task, which decides what it means
         outcome = (False, exc)
@@ -204,8 +208,9 @@ class ThreadPool:
         """Threads started so far (alive or not)."""
         return len(self._threads)
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()`` on a pool thread and return its result (or raise its exception)."""
+    async def run(self, fn: Callable[[], T], gated: bool = True) -> T:
+        """Run ``fn()`` on a pool thread and return its result (or raise its exception); ``gated``: see
+        ``run_and_deliver``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -217,7 +222,7 @@ class ThreadPool:
                 self._alive += 1
                 thread = threading.Thread(target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
-        self._work.put((fn, loop, future))
+        self._work.put((fn, loop, future, gated))
         if spawn:
             thread.start()
         return await future

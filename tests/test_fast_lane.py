@@ -30,7 +30,7 @@ def _in_lane(loader: aloader.DataLoader) -> aloader.DataLoader:
 
 class _LaneCalls:
     """Counts the lane's calls, the units each made and the thread that made them (wrapping the lane's call); the
-    sync driver's consumer is not handed the source meanwhile."""
+    source is not handed over meanwhile (to the sync driver's consumer, or the lane's thread for ``async for``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.units: list[int] = []
@@ -44,9 +44,13 @@ class _LaneCalls:
             return outcomes
 
         monkeypatch.setattr(lane.Lane, "_run_thread", counted)
-        # The lane's calls are what these tests count: with ``for`` the consumer is not handed the source (drawing
-        # the units itself is tested below), so the calls are made, on the lane's thread or in the consumer.
-        monkeypatch.setattr(_bridge.ThreadChannel, "hand_source", lambda self, source, idle_below: False)
+
+        # The lane's calls are what these tests count: the source is not handed over (drawing the units with it is
+        # tested below), so the calls are made, on the lane's thread or in the consumer.
+        async def not_handed(self_: lane.Lane, seq: int, unit: Any, draw: Any) -> None:
+            return None
+
+        monkeypatch.setattr(lane.Lane, "hand_source", not_handed)
 
 
 @pytest.mark.parametrize(
@@ -294,11 +298,11 @@ class _Threads:
             yield list(range(k * self.batch_size, (k + 1) * self.batch_size))
 
 
-def test_for_consumer_draws_the_units_and_makes_the_batches(driver: Driver, straight_back: None) -> None:
+def test_the_holder_of_the_source_draws_the_units_and_makes_the_batches(driver: Driver, straight_back: None) -> None:
     """With ``for``, a consumer that comes straight back for fast batches is handed the source: it draws each unit
-    and makes its batch in its own thread, as torch's ``num_workers=0`` does, so the loop does nothing per batch.
-    The batches and the stats are torch's whoever draws them (with ``async for`` the scheduler draws them on the
-    loop, and the lane's thread makes them)."""
+    and makes its batch in its own thread, as torch's ``num_workers=0`` does. With ``async for`` the lane's thread
+    holds it (the caller's loop must stay free): it draws and makes them there, and hands them over in runs. Either
+    way the loop does nothing per batch, and the batches and the stats are torch's."""
     dataset = TensorDataset(torch.arange(4000).reshape(2000, 2))
     sampler = _Threads(2000, 4)
     reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_sampler=_Threads(2000, 4))]
@@ -306,7 +310,10 @@ def test_for_consumer_draws_the_units_and_makes_the_batches(driver: Driver, stra
     got = [b[0].tolist() for b in driver.collect(loader)]
     assert got == reference
     assert loader.stats().batches == 500
-    if not driver.is_async:
+    if driver.is_async:
+        in_lane = sum(thread.name.startswith("aloader-lane") for thread in sampler.drawn_in)
+        assert in_lane >= 250, "most units were drawn by the lane's thread"
+    else:
         in_consumer = sum(thread is threading.current_thread() for thread in sampler.drawn_in)
         assert in_consumer >= 250, "most units were drawn by the consumer"
 
@@ -446,3 +453,44 @@ def test_cycles_leave_out_the_cycles_right_after_a_change_of_maker() -> None:
     assert clock.cycles.try_direct()
     clock.run(_bridge.DIRECT, _measured(), 0.0009)
     assert clock.cycles.direct_better()  # 0.9 ms against the loop's 1 ms, not its refill's 50 ms
+
+
+# ----------------------------------------------------------------------------------- runs yielded in their turn
+class _Run:
+    """A run of outcomes made outside the order stage (``MadeRun``), recording when it was yielded whole."""
+
+    def __init__(self, first: int | None) -> None:
+        self.first = first
+        self.done = False
+
+    def yielded(self) -> None:
+        self.done = True
+
+
+def test_runs_arriving_out_of_turn_are_yielded_in_turn() -> None:
+    """A call the consumer runs late may hand its run over after the lane's thread handed the next one: the channel
+    yields each in its turn (a first version looked only at the oldest run, and an epoch ended short)."""
+    runs = _bridge._Runs()
+    later, earlier = _Run(first=3), _Run(first=0)
+    runs.add(later, ["d", "e"])
+    runs.add(earlier, ["a", "b", "c"])
+    got = []
+    while (item := runs.next()) is not _bridge._NOTHING:
+        got.append(item)
+        runs.taken += 1
+        runs.tell_finished()
+    assert got == ["a", "b", "c", "d", "e"]
+    assert earlier.done and later.done
+    assert runs.next() is _bridge._NOTHING
+
+
+def test_a_run_waits_for_the_items_before_it() -> None:
+    """A run whose first item is not next waits until every item before it has been taken (from the loop's side)."""
+    runs = _bridge._Runs()
+    run = _Run(first=2)
+    runs.add(run, ["c"])
+    assert runs.next() is _bridge._NOTHING
+    runs.taken = 2  # two items came from the loop
+    assert runs.next() == "c"
+    runs.tell_finished()
+    assert run.done

@@ -13,12 +13,13 @@ itself, in their turn, and the order stage only learns that their places are fil
 thread would take the GIL in turns with the consumer, and each batch would cross from one thread to the other
 through the loop; with one more busy thread in the process every such turn can cost a switch interval (5 ms). A
 consumer that is busy between batches (a training step) leaves the calls to the lane's thread, which makes the next
-batches meanwhile. ``async for`` always uses the lane's thread: the caller's loop must stay free.
+batches meanwhile, and hands each call's batches to the sink as one run (``Sink.put_made``) that the consumer yields
+in their turn. ``async for`` always uses the lane's thread: the caller's loop must stay free.
 
-Who draws the units: the scheduler, on the loop; or, with ``for`` and a consumer that comes straight back for
-batches (or measures faster making them itself), the consumer, which is handed the sampler (``hand_source``): it
-draws each unit and makes its batch inside ``next()``, as torch's loop does, and the loop does nothing per batch
-until it gives the sampler back.
+Who draws the units: the scheduler, on the loop; or whoever is handed the sampler (``hand_source``): with ``for``, a
+consumer that comes straight back for batches (or measures faster making them itself) draws each unit and makes its
+batch inside ``next()``, as torch's loop does; with ``async for``, the lane's thread draws and makes them, and hands
+them over in runs (``_Held``). Either way the loop does nothing per batch until the sampler is given back.
 
 In: units from the scheduler. Out: their outcomes, completed in order (``Order.complete``). It owns its thread and
 the lane's width.
@@ -27,6 +28,7 @@ the lane's width.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
@@ -46,6 +48,8 @@ __all__ = ["LANE_UNITS", "Lane"]
 _LANE_SECONDS: Final = 0.006
 LANE_UNITS: Final = 16
 _LANE_EXIT_SECONDS: Final = 0.008
+# Runs the lane's thread holding the source may make before the consumer has yielded them (see _Held).
+_HELD_RUNS: Final = 2
 
 # Starts a unit's usual (concurrent) work as a task: (seq, unit).
 StartUnit = Callable[[int, Any], object]
@@ -141,6 +145,8 @@ class Lane:
                 else:
                     del call
                     outcomes = await self.thread.run(lambda: self._run_thread(units, interruptible=False))
+                    if self._in_consumer:
+                        outcomes = self._to_sink(first, outcomes)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the thread call itself failed (not a sample: those are outcomes)
@@ -158,6 +164,18 @@ class Lane:
                 except BaseException as exc:
                     outcome = Failed(exc)
             self._order.complete(seq, outcome)
+
+    def _to_sink(self, first: int, outcomes: list[Any]) -> list[Any]:
+        """Hand the outcomes a call made (up to the first to be finished on the loop) to the sink as one run, which
+        the consumer yields in their turn: the order stage and the sink stage then do nothing per batch. Returns
+        the outcomes with :data:`DELIVERED` in their places."""
+        cut = next((i for i, o in enumerate(outcomes) if type(o) is _Unfinished), len(outcomes))
+        if not cut:
+            return outcomes
+        made = outcomes[:cut]
+        self._emitter.put_made(_LaneRun(self._window, first if self._ctx.plan.in_order else None, cut), made)
+        self._ctx.stats.delivered([type(o) is Failed for o in made])
+        return [DELIVERED] * cut + outcomes[cut:]
 
     def _run_thread(self, units: list[Any], interruptible: bool) -> list[Any]:
         """Thread side: each unit fetched, transformed, collated and pinned, or its failure. ``interruptible``: run
@@ -212,22 +230,29 @@ class Lane:
         Once it gives the source back: (the next sequence number, None | "end" | the sampler's error)."""
         if not self._in_consumer:
             return None
-        idle_below = (self._ctx.speed.per_unit or 0.0) / 4
         source = _Drawn(self, seq, unit, draw)
-        if not self._emitter.hand_source(source, idle_below):
-            return None
+        held: _Held | None = None
+        if self._emitter.consumer_on_loop:
+            self._widen(LANE_UNITS)  # a window of _HELD_RUNS runs
+            held = _Held(self, source, LANE_UNITS)
+            await held.run()
+        else:
+            if not self._emitter.hand_source(source, (self._ctx.speed.per_unit or 0.0) / 4):
+                return None
         back = await source.future
         if back is DECLINED:
             return None
         next_seq, stop, unfinished = back
         order = self._order
-        made = next_seq - seq - (unfinished is not None)  # made and yielded by the consumer
+        made = next_seq - seq - (unfinished is not None)  # made outside the order stage, and handed over
         order.open(next_seq - seq - 1)  # the first was opened by the scheduler
         for done in range(seq, seq + made):
             order.complete(done, DELIVERED)
-        if unfinished is None:
+        if held is not None:
+            held.end(unfinished is not None)
+        elif unfinished is None:
             self._window.release()  # the first unit's slot: no batch of the consumer's waits in the sink
-        else:  # its samples are awaitables (a sync __getitem__ returned them): finished here, through the sink
+        if unfinished is not None:  # its samples are awaitables (a sync __getitem__ returned them): finished here
             indices = self._ctx.plan.indices(unfinished[1])
             try:
                 outcome = await self._fetcher.finish_awaitables(unfinished[2].samples, indices)
@@ -259,40 +284,55 @@ class _Drawn:
         self._draw = draw
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
+    @property
+    def next(self) -> int | None:
+        """The sequence number of the next unit; None once given back."""
+        return self._next
+
     def step(self, away: bool) -> object:
+        """The consumer's thread: the next unit's batch (or failure), or :data:`HANDED_BACK`."""
+        entries: list[tuple[Stage, int, float]] = []  # the batch's stage times, recorded at once below
+        with FORK_GATE.user_code():
+            item = self.make(entries, away)
+        stats = self._lane._ctx.stats
+        if item is HANDED_BACK:
+            stats.add_all(entries)
+        else:
+            stats.made_with_source(entries, [type(item) is Failed])
+        return item
+
+    def make(self, entries: list[tuple[Stage, int, float]], away: bool) -> object:
+        """Draw the next unit and make its batch (the caller passes the fork gate and records ``entries``, the
+        stage times); or give the source back and return :data:`HANDED_BACK`."""
         seq = self._next
         if seq is None:
             return HANDED_BACK
         lane = self._lane
         ctx = lane._ctx
-        entries: list[tuple[Stage, int, float]] = []  # the batch's stage times, recorded at once below
         unit, self._unit = self._unit, _NONE
         if unit is _NONE:
             drawn = time.perf_counter()
             try:
                 unit = self._draw()
             except StopIteration:
-                return self._give_back(seq, "end")
+                return self.give_back(seq, "end")
             except Exception as exc:
-                return self._give_back(seq, exc)
+                return self.give_back(seq, exc)
             entries.append(("sampler", ctx.plan.size(unit), time.perf_counter() - drawn))
-        with FORK_GATE.user_code():
-            outcome, seconds = lane._make(unit, lane._getitems, lambda *entry: entries.append(entry), True)
+        outcome, seconds = lane._make(unit, lane._getitems, lambda *entry: entries.append(entry), True)
         if type(outcome) is _Unfinished:  # the loop finishes it, and the sink hands it over
-            ctx.stats.add_all(entries)
-            return self._give_back(seq + 1, None, (seq, unit, outcome))
-        ctx.stats.made_by_consumer(entries, type(outcome) is Failed)
+            return self.give_back(seq + 1, None, (seq, unit, outcome))
         # Slow after all (their average, as the lane's own exit: one unit slowed by another thread holding the GIL
         # must not send the next ones through the loop, which would wait for it more often still), or the consumer
         # is busy between batches: the loop makes the next ones.
         slow = seconds >= _LANE_EXIT_SECONDS and (ctx.speed.per_unit or 0.0) >= _LANE_EXIT_SECONDS
         if slow or away:
-            self._give_back(seq + 1, None)
+            self.give_back(seq + 1, None)
         else:
             self._next = seq + 1
         return outcome
 
-    def _give_back(self, next_seq: int, stop: Stop, unfinished: tuple[int, Any, _Unfinished] | None = None) -> object:
+    def give_back(self, next_seq: int, stop: Stop, unfinished: tuple[int, Any, _Unfinished] | None = None) -> object:
         self._next = None
         try:
             self.future.get_loop().call_soon_threadsafe(_settle, self.future, (next_seq, stop, unfinished))
@@ -310,6 +350,146 @@ _NONE: Final = object()
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+class _Held:
+    """The source held by the lane's thread (``async for``, whose consumer is the loop and makes no batch): one long
+    call there draws the units and makes their batches with ``_Drawn.make``, as the sync driver's consumer does,
+    and hands them to the sink in runs of up to ``units`` (about ``_LANE_SECONDS`` of work, as a lane call: one
+    wake of the loop a run), which the consumer yields in their turn: the loop does nothing per batch but hand it
+    over. ``_HELD_RUNS`` runs at most are made and not yet yielded (``credits``); the hold owns that many runs'
+    window slots meanwhile, the first unit's included, so the window bounds memory as it does for the lane's
+    calls."""
+
+    __slots__ = ("_credits", "_emitter", "_ended", "_lane", "_loop", "_pending", "_source", "_stopped", "_units")
+
+    def __init__(self, lane: Lane, source: _Drawn, units: int) -> None:
+        self._lane = lane
+        self._source = source
+        self._units = units
+        self._emitter = lane._emitter
+        self._loop = asyncio.get_running_loop()
+        self._credits = threading.Semaphore(_HELD_RUNS)  # runs the thread may make before the consumer yields one
+        self._stopped = False
+        self._pending = 0  # loop side: runs in the sink, not yet yielded
+        self._ended = False  # loop side: the hold is over; a run yielded now frees its window slots
+
+    async def run(self) -> None:
+        """Hold the source until the thread gives it back (its future is then set)."""
+        lane = self._lane
+        for _ in range(_HELD_RUNS * self._units - 1):  # the first unit has its slot
+            await lane._window.acquire()
+        try:
+            await lane.thread.run(self._make, gated=False)
+        except asyncio.CancelledError:
+            self._stopped = True  # the epoch is over: the thread stops after its run, or at once if it waits
+            self._credits.release()
+            raise
+        except BaseException as exc:  # the call itself failed (a closed pool): give the source back with it
+            next_seq = self._source.next
+            if next_seq is not None:
+                self._source.give_back(next_seq, exc)
+
+    def _make(self) -> None:
+        """The lane's thread: runs of batches, each made by ``_Drawn.make``; each run passes the fork gate (this
+        long call must not hold a fork up while it waits for a credit)."""
+        source, credits, units, loop = self._source, self._credits, self._units, self._loop
+        stats = self._lane._ctx.stats
+        try:
+            while True:
+                credits.acquire()
+                if self._stopped:
+                    return
+                first = source.next
+                if first is None:
+                    return
+                outcomes: list[object] = []
+                entries: list[tuple[Stage, int, float]] = []  # the run's stage times, recorded at once
+                item: object = None
+                # About _LANE_SECONDS of work, as a lane call (a benign race: the speed is updated as units are made).
+                per_unit = self._lane._ctx.speed.per_unit or _LANE_SECONDS
+                count = max(1, min(units, int(_LANE_SECONDS / max(per_unit, 1e-9))))
+                with FORK_GATE.user_code():  # a run is a few milliseconds: a fork waits for it at most that long
+                    while len(outcomes) < count:
+                        item = source.make(entries, False)
+                        if item is HANDED_BACK:
+                            break
+                        outcomes.append(item)
+                stats.made_with_source(entries, [type(o) is Failed for o in outcomes])
+                if outcomes:
+                    try:
+                        loop.call_soon_threadsafe(self._deliver, first, outcomes)
+                    except RuntimeError:  # the loop is closed: the epoch is over
+                        return
+                if item is HANDED_BACK:
+                    return
+        except BaseException as exc:  # not a sample's failure (those are outcomes): never leave the scheduler waiting
+            next_seq = source.next
+            if next_seq is not None:
+                source.give_back(next_seq, exc)
+
+    def _deliver(self, first: int, outcomes: list[object]) -> None:
+        """Loop side: a run to the sink, yielded in its turn."""
+        self._pending += 1
+        self._emitter.put_made(_HeldRun(self, first if self._lane._ctx.plan.in_order else None), outcomes)
+
+    def yielded(self) -> None:
+        """Loop side (the consumer's task): a run was yielded; the thread may make another, or once the hold is
+        over, its window slots are free."""
+        self._pending -= 1
+        if self._ended:
+            for _ in range(self._units):
+                self._lane._window.release()
+        else:
+            self._credits.release()
+
+    def end(self, unfinished: bool) -> None:
+        """Loop side, once the source is given back: free the window slots of the runs not in the sink (less the
+        slot of a unit still to be finished on the loop, which the sink stage frees)."""
+        self._ended = True
+        for _ in range(self._units * (_HELD_RUNS - self._pending) - unfinished):
+            self._lane._window.release()
+
+
+class _HeldRun:
+    """One run of the lane's thread holding the source (``MadeRun``)."""
+
+    __slots__ = ("_held", "first")
+
+    def __init__(self, held: _Held, first: int | None) -> None:
+        self._held = held
+        self.first = first
+
+    def yielded(self) -> None:
+        self._held.yielded()
+
+
+class _LaneRun:
+    """Outcomes of one lane call, handed to the sink as a run (``MadeRun``): their window slots are freed once the
+    consumer has yielded them all (a lane call's worth of memory, as the order stage's hand-off frees them)."""
+
+    __slots__ = ("_count", "_loop", "_window", "first")
+
+    def __init__(self, window: Window, first: int | None, count: int) -> None:
+        self._window = window
+        self._loop = asyncio.get_running_loop()
+        self.first = first
+        self._count = count
+
+    def yielded(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the sync driver's consumer thread
+            try:
+                self._loop.call_soon_threadsafe(self._release)
+            except RuntimeError:  # the loop is closed: the epoch is over
+                pass
+            return
+        self._release()  # the loop's own consumer task (async for)
+
+    def _release(self) -> None:
+        for _ in range(self._count):
+            self._window.release()
 
 
 class _InConsumer:

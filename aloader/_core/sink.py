@@ -17,25 +17,30 @@ from aloader._core.order import Window
 from aloader._core.outcomes import END, SKIPPED, Failed
 from aloader._stats import Recorder
 
-__all__ = ["HANDED_BACK", "ConsumerCall", "ConsumerSource", "Emitter", "Sink"]
+__all__ = ["HANDED_BACK", "ConsumerCall", "ConsumerSource", "Emitter", "MadeRun", "Sink"]
 
 
-class ConsumerCall(Protocol):
-    """Work the sink's consumer runs in its own thread, whose outcomes it then yields itself (see ``lane.py``)."""
+class MadeRun(Protocol):
+    """Consecutive outcomes made outside the order stage (by the consumer, or in one call of the lane's thread),
+    which the sink yields in their turn without the loop handing each over (see ``lane.py``)."""
 
     @property
     def first(self) -> int | None:
         """The sequence number of its first outcome: the consumer yields them once it has taken every item before
         it. None: they may be yielded at once (``in_order=False``)."""
 
+    def yielded(self) -> None:
+        """The consumer has yielded every outcome of the run (their memory is its no more)."""
+
+
+class ConsumerCall(MadeRun, Protocol):
+    """Work the sink's consumer runs in its own thread, whose outcomes it then yields itself (see ``lane.py``)."""
+
     def run(self) -> list[object]:
         """Make the outcomes (the loop learns of them too); return those the consumer yields, in order."""
 
     def decline(self) -> None:
         """Give the call back unrun (the consumer went on to other work): the loop runs it elsewhere."""
-
-    def yielded(self) -> None:
-        """The consumer has yielded every outcome ``run()`` returned (their memory is its no more)."""
 
 
 HANDED_BACK: Final = object()
@@ -73,6 +78,10 @@ class Sink(Protocol):
     def put_many(self, items: list[object]) -> None:
         """Append ``items``, for which there is room now, at once (one wake-up of the consumer)."""
 
+    def put_made(self, run: MadeRun, outcomes: list[object]) -> None:
+        """``outcomes``, made outside the order stage, yielded in their turn (from ``run.first`` on); each holds a
+        window slot until ``run.yielded()``, so they do not count against the sink's capacity."""
+
     def offer(self, call: ConsumerCall, idle_below: float) -> bool:
         """Give ``call`` to the consumer to run in its own thread (True) if it waits for items or spends less than
         ``idle_below`` seconds between two of them; never to a consumer that is an event loop."""
@@ -80,6 +89,10 @@ class Sink(Protocol):
     def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
         """Give ``source`` to the consumer (True) if it comes back for items within ``idle_below`` seconds; never
         to a consumer that is an event loop."""
+
+    @property
+    def on_loop(self) -> bool:
+        """The consumer is a task of the pipeline's own loop (``async for``): it never makes items itself."""
 
     def resize(self, capacity: int) -> None:
         """Hold up to ``capacity`` items from now on (items already held above it stay)."""
@@ -122,6 +135,16 @@ class Emitter:
     def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
         """Give the source to the consumer if it comes straight back for batches (see ``Sink.hand_source``)."""
         return self._sink is not None and self._sink.hand_source(source, idle_below)
+
+    def put_made(self, run: MadeRun, outcomes: list[object]) -> None:
+        """Hand ``outcomes`` of a lane call to the sink as one run (see ``Sink.put_made``)."""
+        assert self._sink is not None
+        self._sink.put_made(run, outcomes)
+
+    @property
+    def consumer_on_loop(self) -> bool:
+        """The consumer is known to be a task of this loop (see ``Sink.on_loop``)."""
+        return self._sink is not None and self._sink.on_loop
 
     async def run(self, sink: Sink) -> None:
         self._sink, self._depth = sink, sink.capacity
