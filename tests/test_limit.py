@@ -113,3 +113,29 @@ def test_the_limit_stays_within_one_and_concurrency() -> None:
     rule = Adaptation(3)
     assert [rule.window(0.0) for _ in range(4)] == [2, 3, 3, 3]
     assert [rule.window(2.0) for _ in range(6)] == [3, 3, 2, 1, 1, 1]
+
+
+def test_a_saturated_machine_brings_the_limit_down_a_step_per_reading() -> None:
+    # The doubling stage overshoots (the first GETs all wait); when a reading of the machine finds no idle core, the
+    # limit comes down by an eighth, once per reading (the windows between two readings hold it).
+    rule = Adaptation(64)
+    rule.limit = 64
+    assert rule.window(0.85, idle=0.0) == 56
+    assert [rule.window(0.85) for _ in range(4)] == [56] * 4
+    assert rule.window(0.85, idle=0.0) == 49
+    assert rule.window(0.85, idle=0.01) == 43
+
+
+def test_growth_past_the_doubling_needs_idle_cores_on_the_machine() -> None:
+    rule = Adaptation(64)
+    rule.limit = 16
+    assert rule.window(0.8, idle=0.03) == 16  # a little idle, not enough: held
+    assert [rule.window(0.8) for _ in range(4)] == [16] * 4
+    assert rule.window(0.8, idle=0.1) == 20  # idle cores: a quarter more, once per reading
+    assert [rule.window(0.8) for _ in range(4)] == [20] * 4
+    rule = Adaptation(64)
+    rule.limit = 16
+    assert rule.window(0.9, idle=0.1) == 16  # the worker itself is nearly fully busy: held
+    rule = Adaptation(64)
+    assert rule.window(0.1, idle=0.0) == 2  # calls mostly waiting (storage) double whatever the machine does
+    assert [rule.window(0.1) for _ in range(5)] == [4, 8, 16, 32, 64]

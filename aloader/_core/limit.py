@@ -8,13 +8,25 @@ makes one batch at a time, and the worker would hold more samples in memory). So
 and follows the process's CPU use, measured every 20 ms as a fraction of its share of the cores (:class:`Adaptation`):
 
 - under 35% (its samples mostly wait on storage), it doubles: a dataset that waits reaches 64 calls in ~0.15 s;
-- under 85%, it grows by a quarter; over 95%, it shrinks by a quarter (a CPU-bound dataset stays near one call at a
-  time, in order, as torch's worker).
+- over 95%, it shrinks by a quarter (a CPU-bound dataset stays near one call at a time, in order, as torch's worker);
+- in between, it follows the machine's idle time, read from ``/proc/stat`` (Linux) once per 0.1 s or more, a step
+  per reading: it grows by a quarter while under 85% of its share with at least 5% of all the machine's cores idle,
+  and shrinks by an eighth when a reading finds under 2% idle (the machine saturated). The doubling stage
+  overshoots (a mixed dataset's first GETs all wait, so the limit doubles to ``concurrency`` before decoding
+  starts), and this brings it back to what keeps the cores busy. Where the idle time cannot be read, the limit
+  grows by a quarter per window while under 85% of the share.
 
 The CPU use is smoothed over about 0.1 s (one window's varies far more than a step changes it), and the limit only
 grows when calls waited for a slot in the window. The target is close to the whole share because a worker cannot
 quite reach its nominal share (the main process, the other workers and the storage client take some): with a band of
 70-90% a worker settled where it first kept 70% busy, and the images bench left 20% of the machine idle.
+
+Why the machine's idle time: a worker sharing the cores with the others (and with the main process, the storage client,
+anything else running) does not reach 85% of its nominal share however many calls it runs, so on its own share alone
+the limit climbed by the noise of each window to ``concurrency``: on the images bench (2 cores, 2 workers) every worker
+ran 64 calls where ~20 kept the machine as busy. Each call beyond that is a thread holding a decoded image while it
+waits for the GIL: 64 threads per worker cost ~40 MiB of PSS per worker and a little CPU per sample, for no more
+samples/s. When no core is idle, more calls cannot get more CPU, whoever is using it.
 
 Never below 1 nor above ``concurrency``. It is reconsidered at a release and on a timer while calls wait for a
 slot, so samples that block without using the CPU (a hung request) still let the others go on.
@@ -23,13 +35,14 @@ slot, so samples that block without using the CPU (a hung request) still let the
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import deque
 from typing import Final
 
 from aloader._stats import Recorder, Stage
 
-__all__ = ["Adaptation", "FetchSlots"]
+__all__ = ["Adaptation", "FetchSlots", "MachineIdle"]
 
 _ADAPT_SECONDS: Final = 0.02
 _DOUBLE_BELOW: Final = 0.35  # of the CPU share
@@ -39,32 +52,92 @@ _SHRINK_ABOVE: Final = 0.95
 # a handful of samples and maybe a batch's collate, and measured anywhere from 17% to 92% of a worker's share in a
 # steady run of the images bench; the limit then followed the noise (doubling and shrinking by turns).
 _SMOOTHING: Final = 0.25
+# Growth past the doubling stage needs more than this fraction of the machine's cores idle. /proc/stat counts in ticks
+# (10 ms): it is read once at least 0.1 s have passed, 20 ticks on 2 cores.
+_IDLE_TO_GROW: Final = 0.05
+_IDLE_TO_SHRINK: Final = 0.02
+_IDLE_SECONDS: Final = 0.1
+_PROC_STAT: Final = "/proc/stat"
+
+
+class MachineIdle:
+    """The fraction of the machine's CPU time that was idle, from ``/proc/stat`` (Linux), over the last 0.1 s or more;
+    None where it cannot be read (then the limit follows the process's own CPU use only)."""
+
+    __slots__ = ("_at", "_idle", "_total", "fraction")
+
+    def __init__(self) -> None:
+        self.fraction: float | None = None
+        self._at = time.perf_counter()
+        counters = _cpu_counters() if sys.platform.startswith("linux") else None
+        self._total, self._idle = counters if counters is not None else (0, 0)
+        if counters is None:
+            self._at = float("inf")  # never read again
+
+    def update(self, now: float) -> float | None:
+        """A new reading if 0.1 s have passed since the last one, else None (the last is ``fraction``)."""
+        if now - self._at < _IDLE_SECONDS:
+            return None
+        counters = _cpu_counters()
+        if counters is None:
+            self._at, self.fraction = float("inf"), None
+            return None
+        total, idle = counters
+        if total <= self._total:
+            return None
+        self.fraction = (idle - self._idle) / (total - self._total)
+        self._at, self._total, self._idle = now, total, idle
+        return self.fraction
+
+
+def _cpu_counters() -> tuple[int, int] | None:
+    """(all ticks, idle ticks) of the machine since boot: the first line of /proc/stat (idle and iowait count as
+    idle)."""
+    try:
+        with open(_PROC_STAT, "rb") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 6 or fields[0] != b"cpu":
+        return None
+    ticks = [int(field) for field in fields[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
 
 
 class Adaptation:
     """The adaptive limit's decisions, one per window, from the process's CPU use as a fraction of its share
     (``busy``); see the module docstring. Pure arithmetic, so it is tested window by window."""
 
-    __slots__ = ("_max", "busy", "limit")
+    __slots__ = ("_max", "busy", "idle", "limit")
 
     def __init__(self, maximum: int) -> None:
         self._max = maximum
         self.limit = 1
         self.busy: float | None = None  # the smoothed CPU use
+        self.idle: float | None = None  # the machine's idle fraction, as last read (None: not known)
 
-    def window(self, busy: float, waited: bool = True) -> int:
+    def window(self, busy: float, waited: bool = True, idle: float | None = None) -> int:
         """The limit after a window in which the process was ``busy`` (its CPU time over its share of the cores) and
-        calls ``waited`` for a slot or not (if none did, the limit held nothing back: no reason to raise it)."""
+        calls ``waited`` for a slot or not (if none did, the limit held nothing back: no reason to raise it), with
+        ``idle`` the fraction of the machine's cores idle, when it was read anew for this window (None: no new
+        reading; the last one holds)."""
         smoothed = self.busy = busy if self.busy is None else self.busy + _SMOOTHING * (busy - self.busy)
+        if idle is not None:
+            self.idle = idle
         limit = self.limit
         step = max(1, limit // 4)
         if smoothed > _SHRINK_ABOVE:
             self.limit = max(1, limit - step)
-        elif not waited:
-            pass
-        elif smoothed < _DOUBLE_BELOW:
+        elif waited and smoothed < _DOUBLE_BELOW:
             self.limit = min(self._max, 2 * limit)
-        elif smoothed < _GROW_BELOW:
+        elif self.idle is None:  # the machine's idle time unknown: the process's own CPU use decides
+            if waited and smoothed < _GROW_BELOW:
+                self.limit = min(self._max, limit + step)
+        elif idle is None:
+            pass  # between two readings of the machine's idle time: a step per reading, up or down
+        elif idle < _IDLE_TO_SHRINK:
+            self.limit = max(1, limit - max(1, limit // 8))
+        elif waited and smoothed < _GROW_BELOW and idle >= _IDLE_TO_GROW:
             self.limit = min(self._max, limit + step)
         return self.limit
 
@@ -76,6 +149,7 @@ class FetchSlots:
     def __init__(self, concurrency: int, recorder: Recorder, stage: Stage, cpu_share: float | None = None) -> None:
         self._share = cpu_share
         self._climb = Adaptation(concurrency) if cpu_share is not None else None
+        self._machine = MachineIdle() if cpu_share is not None else None
         self._limit = concurrency if cpu_share is None else 1
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -150,5 +224,6 @@ class FetchSlots:
         cpu = time.process_time()
         busy = (cpu - self._cpu) / elapsed / self._share
         self._since, self._cpu = now, cpu
-        self._limit = self._climb.window(busy, self._waited or bool(self._waiters))
+        idle = self._machine.update(now) if self._machine is not None else None
+        self._limit = self._climb.window(busy, self._waited or bool(self._waiters), idle)
         self._waited = False
