@@ -438,8 +438,7 @@ class _Held:
         over, its window slots are free."""
         self._pending -= 1
         if self._ended:
-            for _ in range(self._units):
-                self._lane._window.release()
+            self._lane._window.release_many(self._units)
         else:
             self._credits.release()
 
@@ -447,8 +446,7 @@ class _Held:
         """Loop side, once the source is given back: free the window slots of the runs not in the sink (less the
         slot of a unit still to be finished on the loop, which the sink stage frees)."""
         self._ended = True
-        for _ in range(self._units * (_HELD_RUNS - self._pending) - unfinished):
-            self._lane._window.release()
+        self._lane._window.release_many(self._units * (_HELD_RUNS - self._pending) - unfinished)
 
 
 class _HeldRun:
@@ -477,19 +475,23 @@ class _LaneRun:
         self._count = count
 
     def yielded(self) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # the sync driver's consumer thread
-            try:
-                self._loop.call_soon_threadsafe(self._release)
-            except RuntimeError:  # the loop is closed: the epoch is over
-                pass
-            return
-        self._release()  # the loop's own consumer task (async for)
+        _free_slots(self._window, self._loop, self._count)
 
-    def _release(self) -> None:
-        for _ in range(self._count):
-            self._window.release()
+
+def _free_slots(window: Window, loop: asyncio.AbstractEventLoop, count: int) -> None:
+    """Free ``count`` window slots of a run the consumer has yielded: at once on the loop (the ``async for`` task),
+    else from the sync driver's consumer thread through the loop (one wake a run, not a batch)."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        window.release_many(count)
+        return
+    try:
+        loop.call_soon_threadsafe(window.release_many, count)
+    except RuntimeError:  # the loop is closed: the epoch is over
+        pass
 
 
 class _InConsumer:
@@ -529,13 +531,4 @@ class _InConsumer:
     def yielded(self) -> None:
         """Consumer side: the outcomes it made are all yielded; their window slots are free (one wake of the loop
         per call, not per batch)."""
-        count, window = len(self.failed), self._lane._window
-
-        def release() -> None:
-            for _ in range(count):
-                window.release()
-
-        try:
-            self.future.get_loop().call_soon_threadsafe(release)
-        except RuntimeError:  # the loop is closed: the epoch is over
-            pass
+        _free_slots(self._lane._window, self.future.get_loop(), len(self.failed))

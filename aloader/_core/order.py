@@ -44,6 +44,10 @@ class Window:
         else:
             self._slots.release()
 
+    def release_many(self, count: int) -> None:
+        for _ in range(count):
+            self.release()
+
     def resize(self, size: int) -> None:
         for _ in range(size - self._size):
             self._slots.release()
