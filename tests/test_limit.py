@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aloader._core.limit import Adaptation, FetchSlots
+from aloader._core.limit import FETCH_ORDER, Adaptation, FetchSlots
 from aloader._stats import Recorder
 
 
@@ -34,6 +34,40 @@ def test_fixed_limit_holds_and_a_cancelled_waiter_gives_no_slot_away() -> None:
         assert most == 3 and inside == 0 and tasks[4].cancelled()
         async with slots:  # every slot came back
             pass
+
+    asyncio.run(main())
+
+
+def test_waiting_calls_get_slots_earliest_unit_first_then_in_arrival_order() -> None:
+    """A worker's slots go to the batch the consumer needs first: its samples are not queued behind the first
+    sample of every later batch in flight."""
+
+    async def main() -> None:
+        slots = FetchSlots(1, Recorder(), "fetch")
+        order: list[tuple[int, int]] = []
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with slots:
+                await release.wait()
+
+        async def call(unit: int, sample: int) -> None:
+            FETCH_ORDER.set(unit)  # as the task that makes the unit sets it
+            async with slots:
+                order.append((unit, sample))
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)  # the holder takes the only slot (a step of the loop, not a timed wait)
+        # Later units arrive first, and a unit's samples arrive interleaved with another's; a cancelled waiter
+        # is passed over.
+        arrivals = [(3, 0), (1, 0), (2, 0), (1, 1), (3, 1), (1, 2), (2, 1)]
+        tasks = [asyncio.create_task(call(unit, sample)) for unit, sample in arrivals]
+        await asyncio.sleep(0)  # every call is waiting now
+        tasks[2].cancel()  # unit 2's first sample
+        release.set()
+        await asyncio.gather(first, *tasks, return_exceptions=True)
+        assert order == [(1, 0), (1, 1), (1, 2), (2, 1), (3, 0), (3, 1)]
+        assert FETCH_ORDER.get() == 0  # each task set it in its own context
 
     asyncio.run(main())
 

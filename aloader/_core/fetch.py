@@ -115,11 +115,13 @@ class Fetcher:
         per_sample = ctx.speed.per_sample
         if per_sample is None and len(indices) > 1:
             return await self._probe_first(indices)
-        run = 1 if per_sample is None else max(1, min(len(indices), int(CHUNK_SECONDS / max(per_sample, 1e-9))))
+        run = self._run_size(len(indices))
         if run >= len(indices) and not inspect.iscoroutinefunction(ctx.plan.transform):
-            # The common fast case: one call does the whole batch, fetch to pinned batch.
+            # The common fast case: one call does the whole batch, fetch to pinned batch (and a CPU-bound batch
+            # under a limit of one call: as torch's worker makes it).
+            quick = per_sample is not None and per_sample * len(indices) < CHUNK_SECONDS
             async with ctx.slots:
-                fetched, batch = await ctx.run_sync(lambda: self._timed_unit(indices), quick=True)
+                fetched, batch = await ctx.run_sync(lambda: self._timed_unit(indices), quick=quick)
             if batch is not UNFINISHED:
                 return batch
             return await self.finish_awaitables(fetched, indices)
@@ -135,20 +137,50 @@ class Fetcher:
         being waited for, so a slow (I/O-bound) dataset loses at most ``PROBE_SECONDS`` of its first batch. Before
         this, every sample of a first batch was a thread call of its own: 64 calls and a dozen new threads for an
         in-memory batch of 64, most of a cold first batch's time (measured: 50-100 ms against torch's 2 ms).
+
+        A first sample that was CPU-bound, under a limit of one call at a time (a worker's CPU-bound dataset), is
+        followed in the same call by the rest and the batch, as torch's worker makes it: the slot is not given up
+        between them, so the first sample of the next batch is not fetched before the rest of this one. ``claim``
+        decides who fetches the rest, that call or the loop (after ``PROBE_SECONDS``, or when the call left it).
         """
-        first = asyncio.ensure_future(self._fetch_sync_run(indices[:1]))
+        claim = threading.Lock()
+        first = asyncio.ensure_future(self._probe_run(indices, claim))
         try:
             await asyncio.wait([first], timeout=PROBE_SECONDS)
         except BaseException:
             first.cancel()
             raise
+        if not claim.acquire(blocking=False):  # the first sample's call fetched the rest and made the batch
+            samples, batch = await first
+            return batch if batch is not UNFINISHED else await self.finish_awaitables(samples, indices)
         rest = indices[1:]
-        per_sample = self._ctx.speed.per_sample if first.done() else None
-        run = 1 if per_sample is None else max(1, min(len(rest), int(CHUNK_SECONDS / max(per_sample, 1e-9))))
+        run = self._run_size(len(rest)) if first.done() else 1
+
+        async def first_sample() -> list[Any]:
+            return (await first)[0]
+
         parts = await gather_ordered(
-            [first] + [self._fetch_sync_run(rest[i : i + run]) for i in range(0, len(rest), run)]
+            [first_sample()] + [self._fetch_sync_run(rest[i : i + run]) for i in range(0, len(rest), run)]
         )
         return await self.finish_awaitables([sample for part in parts for sample in part], indices)
+
+    async def _probe_run(self, indices: list[Any], claim: threading.Lock) -> tuple[list[Any], Any]:
+        async with self._ctx.slots:
+            return await self._ctx.threads.run(lambda: self._probe(indices, claim))
+
+    def _run_size(self, count: int) -> int:
+        """How many of ``count`` samples one thread call fetches: a run of about ``CHUNK_SECONDS``, so slow samples
+        get a call each and wait concurrently; all of them when the limit allows one call at a time and samples are
+        CPU-bound (a worker whose share of the cores is busy): calls of one sample would run one after the other
+        anyway, each costing hand-offs between the loop and a thread, and under contention for the cores each
+        hand-off gave the core away (measured: a CPU-bound worker's first batch ~20% later than torch's)."""
+        speed = self._ctx.speed
+        per_sample = speed.per_sample
+        if per_sample is None:
+            return 1
+        if self._ctx.slots.limit == 1 and speed.cpu_bound:
+            return count
+        return max(1, min(count, int(CHUNK_SECONDS / max(per_sample, 1e-9))))
 
     async def _fetch_sync_run(self, indices: list[Any]) -> list[Any]:
         per_sample = self._ctx.speed.per_sample
@@ -198,7 +230,7 @@ class Fetcher:
         UNFINISHED). Stage times go to ``record`` (the lane collects a call's and records them at once)."""
         ctx, access = self._ctx, self.access
         record = record or ctx.stats.add
-        started = time.perf_counter()
+        started, computed = time.perf_counter(), time.thread_time()
         samples: list[Any] = []
         append, getitem = samples.append, access.getitem
         keys = iter([access.key(index) for index in indices] if access.remaps else indices)
@@ -210,11 +242,25 @@ class Fetcher:
             except Exception as exc:
                 append(ctx.failed("fetch", exc, f"fetching sample index {indices[len(samples)]!r}"))
         elapsed = time.perf_counter() - started
+        computing = (time.thread_time() - computed) / elapsed if elapsed > 0 else None
         record("fetch", len(indices), elapsed)
-        ctx.speed.sample_took(elapsed / len(indices))
+        ctx.speed.sample_took(elapsed / len(indices), computing)
         if finish and not any_awaitable(samples):
             return samples, self._finisher.finish_sync(indices, samples, "sample index", record=record)
         return samples, UNFINISHED
+
+    def _probe(self, indices: list[Any], claim: threading.Lock) -> tuple[list[Any], Any]:
+        """Thread side of ``_probe_first``: the first sample, then, if it was CPU-bound and calls run one at a time
+        and the loop has not taken the rest, the rest and the batch: (samples, batch or UNFINISHED)."""
+        fetched, _ = self.run(indices[:1], finish=False)
+        ctx = self._ctx
+        if ctx.slots.limit == 1 and ctx.speed.cpu_bound and claim.acquire(blocking=False):
+            more, _ = self.run(indices[1:], finish=False)
+            samples = fetched + more
+            if any_awaitable(samples):
+                return samples, UNFINISHED
+            return samples, self._finisher.finish_sync(indices, samples, "sample index")
+        return fetched, UNFINISHED
 
     def getitems_sync(self, indices: list[Any], record: Record) -> tuple[list[Any], Any]:
         """A batch through the dataset's sync ``__getitems__``, as the loop side does it: (samples, batch or

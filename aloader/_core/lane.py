@@ -35,6 +35,7 @@ from typing import Any, Final, Literal
 
 from aloader._core.context import Context, Record
 from aloader._core.fetch import CHUNK_SECONDS, UNFINISHED, Fetcher
+from aloader._core.limit import FETCH_ORDER
 from aloader._core.order import Order, Window
 from aloader._core.outcomes import DELIVERED, Failed
 from aloader._core.sink import HANDED_BACK, Emitter
@@ -130,6 +131,7 @@ class Lane:
     async def run(self, first: int, units: list[Any], start: StartUnit) -> None:
         """Make ``units`` (sequence numbers from ``first``) in one thread call and complete them in order; units
         after one that turned slow are given to ``start``."""
+        FETCH_ORDER.set(first)  # this task's own context: its slot comes in unit order
         try:
             async with self._ctx.slots:
                 call = _InConsumer(self, first, units) if self._in_consumer else None

@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aloader._core.limit import FETCH_ORDER
 from aloader._core.outcomes import DELIVERED, END, NO_BATCH, SKIPPED, Failed
 from aloader._failures import FailureBudget
 
@@ -99,6 +100,7 @@ class Order:
         """Run ``work()`` and complete unit ``seq`` with its result, or with its exception as :class:`Failed`."""
         # ``work`` is called here, not by whoever spawned this: a task cancelled before it first runs then leaves no
         # coroutine that was never awaited.
+        FETCH_ORDER.set(seq)  # this task's own context: its fetch calls wait for slots in unit order
         try:
             outcome: object = await work()
         except asyncio.CancelledError:

@@ -38,6 +38,7 @@ from aloader._pool.setup import (
     fork_from_lasting_thread,
     fork_is_safe,
     freeze_parent,
+    import_for_workers,
     thaw_parent,
 )
 from aloader._pool.transfer import FDS_PER_MESSAGE, HEADER, RemoteError, received, recvfds
@@ -230,6 +231,7 @@ class WorkerPool:
             forked = self._context.get_start_method() == "fork"
             setup_arg = self.setup if forked else pickle.dumps(self.setup, pickle.HIGHEST_PROTOCOL)
             if forked:
+                import_for_workers()
                 self._froze_parent = freeze_parent()
             try:
                 start = functools.partial(self._start_processes, setup_arg)

@@ -47,6 +47,7 @@ from aloader._core.access import MapAccess
 from aloader._core.collate import Finisher
 from aloader._core.context import Context
 from aloader._core.fetch import Fetcher
+from aloader._core.limit import FETCH_ORDER
 from aloader._core.outcomes import NO_BATCH, WithState
 from aloader._core.plan import Plan
 from aloader._pool.setup import WorkerSetup
@@ -201,6 +202,8 @@ async def _serve(
     fatal: list[BaseException] = []
 
     async def answer(task_id: int, op: str, payload: Any) -> None:
+        # Task ids rise in the order the main process sent the tasks: the earliest batch gets fetch slots first.
+        FETCH_ORDER.set(task_id)
         if isinstance(core, RemoteError):
             result: object = core  # every task of a worker that failed to start fails with that error
         else:
