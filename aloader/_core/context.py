@@ -37,7 +37,7 @@ class Context:
         self.site = site
         self.stats = Recorder()
         self.threads = ThreadPool(plan.concurrency + 2)
-        self.slots = FetchSlots(plan.concurrency, self.stats, "fetch", cpu_share=plan.cpu_share)
+        self.slots = FetchSlots(plan.concurrency, self.stats, "fetch", plan.cpu_share, plan.speed)
         self.speed = plan.speed
         # The sync driver's consumer, which takes a call while it waits for its batch (``Emitter.offer``): None
         # until the sink is known, and in worker processes.

@@ -28,6 +28,12 @@ ran 64 calls where ~20 kept the machine as busy. Each call beyond that is a thre
 waits for the GIL: 64 threads per worker cost ~40 MiB of PSS per worker and a little CPU per sample, for no more
 samples/s. When no core is idle, more calls cannot get more CPU, whoever is using it.
 
+CPU-bound samples (:attr:`Speed.cpu_bound`: their calls compute for most of their time) cap the limit at the cores
+the process may use (its share, rounded up; 1 for a worker per core): calls beyond that only take turns at the cores,
+and the batch the consumer needs next finishes later. Without the cap, a CPU-bound dataset's worker beside a busy
+thread (a saturated machine) climbed to 3-4 calls in its first 0.1 s (the machine's idle time is not known yet then,
+and the workers' start had left cores idle), and its first batch was interleaved with three others.
+
 Never below 1 nor above ``concurrency``. It is reconsidered at a release and on a timer while calls wait for a
 slot, so samples that block without using the CPU (a hung request) still let the others go on.
 
@@ -43,11 +49,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import sys
 import time
 from contextvars import ContextVar
 from typing import Final
 
+from aloader._core.plan import Speed
 from aloader._stats import Recorder, Stage
 
 __all__ = ["FETCH_ORDER", "Adaptation", "FetchSlots", "MachineIdle"]
@@ -157,8 +165,16 @@ class FetchSlots:
     """A counting limit on fetch calls (``async with slots:``); the time callers wait goes to ``stage``'s blocked
     time. With ``cpu_share`` (cores this process may use), the limit adapts as the module docstring says."""
 
-    def __init__(self, concurrency: int, recorder: Recorder, stage: Stage, cpu_share: float | None = None) -> None:
+    def __init__(
+        self,
+        concurrency: int,
+        recorder: Recorder,
+        stage: Stage,
+        cpu_share: float | None = None,
+        speed: Speed | None = None,
+    ) -> None:
         self._share = cpu_share
+        self._speed = speed
         self._climb = Adaptation(concurrency) if cpu_share is not None else None
         self._machine = MachineIdle() if cpu_share is not None else None
         self._limit = concurrency if cpu_share is None else 1
@@ -239,5 +255,8 @@ class FetchSlots:
         busy = (cpu - self._cpu) / elapsed / self._share
         self._since, self._cpu = now, cpu
         idle = self._machine.update(now) if self._machine is not None else None
-        self._limit = self._climb.window(busy, self._waited or bool(self._waiters), idle)
+        limit = self._climb.window(busy, self._waited or bool(self._waiters), idle)
+        if self._speed is not None and self._speed.cpu_bound:
+            limit = self._climb.limit = min(limit, max(1, math.ceil(self._share)))
+        self._limit = limit
         self._waited = False
