@@ -2,8 +2,10 @@
 
 One :class:`WorkerPool` per iterator (or per loader with ``persistent_workers=True``)::
 
-    the core's worker stage --submit(worker, op)--> pipe to worker w  (a sender thread per worker: a full pipe must
-          ^                                                             not block the event loop)
+    the core's worker stage --submit(worker, op)--> pipe to worker w  (sent at once if the socket takes it whole;
+          ^                                                             else the rest goes to a sender thread of
+          |                                                             that worker: a full pipe must not block
+          |                                                             the event loop)
           |  asyncio future, resolved with call_soon_threadsafe
     reader thread: multiprocessing.connection.wait() on every worker's result pipe *and* process sentinel, so a
                    worker that dies fails the futures it held at once, naming the worker and its samples.
@@ -26,6 +28,7 @@ import pickle
 import queue
 import signal
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any, Final
@@ -54,6 +57,16 @@ _FORK_WAIT_SECONDS: Final = 1.0
 # How long close() lets an idle worker exit by itself (it sees end-of-file at once) before terminating it.
 _EXIT_GRACE_SECONDS: Final = 5.0
 _EXIT: Final = pickle.dumps(None)
+_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)  # 0: not on this platform, every message goes to a thread
+_SIZE: Final = struct.Struct("!i")  # multiprocessing.Connection's framing, which the worker's recv_bytes reads
+_LARGE_SIZE: Final = struct.Struct("!Q")
+
+
+def _frame(message: bytes) -> bytes:
+    """``message`` framed as ``Connection.send_bytes`` frames it (a size, or -1 and a 64-bit size, then the bytes)."""
+    if len(message) > 0x7FFFFFFF:
+        return _SIZE.pack(-1) + _LARGE_SIZE.pack(len(message)) + message
+    return _SIZE.pack(len(message)) + message
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -158,8 +171,12 @@ class WorkerPool:
         # None: the default, decided when the workers start (start_by_fork_if_safe, else default_context()).
         self._context = context
         self._lock = threading.Lock()  # start/close/pending
+        # Per worker: what could not be sent at once (frames, in order; None stops the sender), the thread sending it,
+        # started at the first need (most pools never need one: the worker's reader drains its pipe continuously),
+        # and how many frames wait in it (while any do, later ones queue behind them).
         self._send_queues: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in range(num_workers)]
-        self._senders: list[threading.Thread] = []
+        self._senders: list[threading.Thread | None] = [None] * num_workers
+        self._backlog = [0] * num_workers
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._socks: list[socket.socket] = []  # the same sockets as _conns, for receiving descriptors
@@ -249,12 +266,6 @@ class WorkerPool:
             self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
             self._reader = threading.Thread(target=self._read, name="aloader-pool-reader", daemon=True)
             self._reader.start()
-            for worker_id in range(self.num_workers):
-                sender = threading.Thread(
-                    target=self._send, args=(worker_id,), name=f"aloader-pool-sender-{worker_id}", daemon=True
-                )
-                self._senders.append(sender)
-                sender.start()
 
     def _start_processes(self, setup_arg: WorkerSetup | bytes) -> None:
         assert self._context is not None
@@ -292,24 +303,48 @@ class WorkerPool:
             if dead is None:
                 self._pending[task_id] = _Pending(worker_id, loop, future, what)
                 self._in_flight[worker_id] += 1
-                self._send_queues[worker_id].put(pickle.dumps((task_id, op, payload), pickle.HIGHEST_PROTOCOL))
+                self._post(worker_id, _frame(pickle.dumps((task_id, op, payload), pickle.HIGHEST_PROTOCOL)))
         if dead is not None:
             future.set_exception(dead.again(what))
         return future
 
-    def _send(self, worker_id: int) -> None:
-        conn, work = self._conns[worker_id], self._send_queues[worker_id]
-        while True:
-            message = work.get()
-            # None: the pool is closing. Tell the worker to exit rather than rely on end-of-file: with "fork", the
-            # other workers inherited this socket's parent end, so closing ours alone does not end the stream.
+    def _post(self, worker_id: int, frame: bytes) -> None:
+        """Under the lock: send ``frame`` now if nothing waits before it and the socket takes it whole (never
+        blocking); else queue the rest for this worker's sender thread. A send from the submitting thread saves the
+        sender thread's start and its turn at the GIL per task (measured beside a busy thread: the pool's start took
+        ~25 ms, most of it starting the sender threads)."""
+        if self._backlog[worker_id] == 0 and _DONTWAIT:
             try:
-                conn.send_bytes(message if message is not None else _EXIT)
-            except (OSError, ValueError):  # the worker died (the reader fails its tasks) or was terminated
-                pass
-            if message is None:
+                sent = self._socks[worker_id].send(frame, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the worker died (the reader fails its tasks) or was terminated
                 return
-            del message
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        self._backlog[worker_id] += 1
+        self._send_queues[worker_id].put(frame)
+        if self._senders[worker_id] is None:
+            sender = threading.Thread(
+                target=self._send, args=(worker_id,), name=f"aloader-pool-sender-{worker_id}", daemon=True
+            )
+            self._senders[worker_id] = sender
+            sender.start()
+
+    def _send(self, worker_id: int) -> None:
+        sock, work = self._socks[worker_id], self._send_queues[worker_id]
+        while True:
+            frame = work.get()
+            if frame is None:
+                return
+            try:
+                sock.sendall(frame)
+            except OSError:  # the worker died (the reader fails its tasks) or was terminated
+                pass
+            del frame
+            with self._lock:
+                self._backlog[worker_id] -= 1
 
     def _read(self) -> None:
         assert self._wake_r is not None
@@ -428,14 +463,30 @@ class WorkerPool:
                 self._reader.join()
             finally:
                 self._lock.acquire()
-        for work in self._send_queues:
-            work.put(None)
         for worker_id, process in enumerate(self._processes):
             if self._in_flight[worker_id] > 0:
                 process.terminate()  # running user code (maybe for an abandoned batch): do not wait for it
+        # Tell each worker to exit rather than rely on end-of-file: with "fork", the other workers inherited this
+        # socket's parent end, so closing ours alone does not end the stream. Behind what waits in its sender, if
+        # any (a send blocked on a full pipe ends: the worker reads, or was terminated just now).
+        exit_frame = _frame(_EXIT)
+        for worker_id in range(len(self._socks)):
+            if self._senders[worker_id] is not None:
+                self._send_queues[worker_id].put(exit_frame)
+                self._send_queues[worker_id].put(None)
+                continue
+            try:  # nothing waits in its pipe: it answered every task, or was terminated above
+                self._socks[worker_id].send(exit_frame, _DONTWAIT)
+            except OSError:
+                pass
         for sender in self._senders:
-            if sender is not threading.current_thread():  # a garbage collection may run close() anywhere
-                sender.join()  # a send blocked on a full pipe ends: the worker reads, or was terminated just now
+            if sender is not None and sender is not threading.current_thread():  # a collection may close() anywhere
+                # Released while joining: a sender takes the lock after each send.
+                self._lock.release()
+                try:
+                    sender.join()
+                finally:
+                    self._lock.acquire()
         held = list(self._pending.values())
         self._pending.clear()
         closed = WorkerDiedError("the DataLoader's worker pool was closed")
