@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import logging
 import os
@@ -139,6 +140,10 @@ class KillsWorker(Dataset[Any]):
         if i == self.victim and get_worker_info() is not None:
             if self.how == "exit":
                 os._exit(3)
+            # pytest's faulthandler, inherited by a forked worker, catches the signal and dumps every thread's stack
+            # before re-raising it; a dump racing the worker's other threads now and then crashes with SIGSEGV, and
+            # the worker would be reported as killed by that instead.
+            faulthandler.disable()
             os.kill(os.getpid(), signal.SIGBUS if self.how == "bus" else signal.SIGKILL)
         return i
 
