@@ -358,3 +358,64 @@ class StreamsWaitingForRelease(IterableDataset[Any]):
                 with open(self.path, "rb") as fifo:  # blocks until a writer opens it
                     fifo.read()
             yield 100 * worker_id + j
+
+
+# The worker's heap trims (aloader._pool.worker.MallocTrim), seen from inside the worker: set after each trim by
+# the hook ``after_trims`` installs, so a sample can wait for the next one instead of guessing when it happens.
+TRIMMED = threading.Event()
+_CHUNK = 64 * 1024  # below glibc's mmap threshold: these chunks come from the heap, not from mappings of their own
+
+
+def after_trims(worker_id: int) -> None:
+    """worker_init_fn: every heap trim of this worker sets ``TRIMMED`` once it is done."""
+    from aloader._pool.worker import MallocTrim
+
+    trim = MallocTrim.trim
+
+    def trim_and_tell(self: MallocTrim) -> None:
+        trim(self)
+        TRIMMED.set()
+
+    MallocTrim.trim = trim_and_tell  # type: ignore[method-assign]
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_inside_the_heap(mib: int) -> int:
+    """Allocate and touch ``mib`` MiB from the C heap in 64 KiB chunks, then free all but the last, which pins the
+    heap's top (glibc gives back the free space at the top by itself, and keeps the rest); the resident bytes then.
+    The pinned chunk is left allocated: it is 64 KiB."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    chunks = [libc.malloc(_CHUNK) for _ in range(mib * 2**20 // _CHUNK)]
+    for chunk in chunks:
+        ctypes.memset(chunk, 1, _CHUNK)
+    for chunk in chunks[:-1]:
+        libc.free(chunk)
+    return resident_bytes()
+
+
+class FreesHeapMemory(Dataset[Any]):
+    """Sample 0 frees 64 MiB inside the worker's heap; sample 1 waits until the worker has trimmed its heap after
+    that (``after_trims`` as the ``worker_init_fn``) and is ``(resident bytes after the free, after the trim)``."""
+
+    def __init__(self) -> None:
+        self._freed = 0
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 0:
+            self._freed = free_inside_the_heap(64)
+            TRIMMED.clear()  # the trims that count come after this sample is sent
+            return torch.tensor([0, 0])
+        if not TRIMMED.wait(timeout=60):
+            raise TimeoutError("the worker never trimmed its heap after sending a batch")
+        return torch.tensor([self._freed, resident_bytes()])

@@ -6,6 +6,7 @@ process, thread, descriptor or shared-memory segment is left behind.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import aloader
+from aloader._pool.worker import MallocTrim
 from tests import pool_datasets as pd
 from tests.conftest import Driver, assert_same
 
@@ -124,3 +126,39 @@ def test_resume_after_a_kill_with_workers(driver: Driver, tmp_path: Path) -> Non
     resumed = pd.shuffled_numbers_loader()
     resumed.load_state_dict(json.loads(state_file.read_text()))
     assert [batch[0].tolist() for batch in driver.collect(resumed)] == whole[3:]
+
+
+def _has_malloc_trim() -> bool:
+    try:
+        ctypes.CDLL(None).malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return False
+    return sys.platform.startswith("linux")
+
+
+needs_malloc_trim = pytest.mark.skipif(not _has_malloc_trim(), reason="glibc's malloc_trim")
+
+
+def test_malloc_trim_is_due_at_most_every_interval() -> None:
+    trim = MallocTrim(seconds=0.5)
+    due = [trim.due(now) for now in (100.0, 100.2, 100.49, 100.5, 100.6, 101.2)]
+    assert due == ([True, False, False, True, False, True] if _has_malloc_trim() else [False] * 6)
+
+
+@needs_malloc_trim
+def test_malloc_trim_gives_back_free_memory_inside_the_heap() -> None:
+    freed = pd.free_inside_the_heap(64)
+    MallocTrim().trim()
+    assert freed - pd.resident_bytes() > 32 * 2**20
+
+
+@needs_malloc_trim
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_workers_trim_their_heaps_after_sending_a_batch(driver: Driver, concurrency: int) -> None:
+    # Sample 0 frees 64 MiB inside the worker's heap, which glibc keeps; once its batch is sent the worker trims (the
+    # first trim is due at once), and sample 1, which waits for that trim, sees the memory given back.
+    loader = aloader.DataLoader(
+        pd.FreesHeapMemory(), batch_size=None, num_workers=1, concurrency=concurrency, worker_init_fn=pd.after_trims
+    )
+    _, (freed, after) = driver.collect(loader)
+    assert freed - after > 32 * 2**20, (freed, after)

@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Final
 
 import numpy as np
@@ -60,6 +61,47 @@ __all__ = ["WorkerCore", "worker_main"]
 _PR_SET_PDEATHSIG: Final = 1
 _M_ARENA_MAX: Final = -8  # glibc's mallopt parameter
 _ARENAS: Final = 2
+# How often at most a worker hands the free memory of its malloc heaps back to the kernel (see MallocTrim).
+_TRIM_SECONDS: Final = 0.5
+
+
+class MallocTrim:
+    """glibc: give the free memory of this process's malloc heaps back to the kernel (``malloc_trim(0)``), at most
+    once every ``seconds``; elsewhere (no ``malloc_trim``) nothing.
+
+    A worker's threads decode samples at once, and when they are many (the fetch limit's start-up overshoots, see
+    ``_core/limit.py``) the heaps grow to hold all their buffers. glibc keeps what is freed inside a heap for later
+    use and gives back only the free space at its top, so a worker kept that high-water mark for the rest of its
+    life: 40-50 MiB of free memory in its second arena and more in the main heap, on the images bench (more than a
+    torch worker, which decodes one sample at a time). Trimming every half second holds a worker near what it is
+    using; memory freed and used again within that time stays mapped, so it is not faulted back in per batch
+    (trimming after every batch cost ~5% of the throughput there; every 0.5 s, ~1%, within the noise, and 1-2% more
+    CPU per sample). A trim takes 0.5-12 ms, so it runs on a pool thread, never on the loop.
+    """
+
+    __slots__ = ("_due", "_seconds", "_trim")
+
+    def __init__(self, seconds: float = _TRIM_SECONDS) -> None:
+        self._seconds = seconds
+        self._due = 0.0
+        self._trim: Any = None
+        if sys.platform.startswith("linux"):
+            try:
+                self._trim = ctypes.CDLL(None).malloc_trim  # ctypes releases the GIL for the call
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                pass
+        if self._trim is not None:
+            self._trim.argtypes, self._trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def due(self, now: float) -> bool:
+        """Whether a trim is due at ``now`` (a monotonic clock); if so, the next is due ``seconds`` later."""
+        if self._trim is None or now < self._due:
+            return False
+        self._due = now + self._seconds
+        return True
+
+    def trim(self) -> None:
+        self._trim(0)
 
 
 class WorkerCore:
@@ -97,6 +139,12 @@ class WorkerCore:
         self._pulling = asyncio.Lock()  # an iterable copy yields one batch's items at a time (not thread-safe)
         self._iterator: Any = None
         self._ended = False
+        self._malloc = MallocTrim()
+
+    async def sent(self) -> None:
+        """A task's answer has been sent (its batch's memory is free again): trim the heaps if it is time."""
+        if self._malloc.due(time.monotonic()):
+            await self._ctx.threads.run(self._malloc.trim, gated=False)
 
     async def answer(self, op: str, payload: Any) -> Any:
         if self._serial is None:
@@ -224,6 +272,10 @@ async def _serve(
             send_result(conn, sock, task_id, result)
         except OSError:  # the main process is gone
             inbox.put_nowait(None)
+            return
+        if not isinstance(core, RemoteError):
+            del result  # the batch (its shared memory) is the main process's now
+            await core.sent()
 
     threading.Thread(target=read, name="aloader-worker-reader", daemon=True).start()
     tasks: set[asyncio.Task[None]] = set()
