@@ -110,6 +110,18 @@ def test_mostly_waiting_doubles_and_computing_shrinks_to_one_call() -> None:
     assert [rule.window(1.0) for _ in range(5)] == [1] * 5  # a CPU-bound dataset stays at one call at a time
 
 
+def test_cpu_bound_samples_cap_the_limit_at_the_cores_even_where_it_would_double() -> None:
+    # A worker's first windows: its share was idle while it started, so the rule alone would double; samples known to
+    # compute most of their time are capped at its cores (one per worker on two cores with two workers).
+    rule = Adaptation(64)
+    assert [rule.window(0.1, cap=1) for _ in range(3)] == [1, 1, 1]
+    rule = Adaptation(64)
+    assert [rule.window(0.1, cap=2) for _ in range(3)] == [2, 2, 2]
+    rule = Adaptation(64)
+    rule.limit = 4  # climbed before the samples were known to be CPU-bound: brought down at once
+    assert rule.window(0.9, cap=1) == 1
+
+
 def test_grows_until_its_share_of_the_cores_is_nearly_all_busy() -> None:
     # A worker that cannot get its whole share (others take some) still grows while under 85% of it: the old band
     # (70-90%) stopped at 70% and left the machine a fifth idle.

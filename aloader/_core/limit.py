@@ -135,11 +135,11 @@ class Adaptation:
         self.busy: float | None = None  # the smoothed CPU use
         self.idle: float | None = None  # the machine's idle fraction, as last read (None: not known)
 
-    def window(self, busy: float, waited: bool = True, idle: float | None = None) -> int:
+    def window(self, busy: float, waited: bool = True, idle: float | None = None, cap: int | None = None) -> int:
         """The limit after a window in which the process was ``busy`` (its CPU time over its share of the cores) and
         calls ``waited`` for a slot or not (if none did, the limit held nothing back: no reason to raise it), with
         ``idle`` the fraction of the machine's cores idle, when it was read anew for this window (None: no new
-        reading; the last one holds)."""
+        reading; the last one holds), and at most ``cap`` (CPU-bound samples: the cores the process may use)."""
         smoothed = self.busy = busy if self.busy is None else self.busy + _SMOOTHING * (busy - self.busy)
         if idle is not None:
             self.idle = idle
@@ -158,6 +158,8 @@ class Adaptation:
             self.limit = max(1, limit - max(1, limit // 8))
         elif waited and smoothed < _GROW_BELOW and idle >= _IDLE_TO_GROW:
             self.limit = min(self._max, limit + step)
+        if cap is not None:
+            self.limit = min(self.limit, cap)
         return self.limit
 
 
@@ -255,8 +257,6 @@ class FetchSlots:
         busy = (cpu - self._cpu) / elapsed / self._share
         self._since, self._cpu = now, cpu
         idle = self._machine.update(now) if self._machine is not None else None
-        limit = self._climb.window(busy, self._waited or bool(self._waiters), idle)
-        if self._speed is not None and self._speed.cpu_bound:
-            limit = self._climb.limit = min(limit, max(1, math.ceil(self._share)))
-        self._limit = limit
+        cap = max(1, math.ceil(self._share)) if self._speed is not None and self._speed.cpu_bound else None
+        self._limit = self._climb.window(busy, self._waited or bool(self._waiters), idle, cap)
         self._waited = False

@@ -289,8 +289,9 @@ class WorkerPool:
     def submit(self, worker_id: int, op: str, payload: Any, what: str) -> asyncio.Future[Any]:
         """Queue a task for ``worker_id`` (never blocks); its future resolves with the result or raises.
 
-        Tasks reach a worker in the order they are submitted (one sender thread per worker): with the same seeds,
-        the same batches in the same order give the same random draws as in torch's workers.
+        Tasks reach a worker in the order they are submitted (sent at once, or behind what waits in that worker's
+        sender thread): with the same seeds, the same batches in the same order give the same random draws as in
+        torch's workers.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
