@@ -249,6 +249,23 @@ class AsyncNumbers:
         return i
 
 
+class AsyncBlobs:
+    """Async map-style over bytes, every third pair of samples 1 MiB (a batch of two is a task bigger than a socket's
+    buffer) and the others 16 bytes: a sync transform in the workers gets them in its tasks, some sent at once and
+    some behind a big one."""
+
+    def __len__(self) -> int:
+        return 24
+
+    async def __getitem__(self, i: int) -> bytes:
+        await asyncio.sleep(0)
+        return bytes([i]) * ((1 << 20) if (i // 2) % 3 == 0 else 16)
+
+
+def size_and_byte(sample: bytes) -> tuple[int, int, int]:
+    return len(sample), sample[0], sample[-1]
+
+
 def as_list(batch: list[Any]) -> list[Any]:
     """A collate_fn that keeps samples as they are (numpy arrays stay arrays)."""
     return batch

@@ -225,6 +225,16 @@ def test_transform_runs_in_a_worker_process(driver: Driver) -> None:
     assert os.getpid() not in pids and len(pids) == 2
 
 
+def test_tasks_bigger_than_the_pipe_reach_their_worker_whole_and_in_order(driver: Driver) -> None:
+    # A task that does not fit the socket's buffer goes partly at once and the rest through the worker's sender
+    # thread; a small task after it must wait behind it, not overtake it.
+    loader = aloader.DataLoader(
+        pd.AsyncBlobs(), batch_size=2, num_workers=2, transform=pd.size_and_byte, collate_fn=pd.as_list
+    )
+    samples = [sample for batch in driver.collect(loader) for sample in batch]
+    assert samples == [((1 << 20) if (i // 2) % 3 == 0 else 16, i, i) for i in range(24)]
+
+
 def test_sync_dataset_and_transform_run_in_workers(driver: Driver) -> None:
     batches = driver.collect(aloader.DataLoader(pd.Pids(), batch_size=2, num_workers=2, transform=pd.square))
     pids = [int(pid) for batch in batches for pid in batch.sqrt().round().long()]
