@@ -280,16 +280,21 @@ TORCH_DEATH_SCRIPT = textwrap.dedent(
 
 
 @functools.cache
-def _torch_death(how: str) -> dict[str, str]:
+def _torch_death(how: str) -> dict[str, Any]:
     """torch's error for a worker that dies, in the form aloader gives: "DataLoader worker (pid(s) N) exited
     unexpectedly", its per-worker error chained. Depending on when the signal lands, torch's SIGCHLD handler raises
     first, in the main thread, with a shorter text ("DataLoader worker (pid N) is killed by signal: ..."), or torch
     fails receiving a batch the dead worker had sent (ConnectionResetError from multiprocessing's resource sharer);
     such a run is repeated. In a fresh interpreter: torch's iterator, after a worker's death, leaves its other worker,
     threads and descriptors to be collected at some later time, which this process's leak checks would find."""
+    return _json_of_script(TORCH_DEATH_SCRIPT, how)
+
+
+def _json_of_script(script: str, *args: str) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter at the repository's root; the JSON object its last line prints."""
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, "-c", TORCH_DEATH_SCRIPT, how],
+        [sys.executable, "-c", script, *args],
         cwd=root,
         capture_output=True,
         text=True,
@@ -297,7 +302,7 @@ def _torch_death(how: str) -> dict[str, str]:
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
-    answer: dict[str, str] = json.loads(result.stdout.strip().splitlines()[-1])
+    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return answer
 
 
@@ -628,18 +633,7 @@ DESCRIPTORS_SCRIPT = textwrap.dedent(
 
 @functools.cache
 def _under_few_descriptors(which: str, driver: str, strategy: str) -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run(
-        [sys.executable, "-c", DESCRIPTORS_SCRIPT, which, driver, strategy],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
-    assert result.returncode == 0, result.stderr
-    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return answer
+    return _json_of_script(DESCRIPTORS_SCRIPT, which, driver, strategy)
 
 
 @pytest.mark.slow
