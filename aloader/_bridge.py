@@ -414,7 +414,9 @@ class ThreadChannel:
             self._items.clear()
             self._calls.clear()
             self._runs.clear()
-            self._source_offered = self._source = None
+            held, self._source_offered, self._source = self._source, None, None
+        if held is not None:
+            held.record()
 
     @property
     def capacity(self) -> int:

@@ -25,6 +25,7 @@ _STAGES: Final[tuple[Stage, ...]] = ("sampler", "fetch", "transform", "collate")
 _PER_OCTAVE: Final = 8  # histogram buckets per doubling: bucket bounds within 9% of each other
 _FLOOR: Final = 1e-7  # seconds of the first bucket; faster items count there
 _BUCKETS: Final = 40 * _PER_OCTAVE  # 1e-7 s .. ~1e5 s
+_LAST: Final = _BUCKETS - 1
 
 
 class _Histogram:
@@ -35,8 +36,8 @@ class _Histogram:
         self.total = 0
 
     def add(self, seconds: float, weight: int) -> None:
-        bucket = 0 if seconds <= _FLOOR else min(_BUCKETS - 1, int(math.log2(seconds / _FLOOR) * _PER_OCTAVE))
-        self.counts[bucket] += weight
+        scaled = seconds / _FLOOR
+        self.counts[0 if scaled <= 1.0 else min(_LAST, int(math.log2(scaled) * _PER_OCTAVE))] += weight
         self.total += weight
 
     def quantile(self, q: float) -> float | None:
@@ -110,9 +111,10 @@ class Recorder:
             self._add_entries(entries)
 
     def _add_entries(self, entries: list[tuple[Stage, int, float]]) -> None:
+        stages = self._stages
         for stage, items, seconds in entries:
             if items > 0:
-                counters = self._stages[stage]
+                counters = stages[stage]
                 counters.items += items
                 counters.busy += seconds
                 counters.histogram.add(seconds / items, items)
@@ -123,8 +125,10 @@ class Recorder:
         each a failure), under one acquisition of the lock."""
         with self._lock:
             self._add_entries(entries)
-            for one in failed:
-                self._delivered(one)
+            made = len(failed)
+            self._batches += made
+            self._failed_batches += sum(failed)
+            self._ready.add(0.0, made)
 
     def blocked(self, stage: Stage, seconds: float) -> None:
         with self._lock:

@@ -56,9 +56,11 @@ class ForkGate:
     def _open(self) -> bool:
         return self._forking == 0
 
-    def user_code(self) -> _UserCode:
-        """Around a call of user code on one of aloader's threads (``with FORK_GATE.user_code():``)."""
-        return _UserCode(self)
+    def user_code(self) -> ForkGate:
+        """Around a call of user code on one of aloader's threads (``with FORK_GATE.user_code():``): the gate itself,
+        whose ``__enter__`` and ``__exit__`` are ``enter`` and ``exit`` (a batch the consumer makes passes it: no
+        object or call more than the lock needs)."""
+        return self
 
     def enter(self) -> None:
         """A call of user code begins (waits while a fork is being made)."""
@@ -69,13 +71,15 @@ class ForkGate:
         local = self._local
         local.depth = getattr(local, "depth", 0) + 1
 
-    def exit(self) -> None:
+    def exit(self, *exc_info: object) -> None:
         """The call of user code that ``enter`` began has returned (or raised)."""
         self._local.depth -= 1
         with self._lock:
             self._running -= 1
             if self._forking:
                 self._cond.notify_all()
+
+    __enter__, __exit__ = enter, exit
 
     @contextlib.contextmanager
     def closed(self, seconds: float) -> Iterator[bool]:
@@ -91,21 +95,6 @@ class ForkGate:
             with self._cond:
                 self._forking -= 1
                 self._cond.notify_all()
-
-
-class _UserCode:
-    """``with`` a call of user code (``ForkGate.enter``/``exit``): a plain class, as cheap as the lock it takes."""
-
-    __slots__ = ("_gate",)
-
-    def __init__(self, gate: ForkGate) -> None:
-        self._gate = gate
-
-    def __enter__(self) -> None:
-        self._gate.enter()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._gate.exit()
 
 
 FORK_GATE = ForkGate()

@@ -230,7 +230,8 @@ class Fetcher:
         UNFINISHED). Stage times go to ``record`` (the lane collects a call's and records them at once)."""
         ctx, access = self._ctx, self.access
         record = record or ctx.stats.add
-        started, computed = time.perf_counter(), time.thread_time()
+        reads_cpu = ctx.slots.reads_cpu
+        started, computed = time.perf_counter(), time.thread_time() if reads_cpu else 0.0
         samples: list[Any] = []
         append, getitem = samples.append, access.getitem
         keys = iter([access.key(index) for index in indices] if access.remaps else indices)
@@ -242,7 +243,7 @@ class Fetcher:
             except Exception as exc:
                 append(ctx.failed("fetch", exc, f"fetching sample index {indices[len(samples)]!r}"))
         elapsed = time.perf_counter() - started
-        computing = (time.thread_time() - computed) / elapsed if elapsed > 0 else None
+        computing = (time.thread_time() - computed) / elapsed if reads_cpu and elapsed > 0 else None
         record("fetch", len(indices), elapsed)
         ctx.speed.sample_took(elapsed / len(indices), computing)
         if finish and not any_awaitable(samples):

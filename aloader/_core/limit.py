@@ -189,6 +189,10 @@ class FetchSlots:
         self._cpu = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._waited = False  # a call waited for a slot since the last reconsideration
+        # Whether calls must measure their share of computing (Speed.computing, read by Speed.cpu_bound): the limit
+        # follows the CPU, or is one call (CPU-bound samples are then fetched a batch per call). In the main process
+        # with more calls it is never read, and its clock (a system call) is left out of every batch.
+        self.reads_cpu = cpu_share is not None or concurrency == 1
 
     @property
     def limit(self) -> int:

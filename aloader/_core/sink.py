@@ -63,6 +63,9 @@ class ConsumerSource(Protocol):
     def decline(self) -> None:
         """Give it back unstarted (the consumer went on to other work)."""
 
+    def record(self) -> None:
+        """Record the stats of the outcomes it made that are not yet recorded (the consumer stops holding it)."""
+
 
 class Sink(Protocol):
     """Where finished batches go; ``put`` waits while the consumer is behind (the prefetch bound)."""
