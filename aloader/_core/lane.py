@@ -49,8 +49,13 @@ __all__ = ["LANE_UNITS", "Lane"]
 _LANE_SECONDS: Final = 0.006
 LANE_UNITS: Final = 16
 _LANE_EXIT_SECONDS: Final = 0.008
-# Runs the lane's thread holding the source may make before the consumer has yielded them (see _Held).
+# Runs the lane's thread holding the source may make before the consumer has yielded them (see _Held), and a run's
+# size: about _HELD_SECONDS of work, at most _HELD_UNITS units. Each run wakes the loop once, and the lane's thread
+# then gives up the GIL to it: with runs of 16 units (6 ms) the loop's turns cost ``async for`` 9% of an in-memory
+# epoch against torch's loop, with runs of 64 (12 ms) 4%.
 _HELD_RUNS: Final = 2
+_HELD_SECONDS: Final = 0.012
+_HELD_UNITS: Final = 64
 
 # Starts a unit's usual (concurrent) work as a task: (seq, unit).
 StartUnit = Callable[[int, Any], object]
@@ -235,8 +240,8 @@ class Lane:
         source = _Drawn(self, seq, unit, draw)
         held: _Held | None = None
         if self._emitter.consumer_on_loop:
-            self._widen(LANE_UNITS)  # a window of _HELD_RUNS runs
-            held = _Held(self, source, LANE_UNITS)
+            self._widen(_HELD_UNITS)  # a window of _HELD_RUNS runs
+            held = _Held(self, source, _HELD_UNITS)
             await held.run()
         else:
             if not self._emitter.hand_source(source, (self._ctx.speed.per_unit or 0.0) / 4):
@@ -372,8 +377,8 @@ def _settle(future: asyncio.Future[Any], value: Any) -> None:
 class _Held:
     """The source held by the lane's thread (``async for``, whose consumer is the loop and makes no batch): one long
     call there draws the units and makes their batches with ``_Drawn.make``, as the sync driver's consumer does,
-    and hands them to the sink in runs of up to ``units`` (about ``_LANE_SECONDS`` of work, as a lane call: one
-    wake of the loop a run), which the consumer yields in their turn: the loop does nothing per batch but hand it
+    and hands them to the sink in runs of up to ``units`` (about ``_HELD_SECONDS`` of work: one wake of the loop a
+    run), which the consumer yields in their turn: the loop does nothing per batch but hand it
     over. ``_HELD_RUNS`` runs at most are made and not yet yielded (``credits``); the hold owns that many runs'
     window slots meanwhile, the first unit's included, so the window bounds memory as it does for the lane's
     calls."""
@@ -423,10 +428,10 @@ class _Held:
                 outcomes: list[object] = []
                 entries: list[tuple[Stage, int, float]] = []  # the run's stage times, recorded at once
                 item: object = None
-                # About _LANE_SECONDS of work, as a lane call (a benign race: the speed is updated as units are made).
-                per_unit = self._lane._ctx.speed.per_unit or _LANE_SECONDS
-                count = max(1, min(units, int(_LANE_SECONDS / max(per_unit, 1e-9))))
-                with FORK_GATE.user_code():  # a run is a few milliseconds: a fork waits for it at most that long
+                # About _HELD_SECONDS of work (a benign race: the speed is updated as units are made).
+                per_unit = self._lane._ctx.speed.per_unit or _HELD_SECONDS
+                count = max(1, min(units, int(_HELD_SECONDS / max(per_unit, 1e-9))))
+                with FORK_GATE.user_code():  # a run is ~10 milliseconds: a fork waits for it at most that long
                     while len(outcomes) < count:
                         item = source.make(entries, False)
                         if item is HANDED_BACK:
