@@ -24,6 +24,8 @@ from torch.utils.data._utils import collate as _torch
 
 __all__ = ["collate", "quicker"]
 
+_default_collate: Callable[[Any], Any] = _torch.default_collate  # torch's (untyped)
+
 
 def quicker(collate_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """:func:`collate` in place of torch's own ``default_collate``; any other ``collate_fn`` as it is."""
@@ -73,8 +75,7 @@ def collate(batch: Any) -> Any:
                     pass  # torch's collate retries into a new dict: it decides what to return or raise
                 else:
                     return clone
-    result: Any = _torch.default_collate(batch)
-    return result
+    return _default_collate(batch)
 
 
 def _field(samples: Any, fn_map: dict[Any, Any]) -> Any:
