@@ -237,3 +237,23 @@ def test_iterators_are_independent(driver: Driver) -> None:
         first.close()
         second.close()
     assert [b[0].tolist() for b in driver.collect(loader)] == [[0, 1], [2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["lane", "concurrent"])
+def test_a_defect_in_the_scheduler_reaches_the_consumer(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """The scheduler's task raising (a bug of ours, not a sample's failure) ends the epoch with that error at once:
+    the consumer is not left waiting, nor given an epoch that looks complete."""
+    from aloader._core.schedule import Scheduler
+
+    def broken(self: Scheduler, seq: int, unit: Any) -> Any:
+        raise RuntimeError("a defect in the scheduler")
+
+    monkeypatch.setattr(Scheduler, "start_unit", broken)
+    monkeypatch.setattr("aloader._core.lane.Lane.units", lambda self: 1)  # every unit through start_unit
+    loader = aloader.DataLoader(TensorDataset(torch.arange(100)), batch_size=4)
+    if fast:
+        loader._speed.per_unit = 1e-6
+    with pytest.raises(RuntimeError, match="a defect in the scheduler"):
+        driver.collect(loader)

@@ -114,28 +114,38 @@ class Pipeline:
     async def run(self, sink: Sink) -> None:
         """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
         scheduler: asyncio.Task[None] | None = None
+        emitting: asyncio.Task[None] | None = None
         self.stats.start(sink.capacity)
         try:
             if self._workers is not None:
                 await self._workers.start()  # off the loop: forkserver round trips, pickling the dataset
-            scheduler = asyncio.get_running_loop().create_task(self._scheduler.run())
-            await self._emitter.run(sink)
+            loop = asyncio.get_running_loop()
+            scheduler = loop.create_task(self._scheduler.run())
+            emitting = loop.create_task(self._emitter.run(sink))
+            # The scheduler raises only from a defect of its own (a sample's or the sampler's failure is an
+            # outcome): the consumer gets it at once, not an epoch that ends early or never.
+            await asyncio.wait([scheduler, emitting], return_when=asyncio.FIRST_COMPLETED)
+            if scheduler.done() and not scheduler.cancelled() and (defect := scheduler.exception()) is not None:
+                raise defect
+            await emitting
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a defect in the pipeline itself: never leave the consumer waiting
+            if emitting is not None:
+                emitting.cancel()
             sink.put_final(Failed(exc))
             sink.put_final(END)
         finally:
             self.stats.end()
-            await self._shut_down(scheduler)
+            await self._shut_down(scheduler, emitting)
 
-    async def _shut_down(self, scheduler: asyncio.Task[None] | None) -> None:
+    async def _shut_down(self, scheduler: asyncio.Task[None] | None, emitting: asyncio.Task[None] | None) -> None:
         """Structured shutdown: no task of ours outlives this call, and no thread outlives its pool.
 
         Every wait goes on through cancellation (the consumer's close() may cancel us while we are already
         finishing, and a closing loop cancels every task), then the cancellation is passed on.
         """
-        pending = [*([scheduler] if scheduler is not None else []), *self._tasks]
+        pending = [task for task in (scheduler, emitting) if task is not None] + [*self._tasks]
         for task in pending:
             task.cancel()
         ctx, workers = self._ctx, self._workers
