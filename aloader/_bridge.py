@@ -123,26 +123,50 @@ class Cycles:
     """
 
     WARMUP: Final = 8  # cycles after a change of maker that are not measured
-    ENOUGH: Final = 128  # measured cycles before a maker's figure counts
+    ENOUGH: Final = 64  # measured cycles before a maker's figure counts
     STALE: Final = 2048  # items after which a maker's figure is measured again
     MARGIN: Final = 1.0  # the consumer keeps the source only if its cycle is shorter than this times the loop's
+    # A trial is given up early: at a cycle over ABORT times the loop's, or once the mean of its first EARLY cycles
+    # is over ABORT_MEAN times the loop's (units that wait on storage, which the loop overlaps). Each trial given
+    # up or lost doubles the items before the next (from STALE, at most STALE_MAX).
+    ABORT: Final = 4.0
+    EARLY: Final = 4
+    ABORT_MEAN: Final = 1.5
+    STALE_MAX: Final = 2048 * 64
 
-    __slots__ = ("_at", "_count", "_items", "_last", "_maker", "_streak", "_trial", "_value")
+    __slots__ = (
+        "_at",
+        "_count",
+        "_items",
+        "_last",
+        "_maker",
+        "_stale",
+        "_streak",
+        "_trial",
+        "_trial_count",
+        "_trial_total",
+        "_value",
+    )
 
     def __init__(self) -> None:
         self._value = [0.0, 0.0]  # per maker: the cycles' total since its figure was (re)started
         self._count = [0, 0]  # per maker: cycles measured since the figure was (re)started
         self._at = [0, 0]  # per maker: the item count when it was last measured
+        self._stale = [self.STALE, self.STALE]  # per maker: items after which its figure is measured again
         self._items = 0
         self._last = 0.0  # when the consumer entered get() for the last item (0: not yet)
         self._maker = LOOP  # who made the last item
         self._streak = 0  # items in a row from that maker
         self._trial = False  # the consumer holds the source to have its cycle measured (try_direct)
+        self._trial_total = 0.0  # the trial's cycles so far, warm-up included (for giving it up early)
+        self._trial_count = 0
 
     def took(self, entered: float, maker: int) -> None:
         """An item made by ``maker`` was returned by a ``get()`` entered at ``entered``: the cycle that ends here
         (from the last item's ``get()``) was the last item's maker's."""
         last = self._maker
+        if self._last and last == DIRECT and self._trial and self._known_cycle(LOOP):
+            self._check_trial(entered - self._last)
         if self._last and self._streak >= self.WARMUP:
             count = self._count[last]
             self._value[last] = (entered - self._last) + (self._value[last] if count else 0.0)
@@ -153,8 +177,25 @@ class Cycles:
         self._last = entered
         self._items += 1
 
+    def _check_trial(self, cycle: float) -> None:
+        """A cycle of the consumer's trial: give the trial up if it is far slower than the loop already."""
+        self._trial_total += cycle
+        self._trial_count += 1
+        loop = self._value[LOOP] / self._count[LOOP]
+        early_mean = self._trial_count >= self.EARLY and self._trial_total > self.ABORT_MEAN * loop * self._trial_count
+        if cycle > self.ABORT * loop or early_mean:
+            # Known, and slower: not tried again until its figure is stale (keep_direct now gives the source back).
+            self._trial = False
+            self._count[DIRECT] = self.ENOUGH
+            self._value[DIRECT] = self.ENOUGH * self._trial_total / self._trial_count
+            self._at[DIRECT] = self._items
+            self._stale[DIRECT] = min(self.STALE_MAX, 2 * self._stale[DIRECT])
+
+    def _known_cycle(self, maker: int) -> bool:
+        return self._count[maker] >= self.ENOUGH
+
     def _known(self, maker: int) -> bool:
-        return self._count[maker] >= self.ENOUGH and self._items - self._at[maker] < self.STALE
+        return self._count[maker] >= self.ENOUGH and self._items - self._at[maker] < self._stale[maker]
 
     def direct_better(self) -> bool:
         """Both cycles are known, and the consumer's own is the shorter (by ``MARGIN``)."""
@@ -170,6 +211,7 @@ class Cycles:
             return False
         self._count[DIRECT] = 0
         self._trial = True
+        self._trial_total, self._trial_count = 0.0, 0
         return True
 
     def keep_direct(self) -> bool:
@@ -179,6 +221,9 @@ class Cycles:
             if self._count[DIRECT] < self.ENOUGH:
                 return True
             self._trial = False
+            # A trial lost waits longer for the next; one won brings the usual wait back.
+            won = self.direct_better()
+            self._stale[DIRECT] = self.STALE if won else min(self.STALE_MAX, 2 * self._stale[DIRECT])
         if self._known(DIRECT) and self._count[LOOP] >= self.ENOUGH and self._items - self._at[LOOP] >= self.STALE:
             self._count[LOOP] = 0
             return False

@@ -161,7 +161,8 @@ def test_fast_lane_prefetch_is_bounded(driver: Driver) -> None:
     With the lane's widest k (units known to be very fast), the pipeline stops at 2k batches: two runs of k made
     (two lane calls with ``for``, the lane's thread holding the source with ``async for``), handed to the consumer
     as runs that hold their window slots until yielded whole, the first of which the consumer has begun."""
-    batch_size, k = 4, lane.LANE_UNITS
+    # k: a lane call's units with for; a run's of the lane's thread holding the source with async for
+    batch_size, k = 4, (lane._HELD_UNITS if driver.is_async else lane.LANE_UNITS)
     dataset = _Counted()
     loader = aloader.DataLoader(dataset, batch_size=batch_size)
     loader._speed.per_unit = 1e-6  # as learnt in an earlier epoch: the lane from the first batch, k at its widest

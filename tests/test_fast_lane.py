@@ -47,7 +47,7 @@ class _LaneCalls:
 
         # The lane's calls are what these tests count: the source is not handed over (drawing the units with it is
         # tested below), so the calls are made, on the lane's thread or in the consumer.
-        async def not_handed(self_: lane.Lane, seq: int, unit: Any, draw: Any) -> None:
+        async def not_handed(self_: lane.Lane, seq: int, unit: Any, draw: Any, slow: bool = False) -> None:
             return None
 
         monkeypatch.setattr(lane.Lane, "hand_source", not_handed)
@@ -426,10 +426,45 @@ def test_cycles_give_back_where_the_loops_cycle_is_shorter_and_try_again_when_st
     clock.run(_bridge.DIRECT, _measured(), 0.0012)
     assert not clock.cycles.direct_better()
     assert not clock.cycles.keep_direct()  # given back
-    clock.run(_bridge.LOOP, _bridge.Cycles.STALE - 1, 0.001)
-    assert not clock.cycles.try_direct()  # measured recently: no new trial
+    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.STALE - 1, 0.001)
+    assert not clock.cycles.try_direct()  # measured recently (a trial lost waits twice as long): no new trial
     clock.run(_bridge.LOOP, 2 * _bridge.Cycles.ENOUGH, 0.001)
     assert clock.cycles.try_direct()  # stale: tried again (the step may have changed)
+
+
+def test_cycles_give_a_trial_up_at_once_when_the_consumer_is_far_slower() -> None:
+    """Units that wait on storage: the loop overlaps them, the consumer would make them one after another."""
+    clock = _Clock()
+    clock.run(_bridge.LOOP, _measured(), 0.001)
+    assert clock.cycles.try_direct()
+    clock.run(_bridge.DIRECT, 2, 0.03)  # the second direct item ends the first cycle of the trial: 30x the loop's
+    assert not clock.cycles.keep_direct()  # given back after one unit, not after a whole trial
+    assert not clock.cycles.try_direct() and not clock.cycles.direct_better()
+    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.STALE - 2, 0.001)
+    assert not clock.cycles.try_direct()  # the next trial waits twice as long
+    clock.run(_bridge.LOOP, 1, 0.001)
+    assert clock.cycles.try_direct()
+
+
+def test_cycles_give_a_trial_up_early_when_its_first_cycles_are_slower_on_average() -> None:
+    clock = _Clock()
+    clock.run(_bridge.LOOP, _measured(), 0.001)
+    assert clock.cycles.try_direct()
+    clock.run(_bridge.DIRECT, _bridge.Cycles.EARLY, 0.002)  # 2x the loop's, under the single-cycle bound
+    assert clock.cycles.keep_direct()  # the early mean is not known yet
+    clock.run(_bridge.DIRECT, 1, 0.002)
+    assert not clock.cycles.keep_direct()
+
+
+def test_cycles_keep_a_trial_whose_cycles_vary_around_a_shorter_mean() -> None:
+    """Beside a busy thread a batch waits out its switch intervals: the consumer's cycles vary, shorter on average."""
+    clock = _Clock()
+    clock.run(_bridge.LOOP, _measured(), 0.012)
+    assert clock.cycles.try_direct()
+    for _ in range(_measured() // 3 + 1):
+        for cycle in (0.005, 0.005, 0.02):  # one in three waits out three intervals: 10 ms on average
+            clock.run(_bridge.DIRECT, 1, cycle)
+    assert clock.cycles.direct_better() and clock.cycles.keep_direct()
 
 
 def test_cycles_measure_the_loop_again_when_its_figure_is_stale() -> None:

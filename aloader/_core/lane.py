@@ -230,21 +230,38 @@ class Lane:
         return self._ctx.plan.auto_collation and self._fetcher.access.getitems is not None
 
     # ------------------------------------------------------------------------------------- the source itself
-    async def hand_source(self, seq: int, unit: Any, draw: Callable[[], Any]) -> tuple[int, Stop] | None:
+    def may_try_source(self) -> bool:
+        """Whether units that are not fast may be offered to the sync driver's consumer (``hand_source`` with
+        ``slow``): their speed is known, the consumer is a thread, and it may make them."""
+        return self._in_consumer and self._ctx.speed.per_unit is not None and not self._emitter.consumer_on_loop
+
+    async def hand_source(
+        self, seq: int, unit: Any, draw: Callable[[], Any], slow: bool = False
+    ) -> tuple[int, Stop] | None:
         """Give the source to the sync driver's consumer, if it comes straight back for batches: from unit ``seq``
         (``unit``, drawn, opened and holding a window slot) on, it draws each unit with ``draw`` and makes its batch
         when it asks for it, as torch's ``num_workers=0`` does, so the loop does nothing per batch; None if not.
-        Once it gives the source back: (the next sequence number, None | "end" | the sampler's error)."""
+        Once it gives the source back: (the next sequence number, None | "end" | the sampler's error).
+
+        ``slow``: the units are not known to be fast. Their time may be another thread's: a busy Python thread in
+        the process holds the GIL for a switch interval (5 ms) each time a unit lets it go, and an in-memory batch
+        of 0.2 ms then takes 5-15 ms in any thread. Made concurrently, each batch takes more such turns (its thread
+        calls and their hand-offs) than the consumer making it does, as torch's loop does (measured: 0.89x torch's
+        samples/s). So the consumer gets the source where it measured faster with it (``_bridge.Cycles``: a trial,
+        given up at the first unit far slower than the loop's, as an I/O-bound unit is), and keeps it while so."""
         if not self._in_consumer:
             return None
-        source = _Drawn(self, seq, unit, draw)
+        if slow and not self.may_try_source():
+            return None
+        source = _Drawn(self, seq, unit, draw, trial=slow)
         held: _Held | None = None
         if self._emitter.consumer_on_loop:
             self._widen(_HELD_UNITS)  # a window of _HELD_RUNS runs
             held = _Held(self, source, _HELD_UNITS)
             await held.run()
         else:
-            if not self._emitter.hand_source(source, (self._ctx.speed.per_unit or 0.0) / 4):
+            # A trial (slow): only by the consumer's measured cycles (an idle_below of 0 is never met).
+            if not self._emitter.hand_source(source, 0.0 if slow else (self._ctx.speed.per_unit or 0.0) / 4):
                 return None
         back = await source.future
         if back is DECLINED:
@@ -285,10 +302,11 @@ class _Drawn:
     recorder's lock for each cost ~1.5 us of a batch of ~150 us, 1% of an in-memory epoch. ``loader.stats()``
     meanwhile lags by fewer batches than that."""
 
-    __slots__ = ("_draw", "_entries", "_failed", "_lane", "_next", "_unit", "first", "future")
+    __slots__ = ("_draw", "_entries", "_failed", "_lane", "_next", "_trial", "_unit", "first", "future")
 
-    def __init__(self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any]) -> None:
+    def __init__(self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any], trial: bool = False) -> None:
         self._lane = lane
+        self._trial = trial  # handed for units not known to be fast: kept by the consumer's cycles, not by speed
         self.first = first
         self._next: int | None = first  # the sequence number of the next unit; None once given back
         self._unit: Any = unit  # the first unit, drawn by the scheduler
@@ -346,7 +364,7 @@ class _Drawn:
         # Slow after all (their average, as the lane's own exit: one unit slowed by another thread holding the GIL
         # must not send the next ones through the loop, which would wait for it more often still), or the consumer
         # is busy between batches: the loop makes the next ones.
-        slow = seconds >= _LANE_EXIT_SECONDS and (ctx.speed.per_unit or 0.0) >= _LANE_EXIT_SECONDS
+        slow = not self._trial and seconds >= _LANE_EXIT_SECONDS and (ctx.speed.per_unit or 0.0) >= _LANE_EXIT_SECONDS
         if slow or away:
             self.give_back(seq + 1, None)
         else:

@@ -97,8 +97,10 @@ class Scheduler:
             ctx.stats.add("sampler", ctx.plan.size(unit), time.perf_counter() - drawn)
             order.open()
             count = lane.units() if lane is not None else 1
-            if lane is not None and count > 1 and draw is not None:
-                handed = await lane.hand_source(seq, unit, draw)
+            # Fast units: to a consumer that waits for them. Slower ones too where it measured faster making them
+            # itself (another thread holding the GIL makes fast units look slow, see Lane.hand_source).
+            if lane is not None and draw is not None and (count > 1 or lane.may_try_source()):
+                handed = await lane.hand_source(seq, unit, draw, slow=count == 1)
                 if handed is not None:  # the consumer made units from seq on, and gave the source back
                     seq, stop = handed
                     if stop is None:
