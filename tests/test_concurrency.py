@@ -156,13 +156,16 @@ def test_prefetch_is_bounded_while_the_consumer_waits(driver: Driver) -> None:
     )
 
 
-def test_fast_lane_prefetch_is_bounded(driver: Driver) -> None:
+def test_fast_lane_prefetch_is_bounded(driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fast sync batches are made k at a time (the fast lane) with the window widened to 2k: still a fixed bound.
     With the lane's widest k (units known to be very fast), the pipeline stops at 2k batches: two runs of k made
     (two lane calls with ``for``, the lane's thread holding the source with ``async for``), handed to the consumer
     as runs that hold their window slots until yielded whole, the first of which the consumer has begun."""
     # k: a lane call's units with for; a run's of the lane's thread holding the source with async for
     batch_size, k = 4, (lane._HELD_UNITS if driver.is_async else lane.LANE_UNITS)
+    # A run's units follow the measured speed (about 12 ms of work): on a loaded machine these units may measure
+    # slow enough for shorter runs, and a lower bound. The bound with runs at their widest is what this checks.
+    monkeypatch.setattr(lane, "_HELD_SECONDS", 60.0)
     dataset = _Counted()
     loader = aloader.DataLoader(dataset, batch_size=batch_size)
     loader._speed.per_unit = 1e-6  # as learnt in an earlier epoch: the lane from the first batch, k at its widest

@@ -120,8 +120,9 @@ class Pipeline:
             if self._workers is not None:
                 await self._workers.start()  # off the loop: forkserver round trips, pickling the dataset
             loop = asyncio.get_running_loop()
-            scheduler = loop.create_task(self._scheduler.run())
+            # The emitter first: it takes the sink before the scheduler's first unit may widen it or offer to it.
             emitting = loop.create_task(self._emitter.run(sink))
+            scheduler = loop.create_task(self._scheduler.run())
             # The scheduler raises only from a defect of its own (a sample's or the sampler's failure is an
             # outcome): the consumer gets it at once, not an epoch that ends early or never.
             await asyncio.wait([scheduler, emitting], return_when=asyncio.FIRST_COMPLETED)
