@@ -195,7 +195,7 @@ class Cycles:
         return self._count[maker] >= self.ENOUGH
 
     def _known(self, maker: int) -> bool:
-        return self._count[maker] >= self.ENOUGH and self._items - self._at[maker] < self._stale[maker]
+        return self._known_cycle(maker) and self._items - self._at[maker] < self._stale[maker]
 
     def direct_better(self) -> bool:
         """Both cycles are known, and the consumer's own is the shorter (by ``MARGIN``)."""

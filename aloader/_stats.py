@@ -125,10 +125,7 @@ class Recorder:
         each a failure), under one acquisition of the lock."""
         with self._lock:
             self._add_entries(entries)
-            made = len(failed)
-            self._batches += made
-            self._failed_batches += sum(failed)
-            self._ready.add(0.0, made)
+            self._delivered(failed)
 
     def blocked(self, stage: Stage, seconds: float) -> None:
         with self._lock:
@@ -165,14 +162,14 @@ class Recorder:
         """Batches the consumer made and yielded itself (the sync driver's fast lane): they never waited in the
         queue, which was empty for them."""
         with self._lock:
-            for one in failed:
-                self._delivered(one)
+            self._delivered(failed)
 
-    def _delivered(self, failed: bool) -> None:
-        """Under the lock: a batch the consumer made itself (it never waited in the queue)."""
-        self._batches += 1
-        self._failed_batches += failed
-        self._ready.add(0.0, 1)
+    def _delivered(self, failed: list[bool]) -> None:
+        """Under the lock: batches made outside the queue (is each a failure); they never waited in it."""
+        made = len(failed)
+        self._batches += made
+        self._failed_batches += sum(failed)
+        self._ready.add(0.0, made)
 
     def snapshot(self) -> LoaderStats:
         with self._lock:
