@@ -117,22 +117,33 @@ class Cycles:
     is the shorter. The loop is the default; the consumer tries making its batches once the loop's cycle is known,
     and each figure is measured again after ``STALE`` items.
 
+    The loop's figure counts after ``LOOP_ENOUGH`` cycles, the consumer's after ``ENOUGH``: where the consumer is the
+    better maker (beside a busy thread: ~2x the loop's speed), each cycle the loop measures costs the epoch about one
+    batch, and a trial that loses is given up early (``ABORT``, ``ABORT_MEAN``). A mistake either way is bounded: the
+    other maker is measured again once its figure is stale. Each time the consumer wins again against a fresh figure
+    of the loop, the items before the loop's next measure double (``STALE`` up to ``STALE_MAX``); while the consumer
+    holds the source, two cycles in a row over ``ABORT`` times the loop's (units that began to wait on storage) give
+    it back at once.
+
     ``took`` and ``keep_direct`` run in the consumer's thread, ``direct_better`` and ``try_direct`` on the loop
     (under the channel's lock, while the consumer does not hold the source): a benign race, as with ``Speed``, where a
     cycle counted late moves a figure by one cycle.
     """
 
     WARMUP: Final = 8  # cycles after a change of maker that are not measured
-    ENOUGH: Final = 64  # measured cycles before a maker's figure counts
+    ENOUGH: Final = 64  # measured cycles before the consumer's figure counts
+    LOOP_ENOUGH: Final = 16  # and before the loop's does
     STALE: Final = 2048  # items after which a maker's figure is measured again
     MARGIN: Final = 1.0  # the consumer keeps the source only if its cycle is shorter than this times the loop's
     # A trial is given up early: at a cycle over ABORT times the loop's, or once the mean of its first EARLY cycles
     # is over ABORT_MEAN times the loop's (units that wait on storage, which the loop overlaps). Each trial given
-    # up or lost doubles the items before the next (from STALE, at most STALE_MAX).
+    # up or lost doubles the items before the next (from STALE, at most STALE_MAX). Past its trial, the consumer
+    # gives the source back at ABORTS cycles in a row over ABORT times the loop's.
     ABORT: Final = 4.0
     EARLY: Final = 4
     ABORT_MEAN: Final = 1.5
     STALE_MAX: Final = 2048 * 64
+    ABORTS: Final = 2
 
     __slots__ = (
         "_at",
@@ -140,6 +151,8 @@ class Cycles:
         "_items",
         "_last",
         "_maker",
+        "_over",
+        "_rechecked",
         "_stale",
         "_streak",
         "_trial",
@@ -160,13 +173,15 @@ class Cycles:
         self._trial = False  # the consumer holds the source to have its cycle measured (try_direct)
         self._trial_total = 0.0  # the trial's cycles so far, warm-up included (for giving it up early)
         self._trial_count = 0
+        self._over = 0  # the consumer's cycles in a row over ABORT times the loop's
+        self._rechecked = False  # the loop's figure was started afresh while the consumer was the better maker
 
     def took(self, entered: float, maker: int) -> None:
         """An item made by ``maker`` was returned by a ``get()`` entered at ``entered``: the cycle that ends here
         (from the last item's ``get()``) was the last item's maker's."""
         last = self._maker
-        if self._last and last == DIRECT and self._trial and self._known_cycle(LOOP):
-            self._check_trial(entered - self._last)
+        if self._last and last == DIRECT and self._known_cycle(LOOP):
+            self._check_direct(entered - self._last)
         if self._last and self._streak >= self.WARMUP:
             count = self._count[last]
             self._value[last] = (entered - self._last) + (self._value[last] if count else 0.0)
@@ -177,38 +192,68 @@ class Cycles:
         self._last = entered
         self._items += 1
 
-    def _check_trial(self, cycle: float) -> None:
-        """A cycle of the consumer's trial: give the trial up if it is far slower than the loop already."""
-        self._trial_total += cycle
-        self._trial_count += 1
+    def _check_direct(self, cycle: float) -> None:
+        """A cycle of the consumer's: give its trial up if it is far slower than the loop already, and the source
+        too if units began to wait on storage (two cycles in a row far over the loop's)."""
         loop = self._value[LOOP] / self._count[LOOP]
-        early_mean = self._trial_count >= self.EARLY and self._trial_total > self.ABORT_MEAN * loop * self._trial_count
-        if cycle > self.ABORT * loop or early_mean:
-            # Known, and slower: not tried again until its figure is stale (keep_direct now gives the source back).
-            self._trial = False
-            self._count[DIRECT] = self.ENOUGH
-            self._value[DIRECT] = self.ENOUGH * self._trial_total / self._trial_count
-            self._at[DIRECT] = self._items
-            self._stale[DIRECT] = min(self.STALE_MAX, 2 * self._stale[DIRECT])
+        over = cycle > self.ABORT * loop
+        self._over = self._over + 1 if over else 0
+        if self._trial:
+            self._trial_total += cycle
+            self._trial_count += 1
+            early_mean = (
+                self._trial_count >= self.EARLY and self._trial_total > self.ABORT_MEAN * loop * self._trial_count
+            )
+            if over or early_mean:
+                self._slower(self._trial_total / self._trial_count)
+        elif self._over >= self.ABORTS:
+            self._slower(cycle)
+
+    def _slower(self, cycle: float) -> None:
+        """The consumer's figure is known, and slower (``cycle``): not tried again until it is stale (``keep_direct``
+        now gives the source back), after twice as many items as the last time."""
+        self._trial = False
+        self._over = 0
+        self._count[DIRECT] = self.ENOUGH
+        self._value[DIRECT] = self.ENOUGH * cycle
+        self._at[DIRECT] = self._items
+        self._stale[DIRECT] = min(self.STALE_MAX, 2 * self._stale[DIRECT])
 
     def _known_cycle(self, maker: int) -> bool:
-        return self._count[maker] >= self.ENOUGH
+        return self._count[maker] >= (self.LOOP_ENOUGH if maker == LOOP else self.ENOUGH)
 
     def _known(self, maker: int) -> bool:
         return self._known_cycle(maker) and self._items - self._at[maker] < self._stale[maker]
 
     def direct_better(self) -> bool:
         """Both cycles are known, and the consumer's own is the shorter (by ``MARGIN``)."""
-        if not (self._known(DIRECT) and self._known(LOOP)):
-            return False
+        return self._known(DIRECT) and self._known(LOOP) and self._shorter()
+
+    def _shorter(self) -> bool:
+        """The consumer's figure is the shorter (both are measured, stale or not)."""
         value, count = self._value, self._count
         return value[DIRECT] / count[DIRECT] < self.MARGIN * value[LOOP] / count[LOOP]
+
+    def choose_direct(self) -> bool:
+        """Hand the source to the busy consumer: it is the better maker, or to try (``try_direct``). Its win
+        against a fresh figure of the loop doubles the items before the loop's next (a loss brings ``STALE``
+        back)."""
+        if self.direct_better():
+            if self._rechecked:
+                self._rechecked = False
+                self._stale[LOOP] = min(self.STALE_MAX, 2 * self._stale[LOOP])
+            return True
+        if self._rechecked and self._known(LOOP):
+            self._rechecked = False
+            self._stale[LOOP] = self.STALE
+        return self.try_direct()
 
     def try_direct(self) -> bool:
         """The loop's cycle is known and the consumer's is not (never measured, or stale): try it (its figure
         starts afresh)."""
         if not self._known(LOOP) or self._known(DIRECT):
             return False
+        self._over = 0
         self._count[DIRECT] = 0
         self._trial = True
         self._trial_total, self._trial_count = 0.0, 0
@@ -224,7 +269,8 @@ class Cycles:
             # A trial lost waits longer for the next; one won brings the usual wait back.
             won = self.direct_better()
             self._stale[DIRECT] = self.STALE if won else min(self.STALE_MAX, 2 * self._stale[DIRECT])
-        if self._known(DIRECT) and self._count[LOOP] >= self.ENOUGH and self._items - self._at[LOOP] >= self.STALE:
+        if self._known(DIRECT) and self._known_cycle(LOOP) and self._items - self._at[LOOP] >= self._stale[LOOP]:
+            self._rechecked = self._shorter()
             self._count[LOOP] = 0
             return False
         return self.direct_better()
@@ -298,7 +344,7 @@ class ThreadChannel:
         with self._cond:
             chosen = False
             if self._outside() >= idle_below:
-                if not (self.cycles.direct_better() or self.cycles.try_direct()):
+                if not self.cycles.choose_direct():
                     return False
                 chosen = True
             self._source_offered = (source, idle_below, chosen)

@@ -491,6 +491,71 @@ def test_cycles_leave_out_the_cycles_right_after_a_change_of_maker() -> None:
     assert clock.cycles.direct_better()  # 0.9 ms against the loop's 1 ms, not its refill's 50 ms
 
 
+def test_cycles_need_fewer_of_the_loops_cycles_than_of_the_consumers() -> None:
+    """Where the consumer is the better maker, each cycle measured on the loop costs the epoch: the loop's figure
+    counts sooner."""
+    clock = _Clock()
+    clock.run(_bridge.LOOP, _bridge.Cycles.WARMUP + _bridge.Cycles.LOOP_ENOUGH - 1, 0.01)
+    assert not clock.cycles.try_direct()  # one cycle short
+    clock.run(_bridge.LOOP, 1, 0.01)
+    assert clock.cycles.try_direct()
+    clock.run(_bridge.DIRECT, _bridge.Cycles.WARMUP + _bridge.Cycles.LOOP_ENOUGH + 1, 0.005)
+    assert clock.cycles.keep_direct()  # the consumer's own figure needs more: its trial runs on
+    assert not clock.cycles.direct_better()
+    clock.run(_bridge.DIRECT, _bridge.Cycles.ENOUGH - _bridge.Cycles.LOOP_ENOUGH, 0.005)
+    assert clock.cycles.direct_better() and clock.cycles.keep_direct()
+
+
+def _won_trial(clock: _Clock) -> None:
+    clock.run(_bridge.LOOP, _measured(), 0.01)
+    assert clock.cycles.choose_direct()
+    clock.run(_bridge.DIRECT, _measured(), 0.005)
+    assert clock.cycles.keep_direct()
+
+
+def _held(clock: _Clock, cycle: float) -> int:
+    """Items the consumer makes at ``cycle`` before it gives the source back."""
+    items = 0
+    while clock.cycles.keep_direct():
+        assert items <= _bridge.Cycles.STALE_MAX
+        clock.run(_bridge.DIRECT, 1, cycle)
+        items += 1
+    return items
+
+
+def test_cycles_measure_the_loop_less_often_while_the_consumer_keeps_winning() -> None:
+    clock = _Clock()
+    _won_trial(clock)
+    stale = _bridge.Cycles.STALE
+    assert _held(clock, 0.005) < stale  # the loop's figure is stale: given back for it to be measured again
+    for times in (2, 4, 8):
+        assert not clock.cycles.choose_direct()  # until it is measured
+        clock.run(_bridge.LOOP, _measured(), 0.01)
+        assert clock.cycles.choose_direct()  # won again: the loop's next measure waits twice as long
+        assert (times - 1) * stale < _held(clock, 0.005) <= times * stale
+    # The loop wins a measure: it is measured at the usual interval again.
+    clock.run(_bridge.LOOP, _measured(), 0.004)
+    assert not clock.cycles.choose_direct()
+    clock.run(_bridge.LOOP, 2 * stale, 0.004)
+    assert clock.cycles.choose_direct()  # the consumer's figure is stale: a trial
+    assert _held(clock, 0.003) <= stale
+
+
+def test_cycles_give_the_source_back_when_the_consumers_cycles_turn_far_slower() -> None:
+    """Past its trial, the consumer holds the source while it is the better maker; units that begin to wait on
+    storage (the loop would overlap them) send it back after ABORTS such cycles in a row, not at the next measure."""
+    clock = _Clock()
+    _won_trial(clock)
+    clock.run(_bridge.DIRECT, 1, 0.05)  # one cycle far over the loop's (a pause): kept
+    clock.run(_bridge.DIRECT, 1, 0.005)
+    assert clock.cycles.keep_direct()
+    clock.run(_bridge.DIRECT, _bridge.Cycles.ABORTS + 1, 0.05)  # the last item ends the ABORTS-th slow cycle
+    assert not clock.cycles.keep_direct()
+    assert not clock.cycles.choose_direct()  # known slower: not tried again until its figure is stale
+    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.STALE, 0.01)
+    assert clock.cycles.choose_direct()
+
+
 # ----------------------------------------------------------------------------------- runs yielded in their turn
 class _Run:
     """A run of outcomes made outside the order stage (``MadeRun``), recording when it was yielded whole."""
