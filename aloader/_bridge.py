@@ -128,6 +128,11 @@ class Cycles:
     ``took`` and ``keep_direct`` run in the consumer's thread, ``direct_better`` and ``try_direct`` on the loop
     (under the channel's lock, while the consumer does not hold the source): a benign race, as with ``Speed``, where a
     cycle counted late moves a figure by one cycle.
+
+    ``by_maker``: for ``async for`` (``LoopChannel``), whose consumer makes no batch. There the source is held by the
+    lane's thread, which hands its batches over in runs, so the consumer's cycles with it come in bursts; the
+    "consumer's" figure is instead the time that thread takes per unit (``made``, in its thread). Whichever is the
+    shorter bounds how fast the consumer is served.
     """
 
     WARMUP: Final = 8  # cycles after a change of maker that are not measured
@@ -147,6 +152,7 @@ class Cycles:
 
     __slots__ = (
         "_at",
+        "_by_maker",
         "_count",
         "_items",
         "_last",
@@ -161,7 +167,8 @@ class Cycles:
         "_value",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, by_maker: bool = False) -> None:
+        self._by_maker = by_maker  # the consumer's figure is the maker's time per unit (made), not the cycles
         self._value = [0.0, 0.0]  # per maker: the cycles' total since its figure was (re)started
         self._count = [0, 0]  # per maker: cycles measured since the figure was (re)started
         self._at = [0, 0]  # per maker: the item count when it was last measured
@@ -180,9 +187,10 @@ class Cycles:
         """An item made by ``maker`` was returned by a ``get()`` entered at ``entered``: the cycle that ends here
         (from the last item's ``get()``) was the last item's maker's."""
         last = self._maker
-        if self._last and last == DIRECT and self._known_cycle(LOOP):
+        by_cycles = not (last == DIRECT and self._by_maker)
+        if self._last and last == DIRECT and by_cycles and self._known_cycle(LOOP):
             self._check_direct(entered - self._last)
-        if self._last and self._streak >= self.WARMUP:
+        if self._last and self._streak >= self.WARMUP and by_cycles:
             count = self._count[last]
             self._value[last] = (entered - self._last) + (self._value[last] if count else 0.0)
             self._count[last] = count + 1
@@ -192,9 +200,18 @@ class Cycles:
         self._last = entered
         self._items += 1
 
-    def _check_direct(self, cycle: float) -> None:
+    def made(self, seconds: float) -> None:
+        """``by_maker``: the maker holding the source made a unit in ``seconds`` (its thread): the consumer's figure."""
+        if self._known_cycle(LOOP) and self._check_direct(seconds):
+            return
+        count = self._count[DIRECT]
+        self._value[DIRECT] = seconds + (self._value[DIRECT] if count else 0.0)
+        self._count[DIRECT] = count + 1
+        self._at[DIRECT] = self._items
+
+    def _check_direct(self, cycle: float) -> bool:
         """A cycle of the consumer's: give its trial up if it is far slower than the loop already, and the source
-        too if units began to wait on storage (two cycles in a row far over the loop's)."""
+        too if units began to wait on storage (two cycles in a row far over the loop's). True if given up."""
         loop = self._value[LOOP] / self._count[LOOP]
         over = cycle > self.ABORT * loop
         self._over = self._over + 1 if over else 0
@@ -206,8 +223,11 @@ class Cycles:
             )
             if over or early_mean:
                 self._slower(self._trial_total / self._trial_count)
+                return True
         elif self._over >= self.ABORTS:
             self._slower(cycle)
+            return True
+        return False
 
     def _slower(self, cycle: float) -> None:
         """The consumer's figure is known, and slower (``cycle``): not tried again until it is stale (``keep_direct``
@@ -350,6 +370,10 @@ class ThreadChannel:
             self._source_offered = (source, idle_below, chosen)
             self._cond.notify()
             return True
+
+    def keep_source(self, seconds: float) -> bool:
+        """The consumer's cycles are its figure (measured in ``get()``): ``seconds`` adds nothing to them."""
+        return self.cycles.keep_direct()
 
     @property
     def on_loop(self) -> bool:
@@ -525,6 +549,9 @@ class LoopChannel:
         self._capacity = max(1, capacity)
         self._items: deque[object] = deque()
         self._runs = _Runs()  # outcomes of the lane's calls, yielded in their turn
+        # Which maker serves the consumer better where units look slow: the lane's thread holding the source, or
+        # the loop's concurrent fetches (see Lane.hand_source).
+        self.cycles = Cycles(by_maker=True)
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
 
@@ -555,24 +582,34 @@ class LoopChannel:
         return False
 
     def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
-        """Never, for the same reason."""
-        return False
+        """Never to the consumer, for the same reason. Whether the lane's thread holds the source for units that
+        look slow: where it makes them faster than the loop serves the consumer, or to try (``Cycles``)."""
+        return self.cycles.choose_direct()
+
+    def keep_source(self, seconds: float) -> bool:
+        """The lane's thread holding the source for units that look slow made one in ``seconds``: whether it keeps
+        the source."""
+        self.cycles.made(seconds)
+        return self.cycles.keep_direct()
 
     @property
     def on_loop(self) -> bool:
         return True
 
     async def get(self) -> object:
+        entered = time.perf_counter()
         runs = self._runs
         while True:
             item = runs.next()
             if item is not _NOTHING:
                 runs.taken += 1
                 runs.tell_finished()
+                self.cycles.took(entered, DIRECT)
                 return item
             if self._items:
                 runs.taken += 1
                 self._room.set()
+                self.cycles.took(entered, LOOP)
                 return self._items.popleft()
             self._readable.clear()
             await self._readable.wait()

@@ -556,6 +556,78 @@ def test_cycles_give_the_source_back_when_the_consumers_cycles_turn_far_slower()
     assert clock.cycles.choose_direct()
 
 
+def test_cycles_by_maker_take_the_makers_time_per_unit_for_the_held_figure() -> None:
+    """``async for``: the lane's thread holds the source and hands runs over, so the consumer's cycles come in
+    bursts; the held figure is that thread's time per unit."""
+    clock = _Clock()
+    clock.cycles = _bridge.Cycles(by_maker=True)
+    clock.run(_bridge.LOOP, _measured(), 0.01)
+    assert clock.cycles.choose_direct()
+    clock.run(_bridge.DIRECT, 3 * _bridge.Cycles.ENOUGH, 0.05)  # bursty cycles of runs: not the held figure
+    for _ in range(_bridge.Cycles.ENOUGH - 1):
+        clock.cycles.made(0.006)
+        assert clock.cycles.keep_direct()  # the trial runs on
+    clock.cycles.made(0.006)
+    assert clock.cycles.direct_better() and clock.cycles.keep_direct()
+    clock.cycles.made(0.06)
+    assert clock.cycles.keep_direct()  # one unit far slower (a pause): kept
+    clock.cycles.made(0.06)
+    assert not clock.cycles.keep_direct()  # two in a row: given back
+
+
+def test_cycles_by_maker_give_a_trial_up_at_its_first_far_slower_unit() -> None:
+    clock = _Clock()
+    clock.cycles = _bridge.Cycles(by_maker=True)
+    clock.run(_bridge.LOOP, _measured(), 0.01)
+    assert clock.cycles.choose_direct()
+    clock.cycles.made(1.5)  # a unit of samples waiting on storage, made one after another
+    assert not clock.cycles.keep_direct() and not clock.cycles.choose_direct()
+
+
+class _ScriptedCycles:
+    """Units look slow (``Lane.units`` says 1 a call); the holder gets the source at every offer and keeps it for
+    ``keep`` units each time (``Cycles.keep_direct``), so holds start, end and start again all through the epoch."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
+        self.asked = 0
+        self.holds = 0
+        self._left = 0
+
+        def choose(self_: _bridge.Cycles) -> bool:
+            self.holds += 1
+            self._left = keep
+            return True
+
+        def keep_direct(self_: _bridge.Cycles) -> bool:
+            self.asked += 1
+            self._left -= 1
+            return self._left > 0
+
+        monkeypatch.setattr(_bridge.Cycles, "choose_direct", choose)
+        monkeypatch.setattr(_bridge.Cycles, "keep_direct", keep_direct)
+        monkeypatch.setattr(lane.Lane, "units", lambda self_: 1)
+
+
+@pytest.mark.parametrize("keep", [1, 3, 1000])
+def test_slow_looking_units_held_on_a_trial_give_torchs_batches(
+    driver: Driver, keep: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Units that look slow (another thread holding the GIL) go to the consumer (``for``) or the lane's thread
+    (``async for``) on a trial that ``Cycles`` decides: whatever it decides, and however often, torch's batches in
+    torch's order."""
+    cycles = _ScriptedCycles(monkeypatch, keep)
+    dataset = TensorDataset(torch.arange(600).reshape(300, 2), torch.arange(300))
+    reference = torch.utils.data.DataLoader(
+        dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)
+    )
+    ours = aloader.DataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5))
+    ours._speed.per_unit = 0.05  # as an earlier epoch beside a busy thread left it: units look slow
+    expected = [[t.tolist() for t in batch] for batch in reference]
+    assert [[t.tolist() for t in batch] for batch in driver.collect(ours)] == expected
+    assert cycles.asked > 0, "the source was held on a trial"
+    assert cycles.holds > 1 or keep > len(expected), "given back after keep units, and held again"
+
+
 # ----------------------------------------------------------------------------------- runs yielded in their turn
 class _Run:
     """A run of outcomes made outside the order stage (``MadeRun``), recording when it was yielded whole."""

@@ -231,9 +231,11 @@ class Lane:
 
     # ------------------------------------------------------------------------------------- the source itself
     def may_try_source(self) -> bool:
-        """Whether units that are not fast may be offered to the sync driver's consumer (``hand_source`` with
-        ``slow``): their speed is known, the consumer is a thread, and it may make them."""
-        return self._in_consumer and self._ctx.speed.per_unit is not None and not self._emitter.consumer_on_loop
+        """Whether units that are not fast may be offered to the sync driver's consumer, or held by the lane's
+        thread for ``async for`` (``hand_source`` with ``slow``): their speed is known (they were made in the lane
+        once: a dataset that never was, one waiting on storage from its first batch, is never tried), and the
+        order stage need not see each outcome."""
+        return self._in_consumer and self._ctx.speed.per_unit is not None
 
     async def hand_source(
         self, seq: int, unit: Any, draw: Callable[[], Any], slow: bool = False
@@ -256,6 +258,9 @@ class Lane:
         source = _Drawn(self, seq, unit, draw, trial=slow)
         held: _Held | None = None
         if self._emitter.consumer_on_loop:
+            # A trial (slow): by the lane thread's time per unit against the consumer's cycle with the loop.
+            if slow and not self._emitter.hand_source(source, 0.0):
+                return None
             self._widen(_HELD_UNITS)  # a window of _HELD_RUNS runs
             held = _Held(self, source, _HELD_UNITS)
             await held.run()
@@ -319,6 +324,11 @@ class _Drawn:
     def next(self) -> int | None:
         """The sequence number of the next unit; None once given back."""
         return self._next
+
+    @property
+    def trial(self) -> bool:
+        """Handed for units not known to be fast: kept by the holder's measured speed (``Cycles``)."""
+        return self._trial
 
     def step(self, away: bool) -> object:
         """The consumer's thread: the next unit's batch (or failure), or :data:`HANDED_BACK`."""
@@ -434,7 +444,7 @@ class _Held:
         """The lane's thread: runs of batches, each made by ``_Drawn.make``; each run passes the fork gate (this
         long call must not hold a fork up while it waits for a credit)."""
         source, credits, units, loop = self._source, self._credits, self._units, self._loop
-        stats = self._lane._ctx.stats
+        stats, emitter = self._lane._ctx.stats, self._emitter
         try:
             while True:
                 credits.acquire()
@@ -451,10 +461,19 @@ class _Held:
                 count = max(1, min(units, int(_HELD_SECONDS / max(per_unit, 1e-9))))
                 with FORK_GATE.user_code():  # a run is ~10 milliseconds: a fork waits for it at most that long
                     while len(outcomes) < count:
+                        started = time.perf_counter()
                         item = source.make(entries, False)
                         if item is HANDED_BACK:
                             break
                         outcomes.append(item)
+                        # Units that look slow (Lane.hand_source): held while this thread makes them faster than
+                        # the loop serves the consumer (Cycles), and given back at once if they turn far slower.
+                        if source.trial and not emitter.keep_source(time.perf_counter() - started):
+                            next_seq = source.next
+                            if next_seq is not None:
+                                source.give_back(next_seq, None)
+                            item = HANDED_BACK
+                            break
                 stats.made_with_source(entries, [type(o) is Failed for o in outcomes])
                 if outcomes:
                     try:

@@ -93,6 +93,11 @@ class Sink(Protocol):
         """Give ``source`` to the consumer (True) if it comes back for items within ``idle_below`` seconds; never
         to a consumer that is an event loop."""
 
+    def keep_source(self, seconds: float) -> bool:
+        """Whoever holds the source for units that look slow (``hand_source`` with ``idle_below=0``; for ``async
+        for``, the lane's thread) made one in ``seconds``: whether it keeps the source, or gives it back to the loop
+        (see ``_bridge.Cycles``)."""
+
     @property
     def on_loop(self) -> bool:
         """The consumer is a task of the pipeline's own loop (``async for``): it never makes items itself."""
@@ -138,6 +143,10 @@ class Emitter:
     def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
         """Give the source to the consumer if it comes straight back for batches (see ``Sink.hand_source``)."""
         return self._sink is not None and self._sink.hand_source(source, idle_below)
+
+    def keep_source(self, seconds: float) -> bool:
+        """Whether the holder of the source for slow-looking units keeps it (see ``Sink.keep_source``)."""
+        return self._sink is not None and self._sink.keep_source(seconds)
 
     def put_made(self, run: MadeRun, outcomes: list[object]) -> None:
         """Hand ``outcomes`` of a lane call to the sink as one run (see ``Sink.put_made``)."""
