@@ -360,10 +360,17 @@ class ThreadChannel:
         """Loop side: give the source to the consumer (True) if its recent time between two ``get()`` calls is
         under ``idle_below``: a consumer that comes straight back for batches makes them itself, drawing the units
         too, so the loop does nothing per batch. A consumer busy between batches gets it where it is the faster
-        maker, or to try (``Cycles``). It starts once every item before ``source.first`` is taken."""
+        maker, or to try (``Cycles``). It starts once every item before ``source.first`` is taken.
+
+        A consumer that has not had its first item yet (it is waiting for it, or about to: ``iter()`` has just
+        returned) is taken to come straight back: it gets a source of fast units at once and makes its first batch
+        alone, instead of waiting for a lane call's worth (16 batches: 3.7 ms against 1.3 ms for an in-memory
+        loader's first batch). If it does not come within ``idle_below`` after all, the source goes back when it
+        leaves ``get()`` (``_decline_calls``), or at its first batch (``_away``)."""
         with self._cond:
             chosen = False
-            if self._outside() >= idle_below:
+            first_wait = idle_below > 0 and not self._left
+            if not first_wait and self._outside() >= idle_below:
                 if not self.cycles.choose_direct():
                     return False
                 chosen = True
@@ -458,8 +465,9 @@ class ThreadChannel:
     def _away(self, gap: float) -> bool:
         """Holding the source: the consumer spends time between batches and is not the faster maker (give it back,
         so that the loop's threads make the next ones meanwhile). ``gap``: its time since the last item (the
-        least of the last few is at most that: a consumer that came straight back needs no more)."""
-        if gap < self._source_idle:
+        least of the last few is at most that: a consumer that came straight back needs no more; infinite before
+        its first item, when nothing is known of its time between batches yet: it keeps the source)."""
+        if gap < self._source_idle or gap == float("inf"):
             return False
         return self._outside() >= self._source_idle and not self.cycles.keep_direct()
 

@@ -229,21 +229,42 @@ WORKLOADS = ("latency", "in-memory", "in-memory + model step")
 
 
 def render(results: list[Result]) -> str:
+    """A table per workload; a workload measured beside a busy thread too gets that condition as columns, each
+    ratio against torch in the same condition."""
     lines = []
     for workload in WORKLOADS:
         rows = [r for r in results if r.workload == workload]
         if not rows:
             continue
-        lines += [f"### {workload}", "", "| system | samples | samples/s | vs torch |", "|---|---:|---:|---:|"]
-        for r in rows:
-            # Against torch in the same condition: with the busy thread, or without.
-            baseline = next(
-                b for b in rows if b.system.startswith("torch") and b.system.endswith(BUSY) == r.system.endswith(BUSY)
-            )
-            ratio = r.samples_per_second / baseline.samples_per_second
-            lines.append(f"| {r.system} | {r.samples} | {r.samples_per_second:,.0f} | {ratio:.2f}x |")
+        alone = [r for r in rows if not r.system.endswith(BUSY)]
+        busy = {r.system.removesuffix(BUSY): r for r in rows if r.system.endswith(BUSY)}
+        lines.append(f"### {workload}")
+        lines.append("")
+        if busy:
+            lines += [
+                "| system | samples | samples/s | vs torch | samples/s, a busy thread beside it"
+                " | vs torch, both beside it |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+        else:
+            lines += ["| system | samples | samples/s | vs torch |", "|---|---:|---:|---:|"]
+        base = next(r for r in alone if r.system.startswith("torch"))
+        base_busy = busy.get(base.system)
+        for r in alone:
+            line = f"| {r.system} | {r.samples} | {r.samples_per_second:,.0f} | {_ratio(r, base):.2f}x |"
+            if busy:
+                other = busy.get(r.system)
+                if other is None or base_busy is None:
+                    line += " - | - |"
+                else:
+                    line += f" {other.samples_per_second:,.0f} | {_ratio(other, base_busy):.2f}x |"
+            lines.append(line)
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(result: Result, baseline: Result) -> float:
+    return result.samples_per_second / baseline.samples_per_second
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

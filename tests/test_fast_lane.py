@@ -319,6 +319,43 @@ def test_the_holder_of_the_source_draws_the_units_and_makes_the_batches(driver: 
         assert in_consumer >= 250, "most units were drawn by the consumer"
 
 
+def test_a_loader_that_knows_its_units_are_fast_makes_its_first_batch_alone(driver: Driver) -> None:
+    """An epoch after the first (the lane from the start): with ``for``, the consumer waiting for its first batch
+    is handed the source at once and draws that one unit, instead of waiting for a lane call's worth (16 units)
+    before it. With ``async for`` the lane's thread holds the source: at most its two runs are made ahead. Then
+    every batch is torch's, in torch's order."""
+    dataset = TensorDataset(torch.arange(4000).reshape(2000, 2))
+    reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_sampler=_Threads(2000, 4))]
+    sampler = _Threads(2000, 4)
+    loader = _in_lane(aloader.DataLoader(dataset, batch_sampler=sampler))
+    assert [b[0].tolist() for b in driver.collect(loader, limit=1)] == reference[:1]
+    if driver.is_async:
+        assert len(sampler.drawn_in) <= 2 * lane._HELD_UNITS
+    else:
+        assert sampler.drawn_in == [threading.current_thread()]  # the first unit, drawn by the consumer: no more
+    assert [b[0].tolist() for b in driver.collect(loader)] == reference
+
+
+def test_an_iterator_taken_long_before_its_first_batch_gives_torchs_batches(driver: Driver) -> None:
+    """``iter()`` now, the first ``next()`` after another loader's whole epoch: the source offered to the consumer
+    that has not come yet waits for it, and nothing hangs or is lost."""
+    dataset = TensorDataset(torch.arange(800).reshape(400, 2))
+    reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_size=4)]
+    if driver.is_async:
+
+        async def both() -> tuple[list[Any], list[Any]]:
+            first = _in_lane(aloader.DataLoader(dataset, batch_size=4)).__aiter__()
+            other = [b[0].tolist() async for b in _in_lane(aloader.DataLoader(dataset, batch_size=4))]
+            return [b[0].tolist() async for b in first], other
+
+        got, other = driver.run_async(both)
+    else:
+        first = iter(_in_lane(aloader.DataLoader(dataset, batch_size=4)))
+        other = [b[0].tolist() for b in _in_lane(aloader.DataLoader(dataset, batch_size=4))]
+        got = [b[0].tolist() for b in first]
+    assert got == reference and other == reference
+
+
 def test_a_sampler_failing_in_the_consumers_hands_ends_the_epoch_there(driver: Driver, straight_back: None) -> None:
     """The sampler's error, raised while the consumer draws, comes at its position, then the epoch ends, as with
     torch's DataLoader."""
