@@ -466,8 +466,8 @@ class ThreadChannel:
         """Holding the source: the consumer spends time between batches and is not the faster maker (give it back,
         so that the loop's threads make the next ones meanwhile). ``gap``: its time since the last item (the
         least of the last few is at most that: a consumer that came straight back needs no more; infinite before
-        its first item, when nothing is known of its time between batches yet: it keeps the source)."""
-        if gap < self._source_idle or gap == float("inf"):
+        its first item: nothing is known of it yet, and the loop prefetches while it is away, if it is)."""
+        if gap < self._source_idle:
             return False
         return self._outside() >= self._source_idle and not self.cycles.keep_direct()
 

@@ -319,20 +319,30 @@ def test_the_holder_of_the_source_draws_the_units_and_makes_the_batches(driver: 
         assert in_consumer >= 250, "most units were drawn by the consumer"
 
 
+class _FetchedIn(TensorDataset):
+    """Records the thread each sample is fetched in."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.threads: list[threading.Thread] = []
+
+    def __getitem__(self, index: Any) -> Any:
+        self.threads.append(threading.current_thread())
+        return super().__getitem__(index)
+
+
 def test_a_loader_that_knows_its_units_are_fast_makes_its_first_batch_alone(driver: Driver) -> None:
     """An epoch after the first (the lane from the start): with ``for``, the consumer waiting for its first batch
-    is handed the source at once and draws that one unit, instead of waiting for a lane call's worth (16 units)
-    before it. With ``async for`` the lane's thread holds the source: at most its two runs are made ahead. Then
-    every batch is torch's, in torch's order."""
-    dataset = TensorDataset(torch.arange(4000).reshape(2000, 2))
-    reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_sampler=_Threads(2000, 4))]
-    sampler = _Threads(2000, 4)
-    loader = _in_lane(aloader.DataLoader(dataset, batch_sampler=sampler))
+    is handed the source at once and makes that one batch, instead of a lane call's worth (16 batches) before it;
+    the loop makes the next ones if it does not come back. ``async for`` never makes one in the caller's thread.
+    Every batch is torch's, in torch's order."""
+    dataset = _FetchedIn(torch.arange(4000).reshape(2000, 2))
+    reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_size=4)]
+    dataset.threads.clear()
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=4))
     assert [b[0].tolist() for b in driver.collect(loader, limit=1)] == reference[:1]
-    if driver.is_async:
-        assert len(sampler.drawn_in) <= 2 * lane._HELD_UNITS
-    else:
-        assert sampler.drawn_in == [threading.current_thread()]  # the first unit, drawn by the consumer: no more
+    in_consumer = sum(thread is threading.current_thread() for thread in dataset.threads)
+    assert in_consumer == (0 if driver.is_async else 4)  # the first batch's 4 samples, and no more
     assert [b[0].tolist() for b in driver.collect(loader)] == reference
 
 
