@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 import aloader
-from aloader import _bridge
+from aloader import _bridge, _cycles
 from aloader._core import fetch, lane
 from tests.conftest import Driver, torch_outcomes
 from tests.datasets import AsyncSquares, FailingSet, Rendezvous
@@ -433,7 +433,7 @@ class _Clock:
     """Feeds ``Cycles`` the consumer's ``get()`` entries as a fake clock: cycles of a chosen length, by a maker."""
 
     def __init__(self) -> None:
-        self.cycles = _bridge.Cycles()
+        self.cycles = _cycles.Cycles()
         self.now = 1.0
 
     def run(self, maker: int, count: int, cycle: float) -> None:
@@ -444,97 +444,97 @@ class _Clock:
 
 def _measured(count: int = 0) -> int:
     """Items a maker needs in a row for its figure to count (its warm-up cycles, then enough)."""
-    return _bridge.Cycles.WARMUP + _bridge.Cycles.ENOUGH + 1 + count
+    return _cycles.Cycles.WARMUP + _cycles.Cycles.ENOUGH + 1 + count
 
 
 def test_cycles_try_the_consumer_once_the_loops_cycle_is_known() -> None:
     clock = _Clock()
     assert not clock.cycles.try_direct()  # nothing is known yet: the loop serves a busy consumer
-    clock.run(_bridge.LOOP, _measured(), 0.001)
+    clock.run(_cycles.LOOP, _measured(), 0.001)
     assert not clock.cycles.direct_better()
     assert clock.cycles.try_direct()  # the loop's cycle is known: the consumer tries making its batches
-    clock.run(_bridge.DIRECT, _bridge.Cycles.WARMUP, 0.0006)
+    clock.run(_cycles.DIRECT, _cycles.Cycles.WARMUP, 0.0006)
     assert clock.cycles.keep_direct()  # its trial runs until its figure counts
 
 
 def test_cycles_keep_the_consumer_where_its_own_cycle_is_shorter() -> None:
     clock = _Clock()
-    clock.run(_bridge.LOOP, _measured(), 0.001)  # the step and the lane's thread take the GIL in turns
+    clock.run(_cycles.LOOP, _measured(), 0.001)  # the step and the lane's thread take the GIL in turns
     assert clock.cycles.try_direct()
-    clock.run(_bridge.DIRECT, _measured(), 0.0008)
+    clock.run(_cycles.DIRECT, _measured(), 0.0008)
     assert clock.cycles.direct_better()
     assert clock.cycles.keep_direct()
 
 
 def test_cycles_give_back_where_the_loops_cycle_is_shorter_and_try_again_when_stale() -> None:
     clock = _Clock()
-    clock.run(_bridge.LOOP, _measured(), 0.001)  # the step leaves the GIL free: the lane's thread overlaps it
+    clock.run(_cycles.LOOP, _measured(), 0.001)  # the step leaves the GIL free: the lane's thread overlaps it
     assert clock.cycles.try_direct()
-    clock.run(_bridge.DIRECT, _measured(), 0.0012)
+    clock.run(_cycles.DIRECT, _measured(), 0.0012)
     assert not clock.cycles.direct_better()
     assert not clock.cycles.keep_direct()  # given back
-    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.STALE - 1, 0.001)
+    clock.run(_cycles.LOOP, 2 * _cycles.Cycles.STALE - 1, 0.001)
     assert not clock.cycles.try_direct()  # measured recently (a trial lost waits twice as long): no new trial
-    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.ENOUGH, 0.001)
+    clock.run(_cycles.LOOP, 2 * _cycles.Cycles.ENOUGH, 0.001)
     assert clock.cycles.try_direct()  # stale: tried again (the step may have changed)
 
 
 def test_cycles_give_a_trial_up_at_once_when_the_consumer_is_far_slower() -> None:
     """Units that wait on storage: the loop overlaps them, the consumer would make them one after another."""
     clock = _Clock()
-    clock.run(_bridge.LOOP, _measured(), 0.001)
+    clock.run(_cycles.LOOP, _measured(), 0.001)
     assert clock.cycles.try_direct()
-    clock.run(_bridge.DIRECT, 2, 0.03)  # the second direct item ends the first cycle of the trial: 30x the loop's
+    clock.run(_cycles.DIRECT, 2, 0.03)  # the second direct item ends the first cycle of the trial: 30x the loop's
     assert not clock.cycles.keep_direct()  # given back after one unit, not after a whole trial
     assert not clock.cycles.try_direct() and not clock.cycles.direct_better()
-    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.STALE - 2, 0.001)
+    clock.run(_cycles.LOOP, 2 * _cycles.Cycles.STALE - 2, 0.001)
     assert not clock.cycles.try_direct()  # the next trial waits twice as long
-    clock.run(_bridge.LOOP, 1, 0.001)
+    clock.run(_cycles.LOOP, 1, 0.001)
     assert clock.cycles.try_direct()
 
 
 def test_cycles_give_a_trial_up_early_when_its_first_cycles_are_slower_on_average() -> None:
     clock = _Clock()
-    clock.run(_bridge.LOOP, _measured(), 0.001)
+    clock.run(_cycles.LOOP, _measured(), 0.001)
     assert clock.cycles.try_direct()
-    clock.run(_bridge.DIRECT, _bridge.Cycles.EARLY, 0.002)  # 2x the loop's, under the single-cycle bound
+    clock.run(_cycles.DIRECT, _cycles.Cycles.EARLY, 0.002)  # 2x the loop's, under the single-cycle bound
     assert clock.cycles.keep_direct()  # the early mean is not known yet
-    clock.run(_bridge.DIRECT, 1, 0.002)
+    clock.run(_cycles.DIRECT, 1, 0.002)
     assert not clock.cycles.keep_direct()
 
 
 def test_cycles_keep_a_trial_whose_cycles_vary_around_a_shorter_mean() -> None:
     """Beside a busy thread a batch waits out its switch intervals: the consumer's cycles vary, shorter on average."""
     clock = _Clock()
-    clock.run(_bridge.LOOP, _measured(), 0.012)
+    clock.run(_cycles.LOOP, _measured(), 0.012)
     assert clock.cycles.try_direct()
     for _ in range(_measured() // 3 + 1):
         for cycle in (0.005, 0.005, 0.02):  # one in three waits out three intervals: 10 ms on average
-            clock.run(_bridge.DIRECT, 1, cycle)
+            clock.run(_cycles.DIRECT, 1, cycle)
     assert clock.cycles.direct_better() and clock.cycles.keep_direct()
 
 
 def test_cycles_measure_the_loop_again_when_its_figure_is_stale() -> None:
     clock = _Clock()
-    clock.run(_bridge.LOOP, _measured(), 0.001)
+    clock.run(_cycles.LOOP, _measured(), 0.001)
     assert clock.cycles.try_direct()
-    clock.run(_bridge.DIRECT, _measured(), 0.0008)
+    clock.run(_cycles.DIRECT, _measured(), 0.0008)
     assert clock.cycles.keep_direct()
-    clock.run(_bridge.DIRECT, _bridge.Cycles.STALE, 0.0008)
+    clock.run(_cycles.DIRECT, _cycles.Cycles.STALE, 0.0008)
     assert not clock.cycles.keep_direct()  # the loop's figure is stale: given back for it to be measured again
     assert not clock.cycles.try_direct() and not clock.cycles.direct_better()  # until it is measured
-    clock.run(_bridge.LOOP, _measured(), 0.001)
+    clock.run(_cycles.LOOP, _measured(), 0.001)
     assert clock.cycles.direct_better()
 
 
 def test_cycles_leave_out_the_cycles_right_after_a_change_of_maker() -> None:
     """The first cycles after the loop takes over include the pipeline's refill: they are not the loop's figure."""
     clock = _Clock()
-    clock.run(_bridge.DIRECT, 3, 0.0005)
-    clock.run(_bridge.LOOP, _bridge.Cycles.WARMUP, 0.05)  # refilling
-    clock.run(_bridge.LOOP, _bridge.Cycles.ENOUGH + 1, 0.001)
+    clock.run(_cycles.DIRECT, 3, 0.0005)
+    clock.run(_cycles.LOOP, _cycles.Cycles.WARMUP, 0.05)  # refilling
+    clock.run(_cycles.LOOP, _cycles.Cycles.ENOUGH + 1, 0.001)
     assert clock.cycles.try_direct()
-    clock.run(_bridge.DIRECT, _measured(), 0.0009)
+    clock.run(_cycles.DIRECT, _measured(), 0.0009)
     assert clock.cycles.direct_better()  # 0.9 ms against the loop's 1 ms, not its refill's 50 ms
 
 
@@ -542,21 +542,21 @@ def test_cycles_need_fewer_of_the_loops_cycles_than_of_the_consumers() -> None:
     """Where the consumer is the better maker, each cycle measured on the loop costs the epoch: the loop's figure
     counts sooner."""
     clock = _Clock()
-    clock.run(_bridge.LOOP, _bridge.Cycles.WARMUP + _bridge.Cycles.LOOP_ENOUGH - 1, 0.01)
+    clock.run(_cycles.LOOP, _cycles.Cycles.WARMUP + _cycles.Cycles.LOOP_ENOUGH - 1, 0.01)
     assert not clock.cycles.try_direct()  # one cycle short
-    clock.run(_bridge.LOOP, 1, 0.01)
+    clock.run(_cycles.LOOP, 1, 0.01)
     assert clock.cycles.try_direct()
-    clock.run(_bridge.DIRECT, _bridge.Cycles.WARMUP + _bridge.Cycles.LOOP_ENOUGH + 1, 0.005)
+    clock.run(_cycles.DIRECT, _cycles.Cycles.WARMUP + _cycles.Cycles.LOOP_ENOUGH + 1, 0.005)
     assert clock.cycles.keep_direct()  # the consumer's own figure needs more: its trial runs on
     assert not clock.cycles.direct_better()
-    clock.run(_bridge.DIRECT, _bridge.Cycles.ENOUGH - _bridge.Cycles.LOOP_ENOUGH, 0.005)
+    clock.run(_cycles.DIRECT, _cycles.Cycles.ENOUGH - _cycles.Cycles.LOOP_ENOUGH, 0.005)
     assert clock.cycles.direct_better() and clock.cycles.keep_direct()
 
 
 def _won_trial(clock: _Clock) -> None:
-    clock.run(_bridge.LOOP, _measured(), 0.01)
+    clock.run(_cycles.LOOP, _measured(), 0.01)
     assert clock.cycles.choose_direct()
-    clock.run(_bridge.DIRECT, _measured(), 0.005)
+    clock.run(_cycles.DIRECT, _measured(), 0.005)
     assert clock.cycles.keep_direct()
 
 
@@ -564,8 +564,8 @@ def _held(clock: _Clock, cycle: float) -> int:
     """Items the consumer makes at ``cycle`` before it gives the source back."""
     items = 0
     while clock.cycles.keep_direct():
-        assert items <= _bridge.Cycles.STALE_MAX
-        clock.run(_bridge.DIRECT, 1, cycle)
+        assert items <= _cycles.Cycles.STALE_MAX
+        clock.run(_cycles.DIRECT, 1, cycle)
         items += 1
     return items
 
@@ -573,17 +573,17 @@ def _held(clock: _Clock, cycle: float) -> int:
 def test_cycles_measure_the_loop_less_often_while_the_consumer_keeps_winning() -> None:
     clock = _Clock()
     _won_trial(clock)
-    stale = _bridge.Cycles.STALE
+    stale = _cycles.Cycles.STALE
     assert _held(clock, 0.005) < stale  # the loop's figure is stale: given back for it to be measured again
     for times in (2, 4, 8):
         assert not clock.cycles.choose_direct()  # until it is measured
-        clock.run(_bridge.LOOP, _measured(), 0.01)
+        clock.run(_cycles.LOOP, _measured(), 0.01)
         assert clock.cycles.choose_direct()  # won again: the loop's next measure waits twice as long
         assert (times - 1) * stale < _held(clock, 0.005) <= times * stale
     # The loop wins a measure: it is measured at the usual interval again.
-    clock.run(_bridge.LOOP, _measured(), 0.004)
+    clock.run(_cycles.LOOP, _measured(), 0.004)
     assert not clock.cycles.choose_direct()
-    clock.run(_bridge.LOOP, 2 * stale, 0.004)
+    clock.run(_cycles.LOOP, 2 * stale, 0.004)
     assert clock.cycles.choose_direct()  # the consumer's figure is stale: a trial
     assert _held(clock, 0.003) <= stale
 
@@ -593,13 +593,13 @@ def test_cycles_give_the_source_back_when_the_consumers_cycles_turn_far_slower()
     storage (the loop would overlap them) send it back after ABORTS such cycles in a row, not at the next measure."""
     clock = _Clock()
     _won_trial(clock)
-    clock.run(_bridge.DIRECT, 1, 0.05)  # one cycle far over the loop's (a pause): kept
-    clock.run(_bridge.DIRECT, 1, 0.005)
+    clock.run(_cycles.DIRECT, 1, 0.05)  # one cycle far over the loop's (a pause): kept
+    clock.run(_cycles.DIRECT, 1, 0.005)
     assert clock.cycles.keep_direct()
-    clock.run(_bridge.DIRECT, _bridge.Cycles.ABORTS + 1, 0.05)  # the last item ends the ABORTS-th slow cycle
+    clock.run(_cycles.DIRECT, _cycles.Cycles.ABORTS + 1, 0.05)  # the last item ends the ABORTS-th slow cycle
     assert not clock.cycles.keep_direct()
     assert not clock.cycles.choose_direct()  # known slower: not tried again until its figure is stale
-    clock.run(_bridge.LOOP, 2 * _bridge.Cycles.STALE, 0.01)
+    clock.run(_cycles.LOOP, 2 * _cycles.Cycles.STALE, 0.01)
     assert clock.cycles.choose_direct()
 
 
@@ -607,11 +607,11 @@ def test_cycles_by_maker_take_the_makers_time_per_unit_for_the_held_figure() -> 
     """``async for``: the lane's thread holds the source and hands runs over, so the consumer's cycles come in
     bursts; the held figure is that thread's time per unit."""
     clock = _Clock()
-    clock.cycles = _bridge.Cycles(by_maker=True)
-    clock.run(_bridge.LOOP, _measured(), 0.01)
+    clock.cycles = _cycles.Cycles(by_maker=True)
+    clock.run(_cycles.LOOP, _measured(), 0.01)
     assert clock.cycles.choose_direct()
-    clock.run(_bridge.DIRECT, 3 * _bridge.Cycles.ENOUGH, 0.05)  # bursty cycles of runs: not the held figure
-    for _ in range(_bridge.Cycles.ENOUGH - 1):
+    clock.run(_cycles.DIRECT, 3 * _cycles.Cycles.ENOUGH, 0.05)  # bursty cycles of runs: not the held figure
+    for _ in range(_cycles.Cycles.ENOUGH - 1):
         clock.cycles.made(0.006)
         assert clock.cycles.keep_direct()  # the trial runs on
     clock.cycles.made(0.006)
@@ -624,8 +624,8 @@ def test_cycles_by_maker_take_the_makers_time_per_unit_for_the_held_figure() -> 
 
 def test_cycles_by_maker_give_a_trial_up_at_its_first_far_slower_unit() -> None:
     clock = _Clock()
-    clock.cycles = _bridge.Cycles(by_maker=True)
-    clock.run(_bridge.LOOP, _measured(), 0.01)
+    clock.cycles = _cycles.Cycles(by_maker=True)
+    clock.run(_cycles.LOOP, _measured(), 0.01)
     assert clock.cycles.choose_direct()
     clock.cycles.made(1.5)  # a unit of samples waiting on storage, made one after another
     assert not clock.cycles.keep_direct() and not clock.cycles.choose_direct()
@@ -640,18 +640,18 @@ class _ScriptedCycles:
         self.holds = 0
         self._left = 0
 
-        def choose(self_: _bridge.Cycles) -> bool:
+        def choose(self_: _cycles.Cycles) -> bool:
             self.holds += 1
             self._left = keep
             return True
 
-        def keep_direct(self_: _bridge.Cycles) -> bool:
+        def keep_direct(self_: _cycles.Cycles) -> bool:
             self.asked += 1
             self._left -= 1
             return self._left > 0
 
-        monkeypatch.setattr(_bridge.Cycles, "choose_direct", choose)
-        monkeypatch.setattr(_bridge.Cycles, "keep_direct", keep_direct)
+        monkeypatch.setattr(_cycles.Cycles, "choose_direct", choose)
+        monkeypatch.setattr(_cycles.Cycles, "keep_direct", keep_direct)
         monkeypatch.setattr(lane.Lane, "units", lambda self_: 1)
 
 

@@ -249,7 +249,7 @@ class Lane:
         the process holds the GIL for a switch interval (5 ms) each time a unit lets it go, and an in-memory batch
         of 0.2 ms then takes 5-15 ms in any thread. Made concurrently, each batch takes more such turns (its thread
         calls and their hand-offs) than the consumer making it does, as torch's loop does (measured: 0.89x torch's
-        samples/s). So the consumer gets the source where it measured faster with it (``_bridge.Cycles``: a trial,
+        samples/s). So the consumer gets the source where it measured faster with it (``_cycles.Cycles``: a trial,
         given up at the first unit far slower than the loop's, as an I/O-bound unit is), and keeps it while so."""
         if not self._in_consumer:
             return None
@@ -300,7 +300,7 @@ class _Drawn:
     """The source in the consumer's hands (``ConsumerSource``): each ``step`` draws a unit and makes its batch, in
     the consumer's thread. It gives the source back (``future``: the next sequence number, why, and a unit whose
     samples are awaitables, if any) when units are slow on average, when the consumer is busy between batches and
-    not the faster maker (``_bridge.Cycles``: the lane's thread then makes them meanwhile), at the sampler's end or
+    not the faster maker (``_cycles.Cycles``: the lane's thread then makes them meanwhile), at the sampler's end or
     error.
 
     The stats of the batches it makes are recorded in groups of ``_STATS_GROUP`` (and when it stops): taking the

@@ -96,7 +96,7 @@ class Sink(Protocol):
     def keep_source(self, seconds: float) -> bool:
         """Whoever holds the source for units that look slow (``hand_source`` with ``idle_below=0``; for ``async
         for``, the lane's thread) made one in ``seconds``: whether it keeps the source, or gives it back to the loop
-        (see ``_bridge.Cycles``)."""
+        (see ``_cycles.Cycles``)."""
 
     @property
     def on_loop(self) -> bool:
