@@ -91,7 +91,8 @@ class Sink(Protocol):
 
     def hand_source(self, source: ConsumerSource, idle_below: float) -> bool:
         """Give ``source`` to the consumer (True) if it comes back for items within ``idle_below`` seconds; never
-        to a consumer that is an event loop."""
+        to a consumer that is an event loop, where it says instead (``idle_below=0``, units that look slow) whether
+        the lane's thread holds it, on the same measure (see ``_cycles.Cycles``)."""
 
     def keep_source(self, seconds: float) -> bool:
         """Whoever holds the source for units that look slow (``hand_source`` with ``idle_below=0``; for ``async
