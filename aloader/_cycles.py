@@ -101,10 +101,7 @@ class Cycles:
         if self._last and last == DIRECT and by_cycles and self._known_cycle(LOOP):
             self._check_direct(entered - self._last)
         if self._last and self._streak >= self.WARMUP and by_cycles:
-            count = self._count[last]
-            self._value[last] = (entered - self._last) + (self._value[last] if count else 0.0)
-            self._count[last] = count + 1
-            self._at[last] = self._items
+            self._measure(last, entered - self._last)
         self._streak = self._streak + 1 if maker == last else 0
         self._maker = maker
         self._last = entered
@@ -114,10 +111,14 @@ class Cycles:
         """``by_maker``: the maker holding the source made a unit in ``seconds`` (its thread): the consumer's figure."""
         if self._known_cycle(LOOP) and self._check_direct(seconds):
             return
-        count = self._count[DIRECT]
-        self._value[DIRECT] = seconds + (self._value[DIRECT] if count else 0.0)
-        self._count[DIRECT] = count + 1
-        self._at[DIRECT] = self._items
+        self._measure(DIRECT, seconds)
+
+    def _measure(self, maker: int, cycle: float) -> None:
+        """Add ``cycle`` to ``maker``'s figure (which starts afresh from a count of 0)."""
+        count = self._count[maker]
+        self._value[maker] = cycle + (self._value[maker] if count else 0.0)
+        self._count[maker] = count + 1
+        self._at[maker] = self._items
 
     def _check_direct(self, cycle: float) -> bool:
         """A cycle of the consumer's: give its trial up if it is far slower than the loop already, and the source
