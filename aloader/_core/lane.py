@@ -194,6 +194,12 @@ class Lane:
         def record(stage: Stage, items: int, seconds: float) -> None:
             entries.append((stage, items, seconds))
 
+        per_unit = self._ctx.speed.per_unit
+        if per_unit is not None and per_unit >= _LANE_EXIT_SECONDS:
+            # A call queued behind one whose units turned slow (the window holds two calls): the lane went out of
+            # use after its units were drawn. They all go back to concurrent fetching; made here one after the
+            # other, units that wait on storage would each wait in turn.
+            return outcomes
         try:
             for unit in units:
                 outcome, seconds = self._make(unit, getitems, record, interruptible)
