@@ -221,7 +221,10 @@ def done(loader: Any) -> None:
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
     loader._iterator = None
-    gc.collect()
+    if loader.num_workers:
+        # A mid-epoch iterator kept alive by a reference cycle still has its workers: collect it now. (Without
+        # workers there is nothing to shut down; a collection per run was a third of this file's time.)
+        gc.collect()
 
 
 def sdl_run(
