@@ -354,8 +354,10 @@ def test_dataset_error_keeps_type_index_and_worker_traceback(driver: Driver) -> 
 
 def test_worker_error_that_needs_other_arguments_is_a_runtime_error_as_torchs(driver: Driver) -> None:
     # torch's workers cannot rebuild such an exception from its message and raise a RuntimeError instead.
+    reference = iter(TORCH(pd.RaisesTwoArguments(), batch_size=2, num_workers=2))
     with pytest.raises(RuntimeError, match=r"^Caught TwoArguments in DataLoader worker process 1") as expected:
-        list(TORCH(pd.RaisesTwoArguments(), batch_size=2, num_workers=2))
+        list(reference)
+    reference._shutdown_workers()  # now: kept alive by the traceback, torch shut it down in teardown in 10 s
     outcomes = driver.outcomes(aloader.DataLoader(pd.RaisesTwoArguments(), batch_size=2, num_workers=2))
     assert [kind for kind, _ in outcomes] == ["ok", "err"]
     error = outcomes[1][1]
