@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--aloader-workers", type=int, default=0, help="read: aloader's process pool (default 0)")
     bench.add_argument("--epochs", type=_positive, default=1)
+    bench.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="run every system this many times, one round after the other, and report medians: each system's "
+        "median round, and each ratio's median over the rounds (default 1)",
+    )
     bench.add_argument("--latency", type=float, default=0.03, help="seconds per GET of the embedded server")
     bench.add_argument(
         "--systems",
@@ -111,10 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             systems=systems,
             workload=args.workload,
+            rounds=args.rounds,
         )
         per_epoch = config.samples_per_epoch
         what = f"{per_epoch} samples" if per_epoch is not None else "every sample"
-        print(f"aloader bench: {label}, {what} x {args.epochs} epoch(s)", flush=True)
+        rounds = f", {args.rounds} rounds" if args.rounds > 1 else ""
+        print(f"aloader bench: {label}, {what} x {args.epochs} epoch(s){rounds}", flush=True)
         report = run_bench(config, label, show_progress=not args.no_progress)
     print()
     print(f"Machine: {report.machine}")
@@ -129,9 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         write_plot(report, args.plot)
         print(f"Plot written to {args.plot}")
-    failed = [r for r in report.results if r.error]
-    for r in failed:
-        print(f"\n{r.title} failed:\n{r.error}", file=sys.stderr)
+    failed = [(number, r) for number, results in enumerate(report.every_round, 1) for r in results if r.error]
+    for number, r in failed:
+        where = f" (round {number})" if len(report.every_round) > 1 else ""
+        print(f"\n{r.title} failed{where}:\n{r.error}", file=sys.stderr)
     return 130 if report.interrupted else 1 if failed else 0
 
 

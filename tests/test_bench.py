@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from aloader.bench.config import default_systems
+from aloader.bench.config import BenchConfig, SystemName, default_systems
 from aloader.bench.images import augment, synthetic_jpegs
+from aloader.bench.report import BenchReport, SystemResult, render_table
 from aloader.bench.sources import synthetic_images, synthetic_shards
 
 BENCH = [sys.executable, "-m", "aloader", "bench"]
@@ -63,6 +65,67 @@ def test_local_directory_and_system_choice(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert [(s["system"], s["samples"]) for s in report["systems"]] == [("aloader", 80), ("torch", 80)]
+
+
+@pytest.mark.slow
+def test_rounds_report_medians(tmp_path: Path) -> None:
+    for key, data in synthetic_images(24).items():
+        path = tmp_path / "data" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    out = tmp_path / "bench.json"
+    result = run_bench(
+        str(tmp_path / "data"), "--systems", "aloader,torch", "--num-workers", "0", "--rounds", "2", "--json", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 rounds" in result.stdout
+    assert "Medians of 2 rounds" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["config"]["rounds"] == 2
+    rounds = report["rounds"]
+    assert [[(s["system"], s["samples"]) for s in r] for r in rounds] == [[("aloader", 24), ("torch", 24)]] * 2
+    for row in report["systems"]:  # each row is one of its system's rounds: the slower one of two
+        runs = [s["samples_per_second"] for r in rounds for s in r if s["system"] == row["system"]]
+        assert row["samples_per_second"] == min(runs)
+    per_round = [r[0]["samples_per_second"] / r[1]["samples_per_second"] for r in rounds]
+    speedup = report["systems"][0]["speedup_over_torch"]
+    assert speedup == pytest.approx(sum(per_round) / 2)  # the median of two: their mean
+
+
+def _result(system: SystemName, per_second: float, pss: float, **extra: Any) -> SystemResult:
+    return SystemResult(
+        system=system,
+        title=system,
+        samples=100,
+        bytes=0,
+        seconds=100 / per_second,
+        first_batch_seconds=0.1,
+        latency_p50_ms=None,
+        latency_p99_ms=None,
+        peak_rss_mb=pss,
+        peak_pss_mb=pss,
+        interrupted=extra.get("interrupted", False),
+    )
+
+
+def test_medians_of_rounds_pair_each_ratio_within_its_round() -> None:
+    config = BenchConfig(urls=("a",), systems=("aloader", "torch"))
+    rounds = [
+        [_result("aloader", 200, 10), _result("torch", 100, 20)],  # 2x, memory 0.5x
+        [_result("aloader", 150, 30), _result("torch", 150, 20)],  # 1x, 1.5x
+        [_result("aloader", 120, 20), _result("torch", 40, 20)],  # 3x, 1x
+        [_result("aloader", 10, 99, interrupted=True)],  # cut short by Ctrl-C: not a median candidate
+    ]
+    report = BenchReport.of_rounds("machine", "source", config, rounds, interrupted=True)
+    assert [(r.system, r.samples_per_second) for r in report.results] == [("aloader", 150), ("torch", 100)]
+    aloader_row = report.results[0]
+    assert report.speedup(aloader_row) == pytest.approx(2.0)  # the median of 2, 1 and 3 (not 150 / 100)
+    assert report.memory_ratio(aloader_row, "torch") == pytest.approx(1.0)
+    assert "Medians of 4 rounds" in render_table(report)
+    # One round: the rows are the run itself, and no line about rounds.
+    single = BenchReport("machine", "source", config, rounds[0], interrupted=False)
+    assert single.speedup(single.results[0]) == pytest.approx(2.0)
+    assert "Medians" not in render_table(single)
 
 
 def test_bad_arguments_exit_with_usage() -> None:

@@ -97,6 +97,7 @@ class BenchConfig:
     shard_concurrency: int = 4  # tar: shards read at once by aloader, SPDL and the ceiling
     limit: int | None = None  # tar: stop each epoch after this many samples (None: every sample of every shard)
     workload: Workload = "read"  # "images": ``urls`` are JPEGs, decoded and augmented by a torch Dataset
+    rounds: int = 1  # every system runs this many times, the rounds one after the other; figures are medians
 
     def title(self, system: SystemName) -> str:
         if self.workload == "images":

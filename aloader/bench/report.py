@@ -8,7 +8,8 @@ import json
 import math
 import os
 import platform
-from collections.abc import Iterator
+import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,31 +61,65 @@ class SystemResult:
 
 @dataclass(frozen=True)
 class BenchReport:
+    """A run's figures. With several rounds (``config.rounds``: every system once a round, the rounds one after the
+    other, so that the machine's noise hits every system alike), ``results`` holds each system's median round (by
+    samples/s) and each ratio is the median of that ratio's value in every round, between runs of the same round."""
+
     machine: str
     source: str
     config: BenchConfig
     results: list[SystemResult]
     interrupted: bool
+    rounds: list[list[SystemResult]] = field(default_factory=list)  # every round's results; empty: ``results``
+
+    @classmethod
+    def of_rounds(
+        cls, machine: str, source: str, config: BenchConfig, rounds: list[list[SystemResult]], interrupted: bool
+    ) -> BenchReport:
+        """The report of ``rounds`` (the last may be cut short by Ctrl-C): each system's median round as its row."""
+        return cls(machine, source, config, median_results(rounds), interrupted, rounds)
+
+    @property
+    def every_round(self) -> list[list[SystemResult]]:
+        """Every round's results (one round: ``results``)."""
+        return self.rounds or [self.results]
 
     def result(self, system: SystemName) -> SystemResult | None:
-        """The figures of ``system`` in this run, when it ran and delivered."""
+        """The figures of ``system`` in this run (its median round), when it ran and delivered."""
         return next((r for r in self.results if r.system == system and r.samples), None)
 
     def ratio(self, result: SystemResult, baseline: SystemName) -> float | None:
-        """Throughput of ``result`` over ``baseline``'s in the same run, when it ran."""
-        base = self.result(baseline)
-        if base is None or base.samples_per_second == 0:
-            return None
-        return result.samples_per_second / base.samples_per_second
+        """Throughput of ``result``'s system over ``baseline``'s in the same round (the median over the rounds where
+        both delivered), when both ran."""
+
+        def throughput(ours: SystemResult, base: SystemResult) -> float | None:
+            return ours.samples_per_second / base.samples_per_second if base.samples_per_second else None
+
+        return self._paired(result.system, baseline, throughput)
 
     def memory_ratio(self, result: SystemResult, baseline: SystemName) -> float | None:
-        """Peak PSS (else RSS, for both) of ``result`` over ``baseline``'s in the same run."""
-        base = self.result(baseline)
-        if base is None:
-            return None
-        if result.peak_pss_mb is not None and base.peak_pss_mb:
-            return result.peak_pss_mb / base.peak_pss_mb
-        return result.peak_rss_mb / base.peak_rss_mb if base.peak_rss_mb else None
+        """Peak PSS (else RSS, for both) of ``result``'s system over ``baseline``'s in the same round (the median
+        over the rounds)."""
+
+        def memory(ours: SystemResult, base: SystemResult) -> float | None:
+            if ours.peak_pss_mb is not None and base.peak_pss_mb:
+                return ours.peak_pss_mb / base.peak_pss_mb
+            return ours.peak_rss_mb / base.peak_rss_mb if base.peak_rss_mb else None
+
+        return self._paired(result.system, baseline, memory)
+
+    def _paired(
+        self,
+        system: SystemName,
+        baseline: SystemName,
+        ratio: Callable[[SystemResult, SystemResult], float | None],
+    ) -> float | None:
+        values = []
+        for results in self.every_round:
+            ours, base = _delivered(results, system), _delivered(results, baseline)
+            if ours is not None and base is not None and (value := ratio(ours, base)) is not None:
+                values.append(value)
+        return statistics.median(values) if values else None
 
     def speedup(self, result: SystemResult) -> float | None:
         """Throughput over torch's DataLoader in the same run (``torch-w2`` for images), when it ran."""
@@ -117,7 +152,54 @@ class BenchReport:
                 }
                 for r in self.results
             ],
+            # every round's figures, in the order they ran (the rows above are each system's median round)
+            "rounds": [
+                [
+                    {
+                        "system": r.system,
+                        "samples": r.samples,
+                        "seconds": r.seconds,
+                        "samples_per_second": r.samples_per_second,
+                        "first_batch_seconds": r.first_batch_seconds,
+                        "peak_rss_mb": r.peak_rss_mb,
+                        "peak_pss_mb": r.peak_pss_mb,
+                        "interrupted": r.interrupted,
+                        "error": r.error,
+                    }
+                    for r in results
+                ]
+                for results in self.every_round
+            ],
         }
+
+
+def _delivered(results: list[SystemResult], system: SystemName) -> SystemResult | None:
+    return next((r for r in results if r.system == system and r.samples), None)
+
+
+def median_results(rounds: list[list[SystemResult]]) -> list[SystemResult]:
+    """Each system's median round by samples/s (the lower of the two middle ones for an even count), in the order the
+    systems ran. Rounds cut short by Ctrl-C count only for a system that has no complete one; a system that never
+    delivered keeps its first round's result (its error)."""
+    order: list[SystemName] = []
+    by_system: dict[SystemName, list[SystemResult]] = {}
+    for results in rounds:
+        for r in results:
+            if r.system not in by_system:
+                order.append(r.system)
+                by_system[r.system] = []
+            by_system[r.system].append(r)
+    medians = []
+    for system in order:
+        runs = by_system[system]
+        delivered = [r for r in runs if r.samples and not r.error]
+        complete = [r for r in delivered if not r.interrupted] or delivered
+        if not complete:
+            medians.append(runs[0])
+            continue
+        ranked = sorted(complete, key=lambda r: r.samples_per_second)
+        medians.append(ranked[(len(ranked) - 1) // 2])
+    return medians
 
 
 def machine() -> str:
@@ -144,9 +226,18 @@ def _times(ratio: float | None) -> str:
 
 
 def render_table(report: BenchReport) -> str:
-    """The Markdown table of a run: one row per system."""
-    if report.config.workload == "images":
-        return _image_table(report)
+    """The Markdown table of a run: one row per system (its median round, with several rounds, said above it)."""
+    table = _image_table(report) if report.config.workload == "images" else _read_table(report)
+    rounds = len(report.every_round)
+    if rounds == 1:
+        return table
+    return (
+        f"Medians of {rounds} rounds (every system once a round): each row is the system's median round by "
+        "samples/s; each ratio is the median of its values in every round.\n\n" + table
+    )
+
+
+def _read_table(report: BenchReport) -> str:
     lines = [
         "| system | samples | samples/s | MB/s | first batch (s) | p50 latency (ms) | p99 latency (ms) "
         "| peak RSS (MiB) | vs torch |",

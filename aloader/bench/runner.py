@@ -258,19 +258,26 @@ def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def run_bench(config: BenchConfig, source: str, show_progress: bool = True) -> BenchReport:
-    """Run every system of ``config`` one after the other; Ctrl-C ends the run with what was measured."""
-    results: list[SystemResult] = []
+    """Run every system of ``config`` one after the other, ``config.rounds`` times; Ctrl-C ends the run with what was
+    measured."""
+    rounds: list[list[SystemResult]] = []
     per_epoch = config.samples_per_epoch
     total = per_epoch * config.epochs if per_epoch is not None else None
     interrupted = False
     with _one_keyboard_interrupt():
-        for system in config.systems:
-            result = _run_with_bar(system, config, total, show_progress)
-            results.append(result)
-            if result.interrupted:
-                interrupted = True
+        for number in range(1, config.rounds + 1):
+            results: list[SystemResult] = []
+            rounds.append(results)
+            label = f" {number}/{config.rounds}" if config.rounds > 1 else ""
+            for system in config.systems:
+                result = _run_with_bar(system, config, total, show_progress, label)
+                results.append(result)
+                if result.interrupted:
+                    interrupted = True
+                    break
+            if interrupted:
                 break
-    return BenchReport(machine=machine(), source=source, config=config, results=results, interrupted=interrupted)
+    return BenchReport.of_rounds(machine(), source, config, rounds, interrupted)
 
 
 @contextlib.contextmanager
@@ -295,12 +302,14 @@ def _one_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run_with_bar(system: SystemName, config: BenchConfig, total: int | None, show_progress: bool) -> SystemResult:
+def _run_with_bar(
+    system: SystemName, config: BenchConfig, total: int | None, show_progress: bool, label: str = ""
+) -> SystemResult:
     bar: Any = None
     if show_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"{system:>12}", unit="sample", dynamic_ncols=True, leave=True)
+        bar = tqdm(total=total, desc=f"{system:>12}{label}", unit="sample", dynamic_ncols=True, leave=True)
     try:
         return run_system(system, config, progress=(lambda _s, n: bar.update(n)) if bar is not None else None)
     finally:
