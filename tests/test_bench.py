@@ -261,7 +261,13 @@ def test_images_workload_end_to_end(tmp_path: Path) -> None:
         assert system["samples"] == 64, system
         assert system["distinct_samples"] == 64, system  # every sample, none twice
         assert system["peak_rss_mb"] > 0
-        assert set(system["ratios"]) == {"vs_torch_w2", "vs_cpu_bound", "vs_spdl", "memory_vs_torch_w2"}
+        assert set(system["ratios"]) == {
+            "vs_torch_w2",
+            "vs_torch_w8",
+            "vs_cpu_bound",
+            "vs_spdl",
+            "memory_vs_torch_w2",
+        }
         assert system["ratios"]["vs_spdl"] is None  # SPDL did not run
     by_name = {s["system"]: s for s in report["systems"]}
     for name in ("torch-w2", "aloader-w2"):

@@ -126,9 +126,11 @@ class BenchReport:
         return self.ratio(result, self.config.baseline)
 
     def ratios(self, result: SystemResult) -> dict[str, float | None]:
-        """images: throughput over torch's DataLoader (2 workers), the CPU bound and SPDL; memory over torch's."""
+        """images: throughput over torch's DataLoader (2 and 8 workers), the CPU bound and SPDL; memory over torch's
+        with 2 workers."""
         return {
             "vs_torch_w2": self.ratio(result, "torch-w2"),
+            "vs_torch_w8": self.ratio(result, "torch-w8"),
             "vs_cpu_bound": self.ratio(result, "cpu-bound"),
             "vs_spdl": self.ratio(result, "spdl-threads"),
             "memory_vs_torch_w2": self.memory_ratio(result, "torch-w2"),
@@ -259,9 +261,9 @@ def _image_table(report: BenchReport) -> str:
     pss = any(r.peak_pss_mb is not None for r in report.results)
     lines = [
         "| system | samples | samples/s | first batch (s) | p50 latency (ms) | p99 latency (ms) "
-        f"| CPU ms per sample | peak {'PSS' if pss else 'RSS'} (MiB) | vs torch-w2 | vs CPU bound | vs SPDL "
-        "| memory vs torch-w2 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| CPU ms per sample | peak {'PSS' if pss else 'RSS'} (MiB) | vs torch-w2 | vs torch-w8 | vs CPU bound "
+        "| vs SPDL | memory vs torch-w2 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report.results:
         note = " (interrupted)" if r.interrupted else " (failed)" if r.error else ""
@@ -275,7 +277,7 @@ def _image_table(report: BenchReport) -> str:
             f"| {title}{note} | {r.samples} | {r.samples_per_second:,.0f} | {_fmt(r.first_batch_seconds, '.2f')} "
             f"| {_fmt(r.latency_p50_ms, '.1f')} | {_fmt(r.latency_p99_ms, '.1f')} | {_fmt(cpu_ms, '.2f')} "
             f"| {memory:,.0f} "
-            f"| {_times(ratios['vs_torch_w2'])} | {_times(ratios['vs_cpu_bound'])} "
+            f"| {_times(ratios['vs_torch_w2'])} | {_times(ratios['vs_torch_w8'])} | {_times(ratios['vs_cpu_bound'])} "
             f"| {_times(ratios['vs_spdl'])} | {_times(ratios['memory_vs_torch_w2'])} |"
         )
     return "\n".join(lines)
