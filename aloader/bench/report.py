@@ -86,7 +86,7 @@ class BenchReport:
 
     def result(self, system: SystemName) -> SystemResult | None:
         """The figures of ``system`` in this run (its median round), when it ran and delivered."""
-        return next((r for r in self.results if r.system == system and r.samples), None)
+        return _delivered(self.results, system)
 
     def ratio(self, result: SystemResult, baseline: SystemName) -> float | None:
         """Throughput of ``result``'s system over ``baseline``'s in the same round (the median over the rounds where
