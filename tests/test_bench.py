@@ -27,6 +27,15 @@ def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[s
     return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def write_images(root: Path, count: int) -> Path:
+    """``count`` synthetic samples as files under ``root``, a local source for the bench."""
+    for key, data in synthetic_images(count).items():
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
 @pytest.mark.slow
 def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
@@ -54,13 +63,17 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_local_directory_and_system_choice(tmp_path: Path) -> None:
-    for key, data in synthetic_images(40).items():
-        path = tmp_path / "data" / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
     out = tmp_path / "bench.json"
     result = run_bench(
-        str(tmp_path / "data"), "--systems", "aloader,torch", "--num-workers", "0", "--epochs", "2", "--json", str(out)
+        str(write_images(tmp_path / "data", 40)),
+        "--systems",
+        "aloader,torch",
+        "--num-workers",
+        "0",
+        "--epochs",
+        "2",
+        "--json",
+        str(out),
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -69,13 +82,17 @@ def test_local_directory_and_system_choice(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_rounds_report_medians(tmp_path: Path) -> None:
-    for key, data in synthetic_images(24).items():
-        path = tmp_path / "data" / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
     out = tmp_path / "bench.json"
     result = run_bench(
-        str(tmp_path / "data"), "--systems", "aloader,torch", "--num-workers", "0", "--rounds", "2", "--json", str(out)
+        str(write_images(tmp_path / "data", 24)),
+        "--systems",
+        "aloader,torch",
+        "--num-workers",
+        "0",
+        "--rounds",
+        "2",
+        "--json",
+        str(out),
     )
     assert result.returncode == 0, result.stderr
     assert "2 rounds" in result.stdout
