@@ -9,6 +9,10 @@ Workloads:
   batch: aloader (``for`` and ``async for``) against torch's DataLoader with ``num_workers=0``, the fastest torch
   setting for in-memory data; alone, and with a busy Python thread beside the consumer (as a training process has:
   a metrics or logging thread, only busier), each compared with torch in the same condition.
+- ``in-memory, a dataset of one's own``: the same tensors in a plain map-style ``Dataset`` whose ``__getitem__``
+  indexes them (what a custom in-memory dataset looks like): aloader gathers an unchanged ``TensorDataset``'s batches
+  in one op per tensor, this one it fetches and collates sample by sample, as torch does. Every in-memory epoch
+  stops after ``EPOCH_LIMIT_SECONDS`` (30 s) with what it delivered, for machines where a busy thread slows it 1000x.
 - ``in-memory + model step``: the same, with the consumer running a small MLP's forward pass on each batch (about
   0.5 ms on one thread), as a training loop would: torch's ops release the GIL while they compute, so the loader's
   thread can make the next batches meanwhile; torch's ``num_workers=0`` makes them only between steps.
@@ -85,23 +89,28 @@ def count_samples(batch: Any) -> int:
     return int(first.shape[0])
 
 
-def time_sync(loader: Any, step: Callable[[Any], Any] | None = None) -> tuple[int, float]:
-    """An epoch's samples and seconds; ``step`` (the consumer's work, as a training step) runs on each batch."""
+def time_sync(loader: Any, step: Callable[[Any], Any] | None = None, limit: float | None = None) -> tuple[int, float]:
+    """An epoch's samples and seconds; ``step`` (the consumer's work, as a training step) runs on each batch. With
+    ``limit``, the epoch stops after that many seconds (``break``), with the samples delivered so far."""
     started = time.perf_counter()
     samples = 0
     for batch in loader:
         if step is not None:
             step(batch)
         samples += count_samples(batch)
+        if limit is not None and time.perf_counter() - started > limit:
+            break
     return samples, time.perf_counter() - started
 
 
-def time_async(loader: aloader.DataLoader) -> tuple[int, float]:
+def time_async(loader: aloader.DataLoader, limit: float | None = None) -> tuple[int, float]:
     async def run() -> tuple[int, float]:
         started = time.perf_counter()
         samples = 0
         async for batch in loader:
             samples += count_samples(batch)
+            if limit is not None and time.perf_counter() - started > limit:
+                break
         return samples, time.perf_counter() - started
 
     return asyncio.run(run())
@@ -151,24 +160,48 @@ def with_busy_thread(fn: Callable[[], tuple[int, float]]) -> Callable[[], tuple[
     return run
 
 
-def in_memory_workload(n: int, repeats: int) -> list[Result]:
-    dataset = TensorDataset(torch.randn(n, 32), torch.randint(0, 10, (n,)))
+class Rows(Dataset[tuple[torch.Tensor, ...]]):
+    """In-memory rows of tensors, as a dataset of one's own holds them: ``__getitem__`` indexes each tensor, as
+    ``TensorDataset``'s does, but it is not ``TensorDataset``, so every loader fetches it sample by sample."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(tensor[i] for tensor in self.tensors)
+
+
+# An in-memory epoch beside a busy thread can run 1000x slower than alone (on some VMs, in some processes: each
+# release of the GIL then waits out the busy thread's switch interval); an epoch stops after this long and counts
+# the samples it delivered, so that the run ends.
+EPOCH_LIMIT_SECONDS = 30.0
+
+
+def in_memory_workload(n: int, repeats: int, rows_dataset: bool = False) -> list[Result]:
+    """``TensorDataset`` (aloader gathers its batches: one op per tensor), or with ``rows_dataset`` the same tensors
+    in :class:`Rows` (fetched and collated sample by sample by both loaders)."""
+    tensors = (torch.randn(n, 32), torch.randint(0, 10, (n,)))
+    dataset: Dataset[Any] = Rows(*tensors) if rows_dataset else TensorDataset(*tensors)
     kwargs: dict[str, Any] = {"batch_size": 64, "shuffle": True}
+    limit = EPOCH_LIMIT_SECONDS
 
     # Each run builds its loader inside the timing: construction is part of what a user waits for.
     def torch_epoch() -> tuple[int, float]:
         started = time.perf_counter()
-        samples, _ = time_sync(torch.utils.data.DataLoader(dataset, **kwargs))
+        samples, _ = time_sync(torch.utils.data.DataLoader(dataset, **kwargs), limit=limit)
         return samples, time.perf_counter() - started
 
     def aloader_for() -> tuple[int, float]:
         started = time.perf_counter()
-        samples, _ = time_sync(aloader.DataLoader(dataset, **kwargs))
+        samples, _ = time_sync(aloader.DataLoader(dataset, **kwargs), limit=limit)
         return samples, time.perf_counter() - started
 
     def aloader_async_for() -> tuple[int, float]:
         started = time.perf_counter()
-        samples, _ = time_async(aloader.DataLoader(dataset, **kwargs))
+        samples, _ = time_async(aloader.DataLoader(dataset, **kwargs), limit=limit)
         return samples, time.perf_counter() - started
 
     rows = [
@@ -177,7 +210,7 @@ def in_memory_workload(n: int, repeats: int) -> list[Result]:
         ("aloader, async for", aloader_async_for),
     ]
     rows += [(name + BUSY, with_busy_thread(fn)) for name, fn in rows]
-    return interleaved("in-memory", rows, repeats)
+    return interleaved(IN_MEMORY_ROWS if rows_dataset else "in-memory", rows, repeats)
 
 
 def interleaved(workload: str, rows: list[tuple[str, Callable[[], tuple[int, float]]]], repeats: int) -> list[Result]:
@@ -225,7 +258,8 @@ def model_step_workload(n: int, repeats: int) -> list[Result]:
         torch.set_num_threads(threads)
 
 
-WORKLOADS = ("latency", "in-memory", "in-memory + model step")
+IN_MEMORY_ROWS = "in-memory, a dataset of one's own (sample by sample)"
+WORKLOADS = ("latency", "in-memory", IN_MEMORY_ROWS, "in-memory + model step")
 
 
 def render(results: list[Result]) -> str:
@@ -276,12 +310,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
         results = (
             latency_workload(n_async=64, n_torch=16)
             + in_memory_workload(n=2_000, repeats=1)
+            + in_memory_workload(n=2_000, repeats=1, rows_dataset=True)
             + model_step_workload(n=2_000, repeats=1)
         )
     else:
         results = (
             latency_workload(n_async=4_096, n_torch=160)
             + in_memory_workload(n=200_000, repeats=11)
+            + in_memory_workload(n=200_000, repeats=11, rows_dataset=True)
             + model_step_workload(n=100_000, repeats=7)
         )
     table = render(results)

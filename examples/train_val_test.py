@@ -62,6 +62,16 @@ def main() -> None:
     )
     print(f"split {len(dataset)} samples into train {len(train_set)}, val {len(val_set)}, test {len(test_set)}")
 
+    # An unchanged TensorDataset (here inside random_split's Subsets) has each batch gathered in one op per tensor,
+    # not sample by sample: the same batches as torch's DataLoader makes.
+    ours = aloader.DataLoader(train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1))
+    theirs = torch.utils.data.DataLoader(
+        train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    for mine, torchs in zip(ours, theirs, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(mine, torchs, strict=True))
+    print("batches equal torch's DataLoader's")
+
     train_loader = aloader.DataLoader(train_set, batch_size=32, shuffle=True)
     val_loader = aloader.DataLoader(val_set, batch_size=64)
     test_loader = aloader.DataLoader(test_set, batch_size=64)

@@ -10,9 +10,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 Point = namedtuple("Point", ["x", "y"])
+
+
+class Rows(TensorDataset):
+    """In memory, fetched sample by sample: a ``TensorDataset`` subclass, whose batches aloader does not gather in
+    one op per tensor as it does an unchanged ``TensorDataset``'s (``aloader/_core/gather.py``)."""
 
 
 class SquaresDataset(Dataset[Any]):

@@ -20,7 +20,7 @@ import aloader
 from aloader import _bridge, _cycles
 from aloader._core import fetch, lane
 from tests.conftest import Driver, torch_outcomes
-from tests.datasets import AsyncSquares, FailingSet, Rendezvous
+from tests.datasets import AsyncSquares, FailingSet, Rendezvous, Rows
 
 
 def _in_lane(loader: aloader.DataLoader) -> aloader.DataLoader:
@@ -65,7 +65,7 @@ class _LaneCalls:
 )
 def test_lane_gives_torchs_batches(driver: Driver, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _LaneCalls(monkeypatch)
-    dataset = TensorDataset(torch.arange(1000).reshape(500, 2), torch.arange(500))
+    dataset = Rows(torch.arange(1000).reshape(500, 2), torch.arange(500))
     in_order = kwargs.pop("in_order", True)
     reference = torch.utils.data.DataLoader(dataset, generator=torch.Generator().manual_seed(3), **kwargs)
     ours = _in_lane(
@@ -168,7 +168,7 @@ def test_slow_samples_take_the_lane_out_of_use(driver: Driver, fast: int) -> Non
 
 def test_lane_break_and_close_leave_no_thread(driver: Driver) -> None:
     """``break`` in the middle of lane calls: the lane's thread is gone when the iterator is (autouse leak check)."""
-    dataset = TensorDataset(torch.arange(4000))
+    dataset = Rows(torch.arange(4000))
     loader = _in_lane(aloader.DataLoader(dataset, batch_size=2))
     assert len(driver.collect(loader, limit=5)) == 5
     before = {t for t in threading.enumerate() if t.name.startswith("aloader-lane")}
@@ -201,7 +201,7 @@ def test_for_makes_fast_batches_in_the_consumers_thread(driver: Driver, monkeypa
         return make(self_, *args)
 
     monkeypatch.setattr(lane.Lane, "_make", counted)
-    dataset = TensorDataset(torch.arange(8000).reshape(4000, 2))
+    dataset = Rows(torch.arange(8000).reshape(4000, 2))
     reference = [
         b[0].tolist()
         for b in torch.utils.data.DataLoader(
@@ -227,7 +227,7 @@ def test_a_consumer_busy_between_batches_leaves_the_calls_to_the_lane_thread(
     a GPU does, here a 2 ms wait) gets its batches made by the lane's thread meanwhile: the lane's calls are made
     there, never in the consumer (which may only try drawing and making batches itself, see ``Cycles``)."""
     calls = _LaneCalls(monkeypatch)
-    dataset = TensorDataset(torch.arange(600))
+    dataset = Rows(torch.arange(600))
     loader = _in_lane(aloader.DataLoader(dataset, batch_size=2))
     got = []
     for batch in loader:
@@ -306,7 +306,7 @@ def test_the_holder_of_the_source_draws_the_units_and_makes_the_batches(driver: 
     and makes its batch in its own thread, as torch's ``num_workers=0`` does. With ``async for`` the lane's thread
     holds it (the caller's loop must stay free): it draws and makes them there, and hands them over in runs. Either
     way the loop does nothing per batch, and the batches and the stats are torch's."""
-    dataset = TensorDataset(torch.arange(4000).reshape(2000, 2))
+    dataset = Rows(torch.arange(4000).reshape(2000, 2))
     sampler = _Threads(2000, 4)
     reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_sampler=_Threads(2000, 4))]
     loader = _in_lane(aloader.DataLoader(dataset, batch_sampler=sampler))
@@ -351,7 +351,7 @@ def test_a_loader_that_knows_its_units_are_fast_makes_its_first_batch_alone(driv
 def test_an_iterator_taken_long_before_its_first_batch_gives_torchs_batches(driver: Driver) -> None:
     """``iter()`` now, the first ``next()`` after another loader's whole epoch: the source offered to the consumer
     that has not come yet waits for it, and nothing hangs or is lost."""
-    dataset = TensorDataset(torch.arange(800).reshape(400, 2))
+    dataset = Rows(torch.arange(800).reshape(400, 2))
     reference = [b[0].tolist() for b in torch.utils.data.DataLoader(dataset, batch_size=4)]
     if driver.is_async:
 
@@ -413,7 +413,7 @@ def test_state_dict_while_the_consumer_draws_resumes_where_it_is(
 ) -> None:
     """A ``state_dict()`` taken while the consumer holds the source is where the consumer is: the resumed loader
     gives the rest of the uninterrupted epoch."""
-    dataset = TensorDataset(torch.arange(1000))
+    dataset = Rows(torch.arange(1000))
 
     def make() -> aloader.DataLoader:
         return _in_lane(
@@ -665,7 +665,7 @@ def test_slow_looking_units_held_on_a_trial_give_torchs_batches(
     (``async for``) on a trial that ``Cycles`` decides: whatever it decides, and however often, torch's batches in
     torch's order."""
     cycles = _ScriptedCycles(monkeypatch, keep)
-    dataset = TensorDataset(torch.arange(600).reshape(300, 2), torch.arange(300))
+    dataset = Rows(torch.arange(600).reshape(300, 2), torch.arange(300))
     reference = torch.utils.data.DataLoader(
         dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)
     )

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch.utils.data import Subset
 
+from aloader._core.gather import gathers
+
 __all__ = ["MapAccess", "any_awaitable", "describe_indices"]
 
 
@@ -24,7 +26,7 @@ class MapAccess:
     fetched concurrently too. The result is the same: ``Subset`` only maps indices.
     """
 
-    __slots__ = ("getitem", "getitem_is_async", "getitems", "getitems_is_async", "remaps")
+    __slots__ = ("getitem", "getitem_is_async", "getitems", "getitems_is_async", "remaps", "tensors")
 
     def __init__(self, dataset: Any) -> None:
         remaps: list[Sequence[Any]] = []
@@ -44,6 +46,7 @@ class MapAccess:
         self.getitems_is_async = self.getitems is not None and inspect.iscoroutinefunction(self.getitems)
         self.getitem: Callable[[Any], Any] = dataset.__getitem__
         self.getitem_is_async = inspect.iscoroutinefunction(self.getitem)
+        self.tensors = gathers(dataset)  # an unchanged TensorDataset: its batches may be gathered (see gather)
 
     @property
     def is_sync(self) -> bool:

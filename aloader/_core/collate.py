@@ -13,11 +13,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from torch.utils.data import TensorDataset
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
 from aloader._core.access import describe_indices
 from aloader._core.context import Context, Record
-from aloader._core.default_collate import quicker
+from aloader._core.default_collate import collate, quicker
+from aloader._core.gather import gather
 from aloader._core.transform import transform_async, transform_sync
 from aloader._failures import Collated, Skipped, split_skipped
 from aloader.errors import with_context
@@ -45,6 +47,20 @@ class Finisher:
         self._ctx = ctx
         self._offload = offload
         self._collate = quicker(ctx.plan.collate_fn)  # torch's default_collate, its dispatch taken in fewer steps
+        plan = ctx.plan
+        # Batches of an unchanged TensorDataset may be gathered (see gather) when nothing but collate touches them.
+        self.gathers = self._collate is collate and plan.transform is None and plan.auto_collation
+
+    def gathered(self, dataset: TensorDataset, keys: list[Any]) -> Any:
+        """The batch of ``keys`` of a ``TensorDataset`` in one op per tensor, pinned, or None where it must be made
+        sample by sample (see :mod:`aloader._core.gather`)."""
+        batch = gather(dataset, keys)
+        if batch is None:
+            return None
+        plan = self._ctx.plan
+        if plan.pin_memory_device is not None:
+            batch = pin_memory(batch, plan.pin_memory_device)
+        return Collated(batch, [], len(keys)) if plan.skipping else batch
 
     async def finish(self, positions: list[Any], samples: list[Any], label: str) -> Any:
         """Transform each sample, collate the batch and pin it; sync user code runs in a thread."""

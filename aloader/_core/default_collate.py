@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.utils.data._utils import collate as _torch
 
-__all__ = ["collate", "quicker"]
+__all__ = ["collate", "plain_tuples", "quicker"]
 
 _default_collate: Callable[[Any], Any] = _torch.default_collate  # torch's (untyped)
 
@@ -51,6 +51,11 @@ def _plain(fn_map: dict[Any, Any]) -> tuple[bool, bool]:
         dicts = not any(issubclass(dict, key) for key in keys)
         _checked = (keys, tuples, dicts)
     return tuples, dicts
+
+
+def plain_tuples(fn_map: dict[Any, Any]) -> bool:
+    """No type registered in ``fn_map`` matches a plain tuple: torch's ``collate`` transposes a batch of tuples."""
+    return _plain(fn_map)[0]
 
 
 def collate(batch: Any) -> Any:

@@ -41,6 +41,7 @@ class Fetcher:
         self._finisher = finisher
         self._timing = 0  # whole units being made in threads right now (see _timed_unit)
         self._timing_lock = threading.Lock()
+        self._tensors = access.tensors if finisher.gathers else None  # batches gathered (see gather)
 
     async def unit(self, unit: Any) -> Any:
         """The outcome of one unit (raises its failure)."""
@@ -113,13 +114,16 @@ class Fetcher:
         """
         ctx = self._ctx
         per_sample = ctx.speed.per_sample
-        if per_sample is None and len(indices) > 1:
+        # A batch that may be gathered is made in one call however fast its samples are: it is one op per tensor.
+        gathers = self._tensors is not None
+        if per_sample is None and len(indices) > 1 and not gathers:
             return await self._probe_first(indices)
-        run = self._run_size(len(indices))
+        run = len(indices) if gathers else self._run_size(len(indices))
         if run >= len(indices) and not inspect.iscoroutinefunction(ctx.plan.transform):
             # The common fast case: one call does the whole batch, fetch to pinned batch (and a CPU-bound batch
             # under a limit of one call: as torch's worker makes it).
-            quick = per_sample is not None and per_sample * len(indices) < CHUNK_SECONDS
+            # (A TensorDataset is in memory: its first batch may go to the consumer too.)
+            quick = gathers or (per_sample is not None and per_sample * len(indices) < CHUNK_SECONDS)
             async with ctx.slots:
                 fetched, batch = await ctx.run_sync(lambda: self._timed_unit(indices), quick=quick)
             if batch is not UNFINISHED:
@@ -232,9 +236,18 @@ class Fetcher:
         record = record or ctx.stats.add
         reads_cpu = ctx.slots.reads_cpu
         started, computed = time.perf_counter(), time.thread_time() if reads_cpu else 0.0
+        keyed = [access.key(index) for index in indices] if access.remaps else indices
+        if finish and self._tensors is not None:
+            batch = self._finisher.gathered(self._tensors, keyed)
+            if batch is not None:
+                elapsed = time.perf_counter() - started
+                record("fetch", len(indices), elapsed)
+                computing = (time.thread_time() - computed) / elapsed if reads_cpu and elapsed > 0 else None
+                ctx.speed.sample_took(elapsed / len(indices), computing)
+                return [], batch
         samples: list[Any] = []
         append, getitem = samples.append, access.getitem
-        keys = iter([access.key(index) for index in indices] if access.remaps else indices)
+        keys = iter(keyed)
         while True:  # as tight as torch's own loop; a sample that raises is marked (or raised), the rest go on
             try:
                 for key in keys:
