@@ -15,6 +15,12 @@ the first batch of a second one timed (warm). Median over ``--repeats`` processe
 Before the first batch there is the import: ``import torch.utils.data`` and ``import aloader`` on top of it, timed in
 fresh interpreters (median over ``--repeats``).
 
+Then short epochs, where what a loader costs before its first batch and after its last is a share of the epoch: a
+whole epoch in memory, timed from building the loader to its last batch (as a validation loop over a small set
+runs), for 640 and 6,400 samples of 32 floats, batch size 64, shuffled, in a ``TensorDataset`` (aloader gathers its
+batches) and in a dataset of one's own (``benchmarks.core.Rows``: both loaders fetch it sample by sample). Both at
+``num_workers=0``, in this process after one untimed epoch of each, interleaved; median of ``--epochs`` epochs.
+
 Run ``python -m benchmarks.ttfb --write docs/benchmarks.md`` (``--quick`` for a smoke run); ``ttfb.png`` goes
 beside it.
 """
@@ -41,7 +47,7 @@ from aloader.bench.config import BenchConfig
 from aloader.bench.plot import save_bars
 from aloader.bench.report import machine
 from aloader.bench.sources import open_source
-from benchmarks.core import write_section
+from benchmarks.core import Rows, write_section
 
 Workload = Literal["remote", "in-memory"]
 System = Literal["aloader", "torch"]
@@ -97,6 +103,55 @@ def measure(workload: Workload, system: System, urls: tuple[str, ...]) -> tuple[
         receiver.close()
         process.join()
     return cold, warm
+
+
+SHORT_SIZES = (640, 6_400)
+ShortRow = tuple[str, int]  # (dataset kind, samples)
+
+
+def short_epoch_seconds(system: System, dataset: Any) -> float:
+    """One whole epoch, from building the loader to its last batch."""
+    cls = aloader.DataLoader if system == "aloader" else torch.utils.data.DataLoader
+    started = time.perf_counter()
+    for _ in cls(dataset, batch_size=64, shuffle=True):
+        pass
+    return time.perf_counter() - started
+
+
+def short_epochs(epochs: int) -> dict[ShortRow, dict[System, float]]:
+    """Median seconds of a short in-memory epoch per (dataset kind, samples) and system, interleaved."""
+    datasets: dict[ShortRow, Any] = {}
+    for n in SHORT_SIZES:
+        tensors = (torch.randn(n, 32), torch.randint(0, 10, (n,)))
+        datasets["TensorDataset", n] = TensorDataset(*tensors)
+        datasets["a dataset of one's own", n] = Rows(*tensors)
+    systems: tuple[System, ...] = ("torch", "aloader")
+    times: dict[ShortRow, dict[System, list[float]]] = {row: {s: [] for s in systems} for row in datasets}
+    for dataset in datasets.values():
+        for system in systems:
+            short_epoch_seconds(system, dataset)  # untimed: this loader class's first epoch in the process
+    for _ in range(epochs):
+        for row, dataset in datasets.items():
+            for system in systems:
+                times[row][system].append(short_epoch_seconds(system, dataset))
+    return {row: {s: statistics.median(t) for s, t in by.items()} for row, by in times.items()}
+
+
+def render_short(figures: dict[ShortRow, dict[System, float]], epochs: int) -> str:
+    lines = [
+        f"Short epochs in memory, from building the loader to its last batch: median of {epochs} interleaved "
+        "epochs per row, after one untimed epoch (batch size 64, shuffled, `num_workers=0`). Speed: torch's time "
+        "over aloader's (higher is better).",
+        "",
+        "| dataset | samples | torch (ms) | aloader `for` (ms) | aloader's speed vs torch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for (kind, n), by in figures.items():
+        lines.append(
+            f"| {kind} | {n:,} | {by['torch'] * 1e3:.2f} | {by['aloader'] * 1e3:.2f} "
+            f"| {by['torch'] / by['aloader']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 IMPORT_SCRIPT = (
@@ -158,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[Workload, dict[System, tuple[flo
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: one process per system")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=41, help="short epochs timed per row and system")
     parser.add_argument("--write", type=Path, help="write the table into this file's ttfb section")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
@@ -181,9 +237,11 @@ def main(argv: list[str] | None = None) -> dict[Workload, dict[System, tuple[flo
         }
         for workload, systems in runs.items()
     }
+    epochs = 3 if args.quick else args.epochs
+    short = short_epochs(epochs)
     load = "load average at the end of the run: " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
     header = f"Machine: {machine()}; {load}"
-    table = render(figures, repeats, source.label) + "\n" + render_imports(imports)
+    table = render(figures, repeats, source.label) + "\n" + render_imports(imports) + "\n" + render_short(short, epochs)
     print(f"{header}\n\n{table}")
     if args.write:
         path = args.write.parent / "ttfb.png"
