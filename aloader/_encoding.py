@@ -12,11 +12,13 @@ __all__ = ["decode", "decode_rng", "encode", "encode_rng"]
 
 
 def encode_rng(state: torch.Tensor) -> str:
-    return base64.b64encode(bytes(state.tolist())).decode("ascii")
+    """A generator's state (a uint8 tensor) as base64 text. From its buffer: a list of its ~5,000 bytes as Python ints
+    took ~0.1 ms, at every ``iter()`` of a loader (the epoch's starting state is recorded for a resume)."""
+    return base64.b64encode(state.contiguous().numpy().tobytes()).decode("ascii")
 
 
 def decode_rng(text: str) -> torch.Tensor:
-    return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 TENSOR: Final = "__aloader_tensor__"
