@@ -68,6 +68,33 @@ def test_sync_dataset_fetches_concurrently_in_threads(driver: Driver, batch_size
     assert dataset.rendezvous.max_inside == 32
 
 
+class FastThenWaiting(Dataset[int]):
+    """Samples before ``fast`` return at once; the others wait until ``parties`` of them are in flight together."""
+
+    def __init__(self, n: int, fast: int, parties: int) -> None:
+        self.n, self.fast = n, fast
+        self.rendezvous = Rendezvous(parties)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i >= self.fast:
+            self.rendezvous.arrive_and_wait()
+        return i
+
+
+@pytest.mark.parametrize("fast", [1, 2, 4, 7])
+def test_a_first_batch_whose_samples_turn_slow_still_gets_its_concurrency(driver: Driver, fast: int) -> None:
+    """A new loader's first batch: the probe's call goes on past a fast first sample while samples stay fast; one
+    that then blocks holds up only its own chunk of the call, and the loop fetches the rest concurrently (the
+    rendezvous needs 8 of them in flight at once: one call, a sample after the other, could never reach it)."""
+    dataset = FastThenWaiting(24, fast=fast, parties=8)
+    batches = driver.collect(aloader.DataLoader(dataset, batch_size=24, concurrency=24))
+    assert [b.tolist() for b in batches] == [list(range(24))]
+    assert dataset.rendezvous.max_inside >= 8
+
+
 @pytest.mark.parametrize("batch_size", [1, 8, 32])
 def test_async_dataset_fetches_concurrently_as_tasks(driver: Driver, batch_size: int) -> None:
     dataset = AsyncRendezvous(32, parties=32)

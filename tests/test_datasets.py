@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -133,6 +134,31 @@ def test_async_transform(driver: Driver) -> None:
     assert_same(
         driver.collect(loader), [2 * expected_squares([0, 1]), 2 * expected_squares([2, 3]), 2 * expected_squares([4])]
     )
+
+
+class Computing(torch.utils.data.Dataset[int]):
+    """CPU-bound samples: each computes for 3 ms of its thread's CPU time."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        started = time.thread_time()
+        while time.thread_time() - started < 0.003:
+            pass
+        return i
+
+
+async def times_ten(sample: int) -> int:
+    return sample * 10
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_async_transform_with_cpu_bound_samples_one_call_at_a_time(driver: Driver, num_workers: int) -> None:
+    """CPU-bound samples under one fetch call at a time make a first batch in the probe's call: an async transform
+    still runs on the loop (it was called in that thread, and its coroutines were collated)."""
+    loader = aloader.DataLoader(Computing(), batch_size=4, transform=times_ten, concurrency=1, num_workers=num_workers)
+    assert_same(driver.collect(loader), [torch.tensor([0, 10, 20, 30]), torch.tensor([40, 50, 60, 70])])
 
 
 def test_transform_runs_off_the_event_loop(driver: Driver) -> None:

@@ -32,6 +32,36 @@ UNFINISHED: Final = object()
 """In place of a batch from a thread call whose samples are awaitables: they are finished on the loop."""
 
 
+class _Probed:
+    """Who fetches which samples of a probed unit (see ``Fetcher._probe_first``): the probe's thread call takes them
+    from the front, a chunk at a time; the loop takes what is left once it stops waiting for that call. Thread-safe:
+    the call takes in its thread, the loop stops it from the loop's."""
+
+    __slots__ = ("_lock", "size", "stopped", "taken")
+
+    def __init__(self, size: int) -> None:
+        self._lock = threading.Lock()
+        self.size = size
+        self.taken = 1  # the first sample is the probe's
+        self.stopped = False
+
+    def take(self, count: int) -> tuple[int, int] | None:
+        """Thread side: the next ``count`` positions (fewer at the end) as (start, stop), or None: all taken, or the
+        loop has taken the rest."""
+        with self._lock:
+            if self.stopped or self.taken >= self.size:
+                return None
+            start = self.taken
+            self.taken = min(self.size, start + count)
+            return start, self.taken
+
+    def stop(self) -> int:
+        """Loop side: no more for the call; how many positions it took (the rest are the loop's)."""
+        with self._lock:
+            self.stopped = True
+            return self.taken
+
+
 class Fetcher:
     """Fetches the units of a map-style dataset and finishes them (``Finisher``)."""
 
@@ -136,41 +166,48 @@ class Fetcher:
     async def _probe_first(self, indices: list[Any]) -> Any:
         """Unknown speed (a loader's first batches): the first sample alone, the rest after it or beside it.
 
-        If the first sample comes back within ``PROBE_SECONDS``, the rest are fetched in runs sized by its time (one
-        call for an in-memory batch); if not, the rest are fetched a call each, concurrently, while it is still
-        being waited for, so a slow (I/O-bound) dataset loses at most ``PROBE_SECONDS`` of its first batch. Before
-        this, every sample of a first batch was a thread call of its own: 64 calls and a dozen new threads for an
-        in-memory batch of 64, most of a cold first batch's time (measured: 50-100 ms against torch's 2 ms).
+        The first sample is fetched in a thread call of its own (it may wait on anything). If it comes back within
+        ``PROBE_SECONDS``, the rest are fetched in runs sized by its time (one call for an in-memory batch); if not,
+        the rest are fetched a call each, concurrently, while it is still being waited for, so a slow (I/O-bound)
+        dataset loses at most ``PROBE_SECONDS`` of its first batch. Before this, every sample of a first batch was a
+        thread call of its own: 64 calls and a dozen new threads for an in-memory batch of 64, most of a cold first
+        batch's time (measured: 50-100 ms against torch's 2 ms).
+
+        The probe's call goes on with the rest itself, a chunk at a time, while its calls stay short (fast samples:
+        the whole batch in that one call, finished there, instead of more calls and their hand-offs; the first
+        sample of a new thread is no guide, a torch op there costs ~10x its usual time). The loop takes whatever the
+        call has not taken once it stops waiting for it (:class:`_Probed`), so a sample that blocks in the call
+        holds up only its own chunk.
 
         A first sample that was CPU-bound, under a limit of one call at a time (a worker's CPU-bound dataset), is
         followed in the same call by the rest and the batch, as torch's worker makes it: the slot is not given up
-        between them, so the first sample of the next batch is not fetched before the rest of this one. ``claim``
-        decides who fetches the rest, that call or the loop (after ``PROBE_SECONDS``, or when the call left it).
+        between them, so the first sample of the next batch is not fetched before the rest of this one.
         """
-        claim = threading.Lock()
-        first = asyncio.ensure_future(self._probe_run(indices, claim))
+        probed = _Probed(len(indices))
+        first = asyncio.ensure_future(self._probe_run(indices, probed))
         try:
             await asyncio.wait([first], timeout=PROBE_SECONDS)
         except BaseException:
             first.cancel()
             raise
-        if not claim.acquire(blocking=False):  # the first sample's call fetched the rest and made the batch
+        taken = probed.stop()
+        if taken == len(indices):  # the probe's call fetched every sample (and made the batch, unless awaitables)
             samples, batch = await first
             return batch if batch is not UNFINISHED else await self.finish_awaitables(samples, indices)
-        rest = indices[1:]
+        rest = indices[taken:]
         run = self._run_size(len(rest)) if first.done() else 1
 
-        async def first_sample() -> list[Any]:
+        async def probe_samples() -> list[Any]:
             return (await first)[0]
 
         parts = await gather_ordered(
-            [first_sample()] + [self._fetch_sync_run(rest[i : i + run]) for i in range(0, len(rest), run)]
+            [probe_samples()] + [self._fetch_sync_run(rest[i : i + run]) for i in range(0, len(rest), run)]
         )
         return await self.finish_awaitables([sample for part in parts for sample in part], indices)
 
-    async def _probe_run(self, indices: list[Any], claim: threading.Lock) -> tuple[list[Any], Any]:
+    async def _probe_run(self, indices: list[Any], probed: _Probed) -> tuple[list[Any], Any]:
         async with self._ctx.slots:
-            return await self._ctx.threads.run(lambda: self._probe(indices, claim))
+            return await self._ctx.threads.run(lambda: self._probe(indices, probed))
 
     def _run_size(self, count: int) -> int:
         """How many of ``count`` samples one thread call fetches: a run of about ``CHUNK_SECONDS``, so slow samples
@@ -263,18 +300,31 @@ class Fetcher:
             return samples, self._finisher.finish_sync(indices, samples, "sample index", record=record)
         return samples, UNFINISHED
 
-    def _probe(self, indices: list[Any], claim: threading.Lock) -> tuple[list[Any], Any]:
-        """Thread side of ``_probe_first``: the first sample, then, if it was CPU-bound and calls run one at a time
-        and the loop has not taken the rest, the rest and the batch: (samples, batch or UNFINISHED)."""
-        fetched, _ = self.run(indices[:1], finish=False)
+    def _probe(self, indices: list[Any], probed: _Probed) -> tuple[list[Any], Any]:
+        """Thread side of ``_probe_first``: the first sample; then, if it took under ``CHUNK_SECONDS``, as many of the
+        rest as stay quick, in chunks that double (1, 2, 4, ...) until the call has taken ``CHUNK_SECONDS`` after its
+        first sample; all the rest if the first was CPU-bound and calls run one at a time. Returns (the samples of
+        the positions it took, the batch once it took every sample, else UNFINISHED)."""
+        started = time.perf_counter()
+        samples, _ = self.run(indices[:1], finish=False)
         ctx = self._ctx
-        if ctx.slots.limit == 1 and ctx.speed.cpu_bound and claim.acquire(blocking=False):
-            more, _ = self.run(indices[1:], finish=False)
-            samples = fetched + more
-            if any_awaitable(samples):
-                return samples, UNFINISHED
-            return samples, self._finisher.finish_sync(indices, samples, "sample index")
-        return fetched, UNFINISHED
+        if ctx.slots.limit == 1 and ctx.speed.cpu_bound:
+            part = probed.take(len(indices))
+            if part is not None:
+                more, _ = self.run(indices[part[0] :], finish=False)
+                samples += more
+        elif time.perf_counter() - started < CHUNK_SECONDS:  # a slow first sample (storage): the rest concurrently
+            started, chunk = time.perf_counter(), 1
+            while time.perf_counter() - started < CHUNK_SECONDS:
+                part = probed.take(chunk)
+                if part is None:
+                    break
+                more, _ = self.run(indices[part[0] : part[1]], finish=False)
+                samples += more
+                chunk *= 2
+        if len(samples) < len(indices) or any_awaitable(samples) or inspect.iscoroutinefunction(ctx.plan.transform):
+            return samples, UNFINISHED  # (an async transform runs on the loop)
+        return samples, self._finisher.finish_sync(indices, samples, "sample index")
 
     def getitems_sync(self, indices: list[Any], record: Record) -> tuple[list[Any], Any]:
         """A batch through the dataset's sync ``__getitems__``, as the loop side does it: (samples, batch or
