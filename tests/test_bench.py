@@ -3,6 +3,7 @@ workload."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from aloader.bench.config import BenchConfig, SystemName, default_systems
 from aloader.bench.images import augment, synthetic_jpegs
 from aloader.bench.report import BenchReport, SystemResult, render_table
+from aloader.bench.samples import decode_array
 from aloader.bench.sources import synthetic_images, synthetic_shards
 
 BENCH = [sys.executable, "-m", "aloader", "bench"]
@@ -320,3 +323,24 @@ def test_images_are_decoded_cropped_and_deterministic() -> None:
         assert tensor.shape == (3, 224, 224)
         assert tensor.dtype == torch.uint8
         assert tensor.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+        np.asfortranarray(np.arange(15, dtype=np.float32).reshape(3, 5)),
+        np.array(3.5),
+        np.zeros((0, 4), dtype=np.int64),
+    ],
+)
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_decode_array_equals_numpys_load(array: Any, version: tuple[int, int]) -> None:
+    """The bench's .npy decode (its header parsed under a lock, see samples.py) gives np.load's tensor: values,
+    dtype, shape and strides, for every format version."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version)
+    ours = decode_array(buffer.getvalue())
+    theirs = torch.from_numpy(np.load(io.BytesIO(buffer.getvalue()), allow_pickle=False))
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and ours.stride() == theirs.stride()
+    assert torch.equal(ours, theirs)

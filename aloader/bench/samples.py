@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
+import threading
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +36,32 @@ def read_blocking(url: str) -> bytes:
     return asyncio.run(storage.read(url))
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython before 3.12 keeps the ast module's recursion count in
+# state shared by all threads: samples decoded in many threads at once could fail with "SystemError: AST constructor
+# recursion depth mismatch" (python/cpython#106905; seen once in ~20 runs of benchmarks.ttfb). The header is parsed
+# under this lock; the array itself is read outside it.
+_NPY_HEADER = threading.Lock()
+
+
 def decode_array(data: bytes) -> torch.Tensor:
     """Decode one sample: ``.npy`` bytes (the synthetic dataset's format) to a tensor; other bytes as uint8."""
     if data[:6] == b"\x93NUMPY":
-        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+        stream = io.BytesIO(data)
+        with _NPY_HEADER:
+            version = np.lib.format.read_magic(stream)
+            if version not in ((1, 0), (2, 0)):  # a later format: numpy's own reader, wholly under the lock
+                stream.seek(0)
+                return torch.from_numpy(np.load(stream, allow_pickle=False))
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(stream)
+        if dtype.hasobject:
+            raise ValueError("an .npy sample of Python objects (it would need pickle)")
+        count = math.prod(shape)
+        body = bytearray(data[stream.tell() : stream.tell() + count * dtype.itemsize])  # writable: torch shares it
+        array = np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+        return torch.from_numpy(array)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
