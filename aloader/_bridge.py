@@ -128,6 +128,13 @@ class ThreadChannel:
         # by another thread, a garbage collection) does not make a consumer that comes straight back look busy.
         self._recent: deque[float] = deque(maxlen=8)
 
+    def seed(self, taken: int, left: float, gaps: list[float]) -> None:
+        """Before the loop starts, after the consumer made the first ``taken`` batches itself (``prelude.py``):
+        what it has taken, when it last left ``next()`` and its recent times between two calls."""
+        self._runs.taken = taken
+        self._left = left
+        self._recent.extend(gaps)
+
     async def put(self, item: object) -> None:
         """Loop side: append ``item``, waiting while the channel is full."""
         while True:

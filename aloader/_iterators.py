@@ -11,13 +11,18 @@ import asyncio
 import atexit
 import sys
 import threading
+import time
 import warnings
 import weakref
+from collections import deque
 from typing import Any
 
 from aloader._bridge import LoopChannel, ThreadChannel, start_loop_thread
+from aloader._core.lane import Back
 from aloader._core.outcomes import END, SKIPPED, Failed
 from aloader._core.pipeline import Pipeline
+from aloader._core.prelude import Prelude
+from aloader._core.sink import HANDED_BACK
 from aloader._state import Cursor
 from aloader._stats import open_progress
 
@@ -168,17 +173,35 @@ _live: weakref.WeakSet[LoaderIterator] = weakref.WeakSet()
 
 
 class LoaderIterator(_Consumer):
-    """``for`` over a loader: the same pipeline on a background event loop thread, batches handed over a channel."""
+    """``for`` over a loader: the same pipeline on a background event loop thread, batches handed over a channel.
+
+    Units known to be fast are made by the consumer in ``next()`` before the loop thread starts, and only when
+    they need the loop (see ``_core/prelude.py``) does it start, the pipeline going on from there."""
 
     def __init__(self, pipeline: Pipeline, depth: int, index_sampler: Any, reported_len: int | None) -> None:
         super().__init__(pipeline, depth, index_sampler, reported_len)
         pipeline.fork_workers_if_safe()  # before the bridge's thread exists
+        self._depth = depth
+        self._prelude = pipeline.prelude(depth)
+        self._left = 0.0  # while the consumer makes the batches before the loop: when next() last returned
+        self._gaps: deque[float] = deque(maxlen=8)  # and its recent times between two next() calls
+        self._thread: threading.Thread | None = None
+        self._paced = False
+        if self._prelude is None:
+            self._start_loop(None)
+
+    def _start_loop(self, back: Back | None) -> None:
+        pipeline = self._pipeline
+        assert pipeline is not None
         channel: ThreadChannel | None = None
+        left, gaps = self._left, list(self._gaps)
 
         def main(loop: asyncio.AbstractEventLoop) -> Any:
             nonlocal channel
-            channel = ThreadChannel(loop, depth)
-            return pipeline.run(channel)
+            channel = ThreadChannel(loop, self._depth)
+            if back is not None:  # what the consumer has taken, and how soon it came back for each
+                channel.seed(back[0] - (back[2] is not None), left, gaps)
+            return pipeline.run(channel, back)
 
         # Pipelines paced by the consumer (worker tasks) learn of each batch taken; others need no wake-up for it.
         self._paced, self._taken = pipeline.paced_by_consumer, pipeline.taken
@@ -193,14 +216,21 @@ class LoaderIterator(_Consumer):
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
+        item: object = HANDED_BACK
+        if self._prelude is not None:
+            item = self._made_here(self._prelude)
         try:
-            item = self._channel.get()
-            while self._dropped(item):
-                self._pace()
+            if item is HANDED_BACK:
                 item = self._channel.get()
+                while self._dropped(item):
+                    self._pace()
+                    item = self._channel.get()
+            else:
+                self._dropped(item)  # counted: none is dropped (no worker re-runs a unit, no failure budget)
         except BaseException:
             # KeyboardInterrupt (or another async exception) while waiting: stop all work, then let it propagate.
-            self._channel.release_after_interrupt()
+            if self._thread is not None:
+                self._channel.release_after_interrupt()
             self.close()
             raise
         if item is END:
@@ -214,6 +244,27 @@ class LoaderIterator(_Consumer):
             raise error
         return self._count(item)
 
+    def _made_here(self, prelude: Prelude) -> object:
+        """The next batch made by the consumer before the loop exists; the loop started if it must go on."""
+        entered = time.perf_counter()
+        away = False
+        if self._left:
+            gap = entered - self._left
+            self._gaps.append(gap)
+            idle_below = prelude.idle_below
+            away = gap >= idle_below and min(self._gaps) >= idle_below
+        try:
+            item = prelude.next(away)
+        except BaseException:  # Ctrl-C in the dataset's code (the consumer may be the main thread)
+            self.close()
+            raise
+        if prelude.back is not None:
+            self._prelude = None
+            prelude.record()
+            self._start_loop(prelude.back)  # before the batch is yielded: the loop makes the next meanwhile
+        self._left = time.perf_counter()
+        return item
+
     def _pace(self) -> None:
         if self._paced:
             try:
@@ -226,6 +277,17 @@ class LoaderIterator(_Consumer):
         self._shutdown(join_timeout=None)
 
     def _shutdown(self, join_timeout: float | None) -> None:
+        thread = self._thread
+        if thread is None:  # the consumer made every batch: no loop was started
+            prelude, self._prelude = self._prelude, None
+            if prelude is not None:
+                prelude.record()
+            if not self._closed and self._pipeline is not None:
+                self._pipeline.end_before_loop()
+            self._closed = True
+            self._close_bar()
+            self._pipeline = None
+            return
         if not self._closed:
             self._closed = True
             try:
@@ -233,8 +295,8 @@ class LoaderIterator(_Consumer):
             except RuntimeError:  # the loop has already finished the epoch and closed
                 pass
         # Joining from the loop thread itself (a GC there) would deadlock; there the loop is about to end anyway.
-        if threading.current_thread() is not self._thread and not sys.is_finalizing():
-            self._thread.join(join_timeout)
+        if threading.current_thread() is not thread and not sys.is_finalizing():
+            thread.join(join_timeout)
         self._channel.clear()
         self._close_bar()
         self._pipeline = None
@@ -246,8 +308,9 @@ class LoaderIterator(_Consumer):
         self.close()
 
     def __del__(self) -> None:
-        # No channel: __init__ was interrupted, and start_loop_thread already stopped what it had started.
-        if not getattr(self, "_closed", True) and hasattr(self, "_channel"):
+        # No channel: __init__ was interrupted, and start_loop_thread already stopped what it had started; or the
+        # consumer made the batches so far, and there is only its stats to record.
+        if not getattr(self, "_closed", True) and (hasattr(self, "_channel") or getattr(self, "_prelude", None)):
             self.close()
 
 

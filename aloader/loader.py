@@ -23,6 +23,7 @@ from torch.utils.data.dataloader import _DatasetKind
 
 from aloader._core.pipeline import Pipeline
 from aloader._core.plan import DatasetKind, Plan, Speed, pool_kind, window_for
+from aloader._core.prelude import learnt_speed
 from aloader._failures import check_max_failures
 from aloader._iterators import AsyncLoaderIterator, LoaderIterator
 from aloader._state import BatchIterator, LoaderState, is_stock_batch_sampler
@@ -380,10 +381,17 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             owns_workers=owns_workers,
             max_failures=self.max_failures,
             progress=self.progress,
-            speed=self._speed,
+            speed=self._epoch_speed(),
             ledger=ledger if worker_kind is not None else None,
             first_worker=first_worker,
         )
+
+    def _epoch_speed(self) -> Speed:
+        """How fast this epoch's sync fetches are expected to be: what the loader's last epoch learnt; for a new
+        loader without workers, what the latest loader over the same dataset learnt (see ``_core/prelude.py``)."""
+        if self.num_workers == 0:
+            self._speed = learnt_speed(self.dataset, self._unit_size(), self._speed)
+        return self._speed
 
     def _pin_memory_device(self) -> str | None:
         """The device to pin batches for, or None; warns exactly as torch's iterator does."""

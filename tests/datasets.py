@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import namedtuple
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -173,3 +174,22 @@ class Rendezvous:
         finally:
             with self.lock:
                 self.inside -= 1
+
+
+class TurnsSlow(Dataset[int]):
+    """Fast in-memory samples, then slow ones (a simulated storage wait); after the first slow batch, each slow
+    sample also waits until ``parties`` of them are in flight at once."""
+
+    def __init__(self, fast: int, slow: int, parties: int, batch_size: int) -> None:
+        self.fast, self.slow, self.batch_size = fast, slow, batch_size
+        self.rendezvous = Rendezvous(parties)
+
+    def __len__(self) -> int:
+        return self.fast + self.slow
+
+    def __getitem__(self, i: int) -> int:
+        if i >= self.fast:
+            time.sleep(0.01)  # the storage wait that makes the unit slow (a workload, not synchronisation)
+            if i >= self.fast + self.batch_size:
+                self.rendezvous.arrive_and_wait()
+        return i

@@ -18,9 +18,9 @@ from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 import aloader
 from aloader import _bridge, _cycles
-from aloader._core import fetch, lane
+from aloader._core import fetch, lane, prelude
 from tests.conftest import Driver, torch_outcomes
-from tests.datasets import AsyncSquares, FailingSet, Rendezvous, Rows
+from tests.datasets import AsyncSquares, FailingSet, Rows, TurnsSlow
 
 
 def _in_lane(loader: aloader.DataLoader) -> aloader.DataLoader:
@@ -51,6 +51,8 @@ class _LaneCalls:
             return None
 
         monkeypatch.setattr(lane.Lane, "hand_source", not_handed)
+        # Nor does the consumer hold it before the loop starts (prelude.py).
+        monkeypatch.setattr(prelude.Prelude, "applies", staticmethod(lambda ctx, lane: False))
 
 
 @pytest.mark.parametrize(
@@ -132,32 +134,13 @@ def test_lane_awaits_samples_a_sync_getitem_returns(driver: Driver) -> None:
     assert got == [[i, i * i] for i in range(30)] * 2
 
 
-class _TurnsSlow(Dataset[int]):
-    """Fast in-memory samples, then slow ones (a simulated storage wait); after the first slow batch, each slow
-    sample also waits until ``parties`` of them are in flight at once."""
-
-    def __init__(self, fast: int, slow: int, parties: int, batch_size: int) -> None:
-        self.fast, self.slow, self.batch_size = fast, slow, batch_size
-        self.rendezvous = Rendezvous(parties)
-
-    def __len__(self) -> int:
-        return self.fast + self.slow
-
-    def __getitem__(self, i: int) -> int:
-        if i >= self.fast:
-            time.sleep(0.01)  # the storage wait that makes the unit slow (a workload, not synchronisation)
-            if i >= self.fast + self.batch_size:
-                self.rendezvous.arrive_and_wait()
-        return i
-
-
 @pytest.mark.parametrize("fast", [64, 68, 116])
 def test_slow_samples_take_the_lane_out_of_use(driver: Driver, fast: int) -> None:
     """Samples that turn slow end the lane: the first slow batch ends its lane call, and the samples after it are
     fetched concurrently again (the rendezvous needs 8 of them in flight at once, which a lane call, one sample
     after the other, could never reach); so does a call queued behind it, wherever the first slow batch falls in
     its call (the consumer may make the epoch's first batch alone, which moves the calls' bounds by one)."""
-    dataset = _TurnsSlow(fast=fast, slow=36, parties=8, batch_size=4)
+    dataset = TurnsSlow(fast=fast, slow=36, parties=8, batch_size=4)
     loader = _in_lane(aloader.DataLoader(dataset, batch_size=4, concurrency=16))
     got = [int(x) for b in driver.collect(loader) for x in b]
     assert got == list(range(fast + 36))
@@ -176,8 +159,10 @@ def test_lane_break_and_close_leave_no_thread(driver: Driver) -> None:
     assert {t for t in threading.enumerate() if t.name.startswith("aloader-lane")} <= before
 
 
-def test_lane_stats_count_every_batch(driver: Driver) -> None:
-    """Batches handed over several at once are each counted; the queue reports the lane's widened capacity."""
+def test_lane_stats_count_every_batch(driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches handed over several at once are each counted; the queue reports the lane's widened capacity (the
+    loop's lane: the consumer does not make the first batches before the loop, see test_prelude.py)."""
+    monkeypatch.setattr(prelude.Prelude, "applies", staticmethod(lambda ctx, lane: False))
     dataset = FailingSet(400, {17})
     loader = _in_lane(aloader.DataLoader(dataset, batch_size=4))
     outcomes = driver.outcomes(loader)
@@ -383,7 +368,7 @@ def test_a_sampler_failing_in_the_consumers_hands_ends_the_epoch_there(driver: D
 def test_samples_turning_slow_in_the_consumers_hands_get_their_concurrency(driver: Driver, straight_back: None) -> None:
     """The consumer makes the fast batches itself; the first slow one gives the source back to the loop, which
     fetches the samples after it concurrently again (the rendezvous needs 8 in flight at once)."""
-    dataset = _TurnsSlow(fast=64, slow=36, parties=8, batch_size=4)
+    dataset = TurnsSlow(fast=64, slow=36, parties=8, batch_size=4)
     loader = _in_lane(aloader.DataLoader(dataset, batch_size=4, concurrency=16))
     got = [int(x) for b in driver.collect(loader) for x in b]
     assert got == list(range(100))

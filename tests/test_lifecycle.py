@@ -255,5 +255,7 @@ def test_a_defect_in_the_scheduler_reaches_the_consumer(
     loader = aloader.DataLoader(TensorDataset(torch.arange(100)), batch_size=4)
     if fast:
         loader._speed.per_unit = 1e-6
+        # The scheduler from the first unit: not the consumer's batches before the loop (prelude.py).
+        monkeypatch.setattr("aloader._core.prelude.Prelude.applies", staticmethod(lambda ctx, lane: False))
     with pytest.raises(RuntimeError, match="a defect in the scheduler"):
         driver.collect(loader)

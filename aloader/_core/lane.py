@@ -236,6 +236,16 @@ class Lane:
         return self._ctx.plan.auto_collation and self._fetcher.access.getitems is not None
 
     # ------------------------------------------------------------------------------------- the source itself
+    @property
+    def in_consumer(self) -> bool:
+        """The sync driver's consumer may make batches itself (no failure budget, no timeout)."""
+        return self._in_consumer
+
+    def source_before_loop(self, draw: Callable[[], Any]) -> _Drawn:
+        """The source for the sync driver's consumer before the loop exists (``prelude.py``): it draws every unit
+        from the first, and is given back through ``back``."""
+        return _Drawn(self, 0, _NONE, draw, looped=False)
+
     def may_try_source(self) -> bool:
         """Whether units that are not fast may be offered to the sync driver's consumer, or held by the lane's
         thread for ``async for`` (``hand_source`` with ``slow``): their speed is known (they were made in the lane
@@ -274,6 +284,7 @@ class Lane:
             # A trial (slow): only by the consumer's measured cycles (an idle_below of 0 is never met).
             if not self._emitter.hand_source(source, 0.0 if slow else (self._ctx.speed.per_unit or 0.0) / 4):
                 return None
+        assert source.future is not None
         back = await source.future
         if back is DECLINED:
             return None
@@ -287,19 +298,39 @@ class Lane:
             held.end(unfinished is not None)
         elif unfinished is None:
             self._window.release()  # the first unit's slot: no batch of the consumer's waits in the sink
-        if unfinished is not None:  # its samples are awaitables (a sync __getitem__ returned them): finished here
-            indices = self._ctx.plan.indices(unfinished[1])
-            try:
-                outcome = await self._fetcher.finish_awaitables(unfinished[2].samples, indices)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                outcome = Failed(exc)
-            order.complete(unfinished[0], outcome)
+        if unfinished is not None:
+            await self._finish(unfinished)
         return next_seq, stop
+
+    async def take_over(self, back: Back) -> int:
+        """The loop's start after the sync driver's consumer made the epoch's first units before it existed
+        (``prelude.py``), and gave the source back with ``back``: those units are yielded (the order stage goes on
+        after them), and a unit whose samples are awaitables is finished here. Returns the next sequence number."""
+        next_seq, _, unfinished = back
+        self._order.skip(next_seq - (unfinished is not None))
+        if unfinished is not None:
+            await self._window.acquire()  # the sink stage frees it, as for any unit
+            self._order.open()
+            await self._finish(unfinished)
+        return next_seq
+
+    async def _finish(self, unfinished: Unfinished) -> None:
+        """A unit whose samples are awaitables (a sync ``__getitem__`` returned them): finished on the loop."""
+        seq, unit, fetched = unfinished
+        try:
+            outcome = await self._fetcher.finish_awaitables(fetched.samples, self._ctx.plan.indices(unit))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            outcome = Failed(exc)
+        self._order.complete(seq, outcome)
 
 
 Stop = BaseException | Literal["end"] | None
+# A unit whose samples are awaitables (a sync __getitem__ returned them), finished on the loop: (seq, unit, samples).
+Unfinished = tuple[int, Any, _Unfinished]
+# How a source was given back: (the next sequence number, why, a unit to be finished on the loop).
+Back = tuple[int, Stop, Unfinished | None]
 
 
 class _Drawn:
@@ -313,16 +344,21 @@ class _Drawn:
     recorder's lock for each cost ~1.5 us of a batch of ~150 us, 1% of an in-memory epoch. ``loader.stats()``
     meanwhile lags by fewer batches than that."""
 
-    __slots__ = ("_draw", "_entries", "_failed", "_lane", "_next", "_trial", "_unit", "first", "future")
+    __slots__ = ("_draw", "_entries", "_failed", "_lane", "_next", "_trial", "_unit", "back", "first", "future")
 
-    def __init__(self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any], trial: bool = False) -> None:
+    def __init__(
+        self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any], trial: bool = False, looped: bool = True
+    ) -> None:
         self._lane = lane
         self._trial = trial  # handed for units not known to be fast: kept by the consumer's cycles, not by speed
         self.first = first
         self._next: int | None = first  # the sequence number of the next unit; None once given back
-        self._unit: Any = unit  # the first unit, drawn by the scheduler
+        self._unit: Any = unit  # the first unit, drawn by the scheduler (_NONE: drawn here too)
         self._draw = draw
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Where it is given back: the scheduler's future; without a loop (``looped=False``: the sync driver's first
+        # batches, before the loop exists, see ``prelude.py``), ``back``, which the consumer reads itself.
+        self.future: asyncio.Future[Any] | None = asyncio.get_running_loop().create_future() if looped else None
+        self.back: Back | None = None
         self._entries: list[tuple[Stage, int, float]] = []  # stage times of batches made, not yet recorded
         self._failed: list[bool] = []  # for each batch made and not yet recorded: is it a failure
 
@@ -387,15 +423,20 @@ class _Drawn:
             self._next = seq + 1
         return outcome
 
-    def give_back(self, next_seq: int, stop: Stop, unfinished: tuple[int, Any, _Unfinished] | None = None) -> object:
+    def give_back(self, next_seq: int, stop: Stop, unfinished: Unfinished | None = None) -> object:
         self._next = None
+        future = self.future
+        if future is None:  # no loop yet: the consumer reads it
+            self.back = (next_seq, stop, unfinished)
+            return HANDED_BACK
         try:
-            self.future.get_loop().call_soon_threadsafe(_settle, self.future, (next_seq, stop, unfinished))
+            future.get_loop().call_soon_threadsafe(_settle, future, (next_seq, stop, unfinished))
         except RuntimeError:  # the loop is closed: the epoch is over
             pass
         return HANDED_BACK
 
     def decline(self) -> None:
+        assert self.future is not None  # only a source the scheduler handed is offered, and may be declined
         decline(self.future)
 
 

@@ -75,6 +75,11 @@ class Order:
         """``count`` more units were dispatched: END waits for their outcomes."""
         self._outstanding += count
 
+    def skip(self, count: int) -> None:
+        """The first ``count`` units were made and yielded before the pipeline started (``prelude.py``): the
+        epoch's outcomes go on from unit ``count``."""
+        self._next_seq += count
+
     def close(self) -> None:
         """The source is exhausted (or failed): END follows the last opened unit."""
         self._source_done = True

@@ -31,10 +31,11 @@ from aloader._core.access import MapAccess
 from aloader._core.collate import Finisher
 from aloader._core.context import Context
 from aloader._core.fetch import Fetcher
-from aloader._core.lane import Lane
+from aloader._core.lane import Back, Lane
 from aloader._core.order import Order, Window
 from aloader._core.outcomes import END, Failed
 from aloader._core.plan import Plan
+from aloader._core.prelude import Prelude
 from aloader._core.schedule import Scheduler
 from aloader._core.sink import Emitter, Sink
 from aloader._core.workers import WorkerStage
@@ -105,14 +106,30 @@ class Pipeline:
         if workers is not None and not workers.started:
             workers.start_by_fork_if_safe()
 
+    def prelude(self, capacity: int) -> Prelude | None:
+        """Sync driver only, before the bridge starts: the source for its consumer to make the first batches
+        itself, before the loop exists, if the units are known to be fast (see ``prelude.py``); else None.
+        ``capacity``: the sink's (the stats count from here)."""
+        if not Prelude.applies(self._ctx, self._lane):
+            return None
+        assert self._lane is not None
+        self.stats.start(capacity)
+        return Prelude(self._ctx, self._lane)
+
+    def end_before_loop(self) -> None:
+        """The epoch ended (or was closed) while its consumer still made the batches: no loop ever started, and
+        no thread or task of the pipeline's exists (its pools start threads only for calls)."""
+        self.stats.end()
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def run(self, sink: Sink) -> None:
-        """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early."""
+    async def run(self, sink: Sink, back: Back | None = None) -> None:
+        """Run the epoch, handing every outcome and finally ``END`` to ``sink``. Cancel the task to stop early.
+        ``back``: the sync driver's consumer made the first units itself and gave the source back so (``prelude``)."""
         scheduler: asyncio.Task[None] | None = None
         emitting: asyncio.Task[None] | None = None
         self.stats.start(sink.capacity)
@@ -122,7 +139,7 @@ class Pipeline:
             loop = asyncio.get_running_loop()
             # The emitter first: it takes the sink before the scheduler's first unit may widen it or offer to it.
             emitting = loop.create_task(self._emitter.run(sink))
-            scheduler = loop.create_task(self._scheduler.run())
+            scheduler = loop.create_task(self._scheduler.run(back))
             # The scheduler raises only from a defect of its own (a sample's or the sampler's failure is an
             # outcome): the consumer gets it at once, not an epoch that ends early or never.
             await asyncio.wait([scheduler, emitting], return_when=asyncio.FIRST_COMPLETED)

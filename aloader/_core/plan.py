@@ -85,6 +85,11 @@ class Speed:
         # for a core). None until a sample was fetched.
         self.computing: float | None = None
 
+    def copy(self) -> Speed:
+        speed = Speed()
+        speed.per_sample, speed.per_unit, speed.computing = self.per_sample, self.per_unit, self.computing
+        return speed
+
     def sample_took(self, seconds: float, computing: float | None = None) -> None:
         # A benign race: calls in threads update the average without a lock; any recent value is good enough.
         previous = self.per_sample

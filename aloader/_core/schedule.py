@@ -18,7 +18,7 @@ from typing import Any
 from aloader._core.collate import Finisher
 from aloader._core.context import Context
 from aloader._core.fetch import PROBE_SECONDS, Fetcher
-from aloader._core.lane import Lane
+from aloader._core.lane import Back, Lane
 from aloader._core.order import Order, Window
 from aloader._core.workers import WorkerStage
 from aloader._failures import Skipped, logger
@@ -61,10 +61,12 @@ class Scheduler:
         assert self._fetcher is not None
         return self.start(seq, functools.partial(self._fetcher.unit, unit))
 
-    async def run(self) -> None:
+    async def run(self, back: Back | None = None) -> None:
+        """``back``: the sync driver's consumer made the first units before the loop existed (``prelude.py``) and
+        gave the source back so: the epoch goes on after them."""
         try:
             if self._ctx.plan.kind == "map":
-                await self._map()
+                await self._map(back)
             elif self._workers is not None and self._workers.kind == "iterable":
                 await self._workers.dispatch_iterable(self._window, self._order, self.start)
             else:
@@ -73,13 +75,16 @@ class Scheduler:
             self._order.close()
 
     # ------------------------------------------------------------------------------------------------ map
-    async def _map(self) -> None:
+    async def _map(self, back: Back | None) -> None:
         ctx, window, order, lane = self._ctx, self._window, self._order, self._lane
         next_unit = self._index_source()
         # A sampler's iterator, which the sync driver's consumer may draw from itself (see Lane.hand_source).
         source = ctx.plan.source
         draw = None if isinstance(source, AsyncIterator) else source.__next__
         seq = 0
+        if back is not None:
+            assert lane is not None
+            seq = await lane.take_over(back)
         while True:
             started = time.perf_counter()
             await window.acquire()
