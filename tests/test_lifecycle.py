@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, TensorDataset
 import aloader
 from aloader._bridge import ThreadChannel
 from tests.conftest import Driver
-from tests.datasets import AsyncSquares
+from tests.datasets import AsyncSquares, Rows
 
 
 def big() -> TensorDataset:
@@ -252,7 +252,8 @@ def test_a_defect_in_the_scheduler_reaches_the_consumer(
 
     monkeypatch.setattr(Scheduler, "start_unit", broken)
     monkeypatch.setattr("aloader._core.lane.Lane.units", lambda self: 1)  # every unit through start_unit
-    loader = aloader.DataLoader(TensorDataset(torch.arange(100)), batch_size=4)
+    # Sample by sample (an unchanged TensorDataset is gathered by a `for` consumer before the loop, prelude.py).
+    loader = aloader.DataLoader(Rows(torch.arange(100)), batch_size=4)
     if fast:
         loader._speed.per_unit = 1e-6
         # The scheduler from the first unit: not the consumer's batches before the loop (prelude.py).

@@ -263,9 +263,18 @@ def test_break_then_resume(driver: Driver, straight_back: None) -> None:
     assert [b[0].tolist() for b in driver.collect(resumed)] == expected[5:]
 
 
-def test_a_tensor_dataset_is_gathered_by_the_consumer(driver: Driver, straight_back: None) -> None:
-    """An unchanged ``TensorDataset``: its batches gathered (one op per tensor) in the consumer's thread too."""
+def test_a_tensor_dataset_is_gathered_by_the_consumer_from_its_first_batch(driver: Driver, straight_back: None) -> None:
+    """An unchanged ``TensorDataset`` is in memory by construction: a new loader over it (speed unknown) has its
+    batches gathered (one op per tensor) in the consumer's thread from the first, with no thread started."""
     dataset = TensorDataset(torch.arange(100).reshape(50, 2), torch.arange(50))
     reference = [[t.tolist() for t in b] for b in torch.utils.data.DataLoader(dataset, batch_size=6)]
-    loader = _known_fast(aloader.DataLoader(dataset, batch_size=6))
-    assert [[t.tolist() for t in b] for b in driver.collect(loader)] == reference
+    loader = aloader.DataLoader(dataset, batch_size=6)
+    assert loader._speed.per_unit is None
+    if driver.is_async:
+        got = [[t.tolist() for t in b] for b in driver.collect(loader)]
+    else:
+        before, got = set(threading.enumerate()), []
+        for batch in loader:
+            got.append([t.tolist() for t in batch])
+            assert _new_threads(before) == []
+    assert got == reference

@@ -73,6 +73,11 @@ class Fetcher:
         self._timing_lock = threading.Lock()
         self._tensors = access.tensors if finisher.gathers else None  # batches gathered (see gather)
 
+    @property
+    def gathers(self) -> bool:
+        """Batches are gathered from tensors in memory (see ``gather.py``): fast, whatever has been measured."""
+        return self._tensors is not None
+
     async def unit(self, unit: Any) -> Any:
         """The outcome of one unit (raises its failure)."""
         access = self.access
@@ -145,7 +150,7 @@ class Fetcher:
         ctx = self._ctx
         per_sample = ctx.speed.per_sample
         # A batch that may be gathered is made in one call however fast its samples are: it is one op per tensor.
-        gathers = self._tensors is not None
+        gathers = self.gathers
         if per_sample is None and len(indices) > 1 and not gathers:
             return await self._probe_first(indices)
         run = len(indices) if gathers else self._run_size(len(indices))

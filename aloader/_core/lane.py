@@ -241,6 +241,12 @@ class Lane:
         """The sync driver's consumer may make batches itself (no failure budget, no timeout)."""
         return self._in_consumer
 
+    @property
+    def known_fast(self) -> bool:
+        """Units are known to take under ``CHUNK_SECONDS``: measured so, or gathered from tensors in memory."""
+        per_unit = self._ctx.speed.per_unit
+        return per_unit < CHUNK_SECONDS if per_unit is not None else self._fetcher.gathers
+
     def source_before_loop(self, draw: Callable[[], Any]) -> _Drawn:
         """The source for the sync driver's consumer before the loop exists (``prelude.py``): it draws every unit
         from the first, and is given back through ``back``."""
