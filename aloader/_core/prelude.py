@@ -14,9 +14,9 @@ fetched concurrently), the consumer is busy between batches (the loop's threads 
 sync ``__getitem__`` returned awaitables (finished on the loop). An epoch of fast units that the consumer takes
 straight back ends with no thread ever started.
 
-Not for units of unknown speed (a dataset no loader has iterated yet): the first sample may wait on storage, and
-while the consumer waits for it nothing else could start; nor may a sample that waits for others of its batch.
-Those start the loop at once and probe (``Fetcher._probe_first``).
+Not for units of unknown speed (a dataset no loader has iterated yet, other than an unchanged ``TensorDataset``):
+the first sample may wait on storage, and while the consumer waits for it nothing else could start; nor may a
+sample that waits for others of its batch. Those start the loop at once and probe (``Fetcher._probe_first``).
 """
 
 from __future__ import annotations
