@@ -127,13 +127,19 @@ class ThreadChannel:
         # The consumer's time between two get() calls: the least of the last few, so that one pause (the GIL taken
         # by another thread, a garbage collection) does not make a consumer that comes straight back look busy.
         self._recent: deque[float] = deque(maxlen=8)
+        # Seeded by a consumer that started the loop because it is busy between batches: until it is back in
+        # get(), nothing is handed or offered to it (the loop's threads make the next batches meanwhile), whatever
+        # the speed learnt since says of its earlier times between batches.
+        self._gone = False
 
-    def seed(self, taken: int, left: float, gaps: list[float]) -> None:
+    def seed(self, taken: int, left: float, gaps: list[float], away: bool) -> None:
         """Before the loop starts, after the consumer made the first ``taken`` batches itself (``prelude.py``):
-        what it has taken, when it last left ``next()`` and its recent times between two calls."""
+        what it has taken, when it last left ``next()``, its recent times between two calls, and whether it gave
+        the source back because it is busy between batches (``away``)."""
         self._runs.taken = taken
         self._left = left
         self._recent.extend(gaps)
+        self._gone = away
 
     async def put(self, item: object) -> None:
         """Loop side: append ``item``, waiting while the channel is full."""
@@ -161,7 +167,7 @@ class ThreadChannel:
             if idle_below <= 0:
                 if not self._waiting or self._calls:
                     return False
-            elif not self._inside and self._outside() >= idle_below:
+            elif not self._inside and (self._gone or self._outside() >= idle_below):
                 return False
             self._calls.append((call, idle_below))
             self._cond.notify()
@@ -180,6 +186,8 @@ class ThreadChannel:
         time between batches), so the loop prefetches if it is away; it gets the source again once it has come
         straight back."""
         with self._cond:
+            if self._gone and not self._inside:
+                return False
             chosen = False
             first_wait = idle_below > 0 and not self._left
             if not first_wait and self._outside() >= idle_below:
@@ -203,6 +211,7 @@ class ThreadChannel:
         (when every item before it has been taken), an item put by the loop, or else, before waiting, a call; or,
         while the consumer holds the source, the next unit's batch, made here."""
         entered = time.perf_counter()
+        self._gone = False
         gap = float("inf")
         if self._left:
             gap = entered - self._left

@@ -190,7 +190,7 @@ class LoaderIterator(_Consumer):
         if self._prelude is None:
             self._start_loop(None)
 
-    def _start_loop(self, back: Back | None) -> None:
+    def _start_loop(self, back: Back | None, away: bool = False) -> None:
         pipeline = self._pipeline
         assert pipeline is not None
         channel: ThreadChannel | None = None
@@ -200,7 +200,7 @@ class LoaderIterator(_Consumer):
             nonlocal channel
             channel = ThreadChannel(loop, self._depth)
             if back is not None:  # what the consumer has taken, and how soon it came back for each
-                channel.seed(back[0] - (back[2] is not None), left, gaps)
+                channel.seed(back[0] - (back[2] is not None), left, gaps, away)
             return pipeline.run(channel, back)
 
         # Pipelines paced by the consumer (worker tasks) learn of each batch taken; others need no wake-up for it.
@@ -261,7 +261,8 @@ class LoaderIterator(_Consumer):
         if prelude.back is not None:
             self._prelude = None
             prelude.record()
-            self._start_loop(prelude.back)  # before the batch is yielded: the loop makes the next meanwhile
+            # Before the batch is yielded: the loop makes the next meanwhile.
+            self._start_loop(prelude.back, away and prelude.back[1] is None and prelude.back[2] is None)
         self._left = time.perf_counter()
         return item
 
