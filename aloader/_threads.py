@@ -191,6 +191,7 @@ class ThreadPool:
         self._alive = 0
         self._closing = False
         self._all_exited: asyncio.Future[None] | None = None  # set by close()
+        self._local = threading.local()  # a pool thread's: it leaves after its call (leave_after_call)
 
     @property
     def thread_count(self) -> int:
@@ -206,14 +207,16 @@ class ThreadPool:
             if self._closing:
                 raise RuntimeError("cannot run a call on a closed thread pool")
             self._queued += 1
-            spawn = self._queued > self._idle and len(self._threads) < self._max
+            spawn = self._queued > self._idle and self._alive < self._max
             if spawn:
                 self._alive += 1
                 thread = threading.Thread(target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
-        self._work.put((fn, loop, future, gated))
         if spawn:
+            # Started before its work is queued: the new thread waits for it with the GIL released, so this thread
+            # returns from start() at once instead of waiting for the GIL while the call runs.
             thread.start()
+        self._work.put((fn, loop, future, gated))
         return await future
 
     def _worker(self) -> None:
@@ -228,6 +231,8 @@ class ThreadPool:
                 break
             run_and_deliver(*item)
             del item  # drop references to user data before blocking again
+            if getattr(self._local, "leave", False):
+                break
         with self._lock:
             self._alive -= 1
             last = self._alive == 0
@@ -237,6 +242,12 @@ class ThreadPool:
                 done.get_loop().call_soon_threadsafe(_deliver, done, True, None)
             except RuntimeError:
                 pass
+
+    def leave_after_call(self) -> None:
+        """Called from a call running on one of this pool's threads: that thread exits once the call is done (its
+        owner knows no more calls will come for it; a later call starts a new thread). ``close()`` then has one
+        thread fewer to wake and wait for."""
+        self._local.leave = True
 
     def close(self) -> asyncio.Future[None]:
         """Tell the threads to exit after their current call; the future resolves when all have exited.

@@ -20,6 +20,7 @@ whole epoch in memory, timed from building the loader to its last batch (as a va
 runs), for 640 and 6,400 samples of 32 floats, batch size 64, shuffled, in a ``TensorDataset`` (aloader gathers its
 batches) and in a dataset of one's own (``benchmarks.core.Rows``: both loaders fetch it sample by sample). Both at
 ``num_workers=0``, in this process after one untimed epoch of each, interleaved; median of ``--epochs`` epochs.
+aloader runs each epoch with ``for`` and with ``async for`` (in one event loop that stays open between epochs).
 
 Run ``python -m benchmarks.ttfb --write docs/benchmarks.md`` (``--quick`` for a smoke run); ``ttfb.png`` goes
 beside it.
@@ -28,6 +29,7 @@ beside it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -109,8 +111,21 @@ SHORT_SIZES = (640, 6_400)
 ShortRow = tuple[str, int]  # (dataset kind, samples)
 
 
-def short_epoch_seconds(system: System, dataset: Any) -> float:
-    """One whole epoch, from building the loader to its last batch."""
+ShortSystem = Literal["torch", "aloader", "aloader-async"]
+
+
+async def _async_epoch_seconds(dataset: Any) -> float:
+    started = time.perf_counter()
+    async for _ in aloader.DataLoader(dataset, batch_size=64, shuffle=True):
+        pass
+    return time.perf_counter() - started
+
+
+def short_epoch_seconds(system: ShortSystem, dataset: Any, runner: asyncio.Runner) -> float:
+    """One whole epoch, from building the loader to its last batch (``aloader-async``: ``async for`` in the
+    runner's loop, which stays open between epochs as a service's does)."""
+    if system == "aloader-async":
+        return runner.run(_async_epoch_seconds(dataset))
     cls = aloader.DataLoader if system == "aloader" else torch.utils.data.DataLoader
     started = time.perf_counter()
     for _ in cls(dataset, batch_size=64, shuffle=True):
@@ -118,38 +133,41 @@ def short_epoch_seconds(system: System, dataset: Any) -> float:
     return time.perf_counter() - started
 
 
-def short_epochs(epochs: int) -> dict[ShortRow, dict[System, float]]:
+def short_epochs(epochs: int) -> dict[ShortRow, dict[ShortSystem, float]]:
     """Median seconds of a short in-memory epoch per (dataset kind, samples) and system, interleaved."""
     datasets: dict[ShortRow, Any] = {}
     for n in SHORT_SIZES:
         tensors = (torch.randn(n, 32), torch.randint(0, 10, (n,)))
         datasets["TensorDataset", n] = TensorDataset(*tensors)
         datasets["a dataset of one's own", n] = Rows(*tensors)
-    systems: tuple[System, ...] = ("torch", "aloader")
-    times: dict[ShortRow, dict[System, list[float]]] = {row: {s: [] for s in systems} for row in datasets}
-    for dataset in datasets.values():
-        for system in systems:
-            short_epoch_seconds(system, dataset)  # untimed: this loader class's first epoch in the process
-    for _ in range(epochs):
-        for row, dataset in datasets.items():
+    systems: tuple[ShortSystem, ...] = ("torch", "aloader", "aloader-async")
+    times: dict[ShortRow, dict[ShortSystem, list[float]]] = {row: {s: [] for s in systems} for row in datasets}
+    with asyncio.Runner() as runner:
+        for dataset in datasets.values():
             for system in systems:
-                times[row][system].append(short_epoch_seconds(system, dataset))
+                short_epoch_seconds(system, dataset, runner)  # untimed: this loader class's first epoch here
+        for _ in range(epochs):
+            for row, dataset in datasets.items():
+                for system in systems:
+                    times[row][system].append(short_epoch_seconds(system, dataset, runner))
     return {row: {s: statistics.median(t) for s, t in by.items()} for row, by in times.items()}
 
 
-def render_short(figures: dict[ShortRow, dict[System, float]], epochs: int) -> str:
+def render_short(figures: dict[ShortRow, dict[ShortSystem, float]], epochs: int) -> str:
     lines = [
         f"Short epochs in memory, from building the loader to its last batch: median of {epochs} interleaved "
-        "epochs per row, after one untimed epoch (batch size 64, shuffled, `num_workers=0`). Speed: torch's time "
-        "over aloader's (higher is better).",
+        "epochs per row, after one untimed epoch (batch size 64, shuffled, `num_workers=0`; `async for` in one "
+        "event loop that stays open, as a service's). Speed: torch's time over aloader's (higher is better).",
         "",
-        "| dataset | samples | torch (ms) | aloader `for` (ms) | aloader's speed vs torch |",
-        "|---|---:|---:|---:|---:|",
+        "| dataset | samples | torch (ms) | aloader `for` (ms) | `for` vs torch | aloader `async for` (ms) "
+        "| `async for` vs torch |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (kind, n), by in figures.items():
+        ours, ours_async = by["aloader"], by["aloader-async"]
         lines.append(
-            f"| {kind} | {n:,} | {by['torch'] * 1e3:.2f} | {by['aloader'] * 1e3:.2f} "
-            f"| {by['torch'] / by['aloader']:.2f}x |"
+            f"| {kind} | {n:,} | {by['torch'] * 1e3:.2f} | {ours * 1e3:.2f} | {by['torch'] / ours:.2f}x "
+            f"| {ours_async * 1e3:.2f} | {by['torch'] / ours_async:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

@@ -350,7 +350,19 @@ class _Drawn:
     recorder's lock for each cost ~1.5 us of a batch of ~150 us, 1% of an in-memory epoch. ``loader.stats()``
     meanwhile lags by fewer batches than that."""
 
-    __slots__ = ("_draw", "_entries", "_failed", "_lane", "_next", "_trial", "_unit", "back", "first", "future")
+    __slots__ = (
+        "_draw",
+        "_entries",
+        "_failed",
+        "_lane",
+        "_next",
+        "_trial",
+        "_unit",
+        "back",
+        "first",
+        "future",
+        "held",
+    )
 
     def __init__(
         self, lane: Lane, first: int, unit: Any, draw: Callable[[], Any], trial: bool = False, looped: bool = True
@@ -365,6 +377,9 @@ class _Drawn:
         # batches, before the loop exists, see ``prelude.py``), ``back``, which the consumer reads itself.
         self.future: asyncio.Future[Any] | None = asyncio.get_running_loop().create_future() if looped else None
         self.back: Back | None = None
+        # Held by the lane's thread (``_Held``): given back in ``back``, which the holder settles ``future`` with,
+        # in one wake of the loop with the last run's batches (which then reach the sink first).
+        self.held = False
         self._entries: list[tuple[Stage, int, float]] = []  # stage times of batches made, not yet recorded
         self._failed: list[bool] = []  # for each batch made and not yet recorded: is it a failure
 
@@ -432,7 +447,7 @@ class _Drawn:
     def give_back(self, next_seq: int, stop: Stop, unfinished: Unfinished | None = None) -> object:
         self._next = None
         future = self.future
-        if future is None:  # no loop yet: the consumer reads it
+        if future is None or self.held:  # no loop yet (the consumer reads it), or the holder settles the future
             self.back = (next_seq, stop, unfinished)
             return HANDED_BACK
         try:
@@ -469,6 +484,7 @@ class _Held:
     def __init__(self, lane: Lane, source: _Drawn, units: int) -> None:
         self._lane = lane
         self._source = source
+        source.held = True
         self._units = units
         self._emitter = lane._emitter
         self._loop = asyncio.get_running_loop()
@@ -480,8 +496,7 @@ class _Held:
     async def run(self) -> None:
         """Hold the source until the thread gives it back (its future is then set)."""
         lane = self._lane
-        for _ in range(_HELD_RUNS * self._units - 1):  # the first unit has its slot
-            await lane._window.acquire()
+        await lane._window.acquire(_HELD_RUNS * self._units - 1)  # the first unit has its slot
         try:
             await lane.thread.run(self._make, gated=False)
         except asyncio.CancelledError:
@@ -489,9 +504,11 @@ class _Held:
             self._credits.release()
             raise
         except BaseException as exc:  # the call itself failed (a closed pool): give the source back with it
-            next_seq = self._source.next
+            source = self._source
+            next_seq = source.next
             if next_seq is not None:
-                self._source.give_back(next_seq, exc)
+                source.give_back(next_seq, exc)
+                self._deliver(None, [], source.back)
 
     def _make(self) -> None:
         """The lane's thread: runs of batches, each made by ``_Drawn.make``; each run passes the fork gate (this
@@ -528,22 +545,35 @@ class _Held:
                             item = HANDED_BACK
                             break
                 stats.made_with_source(entries, [type(o) is Failed for o in outcomes])
-                if outcomes:
+                back = source.back if item is HANDED_BACK else None
+                if outcomes or back is not None:
                     try:
-                        loop.call_soon_threadsafe(self._deliver, first, outcomes)
+                        loop.call_soon_threadsafe(self._deliver, first, outcomes, back)
                     except RuntimeError:  # the loop is closed: the epoch is over
                         return
-                if item is HANDED_BACK:
+                if back is not None:
+                    if back[1] is not None:  # the sampler's end (or error): the epoch needs this thread no more
+                        self._lane.thread.leave_after_call()
                     return
         except BaseException as exc:  # not a sample's failure (those are outcomes): never leave the scheduler waiting
             next_seq = source.next
             if next_seq is not None:
                 source.give_back(next_seq, exc)
+                try:
+                    loop.call_soon_threadsafe(self._deliver, None, [], source.back)
+                except RuntimeError:  # the loop is closed: the epoch is over
+                    pass
 
-    def _deliver(self, first: int, outcomes: list[object]) -> None:
-        """Loop side: a run to the sink, yielded in its turn."""
-        self._pending += 1
-        self._emitter.put_made(_HeldRun(self, first if self._lane._ctx.plan.in_order else None), outcomes)
+    def _deliver(self, first: int | None, outcomes: list[object], back: Back | None) -> None:
+        """Loop side: a run to the sink, yielded in its turn; then, with the last run, the source given back (the
+        scheduler frees the window slots of the runs not in the sink, so this run must be in it first)."""
+        if outcomes:
+            self._pending += 1
+            self._emitter.put_made(_HeldRun(self, first if self._lane._ctx.plan.in_order else None), outcomes)
+        if back is not None:
+            future = self._source.future
+            assert future is not None
+            _settle(future, back)
 
     def yielded(self) -> None:
         """Loop side (the consumer's task): a run was yielded; the thread may make another, or once the hold is

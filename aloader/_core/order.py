@@ -12,6 +12,7 @@ outcome reaches the consumer (the sink stage releases it).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,37 +24,77 @@ __all__ = ["Order", "Window"]
 
 
 class Window:
-    """A counting bound on units between dispatch and hand-off, resizable while in use (the fast lane widens it)."""
+    """A counting bound on units between dispatch and hand-off, resizable while in use (the fast lane widens it).
 
-    __slots__ = ("_debt", "_size", "_slots")
+    Slots go to waiters first come, first served (a wait for several keeps its place until it has them all);
+    ``acquire(count)`` takes free slots at once (the lane's thread
+    holding the source takes a window of runs in one call, not one await per slot)."""
+
+    __slots__ = ("_debt", "_free", "_size", "_waiters")
 
     def __init__(self, size: int) -> None:
-        self._slots = asyncio.Semaphore(size)
+        self._free = size
         self._size = size
         self._debt = 0  # slots to take back as they are released (the window shrank)
+        self._waiters: deque[asyncio.Future[None]] = deque()  # each gets one slot, in arrival order
 
     @property
     def size(self) -> int:
         return self._size
 
-    async def acquire(self) -> None:
-        await self._slots.acquire()
+    async def acquire(self, count: int = 1) -> None:
+        """Take ``count`` slots, waiting for those not free; cancelled meanwhile, it gives back what it took."""
+        taken = 0
+        try:
+            while taken < count:
+                if self._free and not self._waiters:
+                    step = min(count - taken, self._free)
+                    self._free -= step
+                    taken += step
+                    continue
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                if taken:  # it holds the head of the line (it was served first): it keeps it for the rest
+                    self._waiters.appendleft(waiter)
+                else:
+                    self._waiters.append(waiter)
+                try:
+                    await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        taken += 1  # handed a slot just before the cancellation: given back below
+                    else:
+                        self._waiters.remove(waiter)
+                    raise
+                taken += 1
+        except BaseException:
+            self._give(taken)
+            raise
 
     def release(self) -> None:
         if self._debt:
             self._debt -= 1
         else:
-            self._slots.release()
+            self._give()
 
     def release_many(self, count: int) -> None:
-        for _ in range(count):
-            self.release()
+        owed = min(self._debt, count)
+        self._debt -= owed
+        self._give(count - owed)
 
     def resize(self, size: int) -> None:
-        for _ in range(size - self._size):
-            self._slots.release()
+        self._give(max(0, size - self._size))
         self._debt += max(0, self._size - size)  # slots given back as units are handed off
         self._size = size
+
+    def _give(self, count: int = 1) -> None:
+        """Slots back: each to the first waiter still waiting, the rest free."""
+        waiters = self._waiters
+        while count and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+        self._free += count
 
 
 class Order:

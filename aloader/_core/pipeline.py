@@ -173,7 +173,8 @@ class Pipeline:
                 workers.send_owed(self._emitter.taken_count)  # persistent workers: their state carries on
             # An async dataset's iterator (e.g. an async generator reading shards) may hold tasks and connections
             # of its own: close it now rather than whenever it is garbage collected.
-            await finish_through_cancellation(asyncio.ensure_future(self._close_source()))
+            if self.plan.kind == "async-iterable":
+                await finish_through_cancellation(asyncio.ensure_future(self._close_source()))
         finally:
             try:
                 if workers is not None and self.plan.owns_workers:
@@ -189,7 +190,7 @@ class Pipeline:
                         self._lane.thread.join()
 
     async def _close_source(self) -> None:
-        aclose = getattr(self.plan.source, "aclose", None) if self.plan.kind == "async-iterable" else None
+        aclose = getattr(self.plan.source, "aclose", None)
         if aclose is None:
             return
         try:
