@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -305,6 +306,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
     parser.add_argument("--write", type=Path, help="write the Markdown table into this file's core section")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=11,
+        help="interleaved runs per in-memory system (the model step: about 2/3 as many); each run beside the busy "
+        "thread may take up to 30 s",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         results = (
@@ -316,11 +324,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
     else:
         results = (
             latency_workload(n_async=4_096, n_torch=160)
-            + in_memory_workload(n=200_000, repeats=11)
-            + in_memory_workload(n=200_000, repeats=11, rows_dataset=True)
-            + model_step_workload(n=100_000, repeats=7)
+            + in_memory_workload(n=200_000, repeats=args.repeats)
+            + in_memory_workload(n=200_000, repeats=args.repeats, rows_dataset=True)
+            + model_step_workload(n=100_000, repeats=max(1, args.repeats * 2 // 3))
         )
-    table = render(results)
+    repeats = 1 if args.quick else args.repeats
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    table = f"In memory: medians of {repeats} interleaved runs per system; load average at the end: {load}.\n\n"
+    table += render(results)
     print(f"Machine: {machine()}\n")
     print(table)
     if args.write:
