@@ -149,6 +149,23 @@ def test_slow_samples_take_the_lane_out_of_use(driver: Driver, fast: int) -> Non
     assert loader._speed.per_unit >= fetch.CHUNK_SECONDS
 
 
+@pytest.mark.parametrize("fast", [63 * 4, 62 * 4])
+def test_a_held_run_whose_last_unit_turns_slow_gives_the_source_back(driver: Driver, fast: int) -> None:
+    """``async for``: the lane's thread holds the source for known-fast units and makes them in runs of up to 64;
+    when a run's last unit (``fast=63*4``: the 64th) turns slow, the run and the source given back reach the loop
+    together, and the rest are fetched concurrently (the rendezvous needs 8 in flight). It once hung there: the
+    source went back only with a run that ended on the give-back itself."""
+    if not driver.is_async:
+        # No held runs there: the consumer makes known-fast batches itself (test_prelude.py). After this many fast
+        # units, its trial of the slow ones may take the first itself, which this rendezvous cannot pass alone.
+        pytest.skip("async for's held runs")
+    dataset = TurnsSlow(fast=fast, slow=36, parties=8, batch_size=4)
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=4, concurrency=16))
+    got = [int(x) for b in driver.collect(loader) for x in b]
+    assert got == list(range(fast + 36))
+    assert dataset.rendezvous.max_inside >= 8
+
+
 def test_lane_break_and_close_leave_no_thread(driver: Driver) -> None:
     """``break`` in the middle of lane calls: the lane's thread is gone when the iterator is (autouse leak check)."""
     dataset = Rows(torch.arange(4000))

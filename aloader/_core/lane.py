@@ -545,7 +545,9 @@ class _Held:
                             item = HANDED_BACK
                             break
                 stats.made_with_source(entries, [type(o) is Failed for o in outcomes])
-                back = source.back if item is HANDED_BACK else None
+                # Given back (its end, units turned slow: maybe by the run's last unit, whose batch is in it): the
+                # back goes with the run.
+                back = source.back if source.next is None else None
                 if outcomes or back is not None:
                     try:
                         loop.call_soon_threadsafe(self._deliver, first, outcomes, back)

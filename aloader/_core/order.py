@@ -62,7 +62,7 @@ class Window:
                 except BaseException:
                     if waiter.done() and not waiter.cancelled():
                         taken += 1  # handed a slot just before the cancellation: given back below
-                    else:
+                    elif waiter in self._waiters:  # (a release in between may have passed over it already)
                         self._waiters.remove(waiter)
                     raise
                 taken += 1
