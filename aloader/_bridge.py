@@ -202,6 +202,11 @@ class ThreadChannel:
         """The consumer's cycles are its figure (measured in ``get()``): ``seconds`` adds nothing to them."""
         return self.cycles.keep_direct()
 
+    def units_changed(self) -> None:
+        """Loop side: the units turned slow (see ``Cycles.units_changed``)."""
+        with self._cond:
+            self.cycles.units_changed()
+
     @property
     def on_loop(self) -> bool:
         return False
@@ -420,6 +425,10 @@ class LoopChannel:
         the source."""
         self.cycles.made(seconds)
         return self.cycles.keep_direct()
+
+    def units_changed(self) -> None:
+        """The units turned slow (see ``Cycles.units_changed``)."""
+        self.cycles.units_changed()
 
     @property
     def on_loop(self) -> bool:

@@ -150,6 +150,15 @@ class Cycles:
         self._at[DIRECT] = self._items
         self._stale[DIRECT] = min(self.STALE_MAX, 2 * self._stale[DIRECT])
 
+    def units_changed(self) -> None:
+        """The units turned slow (they began to wait on storage): both figures were measured on other units, and
+        start afresh. Until the loop's counts again, the source stays with the loop, whose concurrent fetches
+        serve slow units; a trial of the consumer's may follow as usual."""
+        self._count = [0, 0]
+        self._trial = False
+        self._over = 0
+        self._rechecked = False
+
     def _known_cycle(self, maker: int) -> bool:
         return self._count[maker] >= (self.LOOP_ENOUGH if maker == LOOP else self.ENOUGH)
 

@@ -150,15 +150,16 @@ def test_slow_samples_take_the_lane_out_of_use(driver: Driver, fast: int) -> Non
 
 
 @pytest.mark.parametrize("fast", [63 * 4, 62 * 4])
-def test_a_held_run_whose_last_unit_turns_slow_gives_the_source_back(driver: Driver, fast: int) -> None:
-    """``async for``: the lane's thread holds the source for known-fast units and makes them in runs of up to 64;
-    when a run's last unit (``fast=63*4``: the 64th) turns slow, the run and the source given back reach the loop
-    together, and the rest are fetched concurrently (the rendezvous needs 8 in flight). It once hung there: the
-    source went back only with a run that ended on the give-back itself."""
-    if not driver.is_async:
-        # No held runs there: the consumer makes known-fast batches itself (test_prelude.py). After this many fast
-        # units, its trial of the slow ones may take the first itself, which this rendezvous cannot pass alone.
-        pytest.skip("async for's held runs")
+def test_units_turning_slow_after_a_long_fast_run_get_their_concurrency(driver: Driver, fast: int) -> None:
+    """Units that turn slow after many fast ones: the rest are fetched concurrently (the rendezvous needs 8 in
+    flight), in both places the source can be when they turn.
+
+    ``async for``: the lane's thread holds the source and makes runs of up to 64 units; when a run's last unit
+    (``fast=63*4``: the 64th) turns slow, the run and the source given back reach the loop together. It once hung
+    there: the source went back only with a run that ended on the give-back itself. ``for``: the consumer, which
+    the loop handed the source to after measuring it the faster maker of fast units, gives it back at the slow
+    unit; those figures were measured on other units, and once sent the next slow unit back to it for a trial,
+    made alone (the rendezvous then timed out)."""
     dataset = TurnsSlow(fast=fast, slow=36, parties=8, batch_size=4)
     loader = _in_lane(aloader.DataLoader(dataset, batch_size=4, concurrency=16))
     got = [int(x) for b in driver.collect(loader) for x in b]

@@ -295,6 +295,15 @@ class Lane:
         if back is DECLINED:
             return None
         next_seq, stop, unfinished = back
+        if (
+            stop is None
+            and unfinished is None
+            and not source.trial
+            and (self._ctx.speed.per_unit or 0.0) >= _LANE_EXIT_SECONDS
+        ):
+            # Given back because the units turned slow: the next ones go to the loop's concurrent fetches, not to
+            # a trial by figures measured on fast units.
+            self._emitter.units_changed()
         order = self._order
         made = next_seq - seq - (unfinished is not None)  # made outside the order stage, and handed over
         order.open(next_seq - seq - 1)  # the first was opened by the scheduler

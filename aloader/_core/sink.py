@@ -99,6 +99,9 @@ class Sink(Protocol):
         for``, the lane's thread) made one in ``seconds``: whether it keeps the source, or gives it back to the loop
         (see ``_cycles.Cycles``)."""
 
+    def units_changed(self) -> None:
+        """The units turned slow: what was measured of who makes them faster holds no more (``Cycles``)."""
+
     @property
     def on_loop(self) -> bool:
         """The consumer is a task of the pipeline's own loop (``async for``): it never makes items itself."""
@@ -148,6 +151,11 @@ class Emitter:
     def keep_source(self, seconds: float) -> bool:
         """Whether the holder of the source for slow-looking units keeps it (see ``Sink.keep_source``)."""
         return self._sink is not None and self._sink.keep_source(seconds)
+
+    def units_changed(self) -> None:
+        """The units turned slow (see ``Sink.units_changed``)."""
+        if self._sink is not None:
+            self._sink.units_changed()
 
     def put_made(self, run: MadeRun, outcomes: list[object]) -> None:
         """Hand ``outcomes`` of a lane call to the sink as one run (see ``Sink.put_made``)."""
