@@ -232,12 +232,19 @@ class ThreadPool:
             run_and_deliver(*item)
             del item  # drop references to user data before blocking again
             if getattr(self._local, "leave", False):
-                break
+                with self._lock:  # the lock run() decides to start a thread under: no call is left without one
+                    if self._closing or self._queued <= self._idle:
+                        self._exited()
+                        return
+                self._local.leave = False  # a call came meanwhile and waits for a thread: this one stays
         with self._lock:
-            self._alive -= 1
-            last = self._alive == 0
-            done = self._all_exited
-        if last and done is not None:
+            self._exited()
+
+    def _exited(self) -> None:
+        """Under the lock: this thread leaves; the last one to leave after close() resolves its future."""
+        self._alive -= 1
+        done = self._all_exited
+        if self._alive == 0 and done is not None:
             try:
                 done.get_loop().call_soon_threadsafe(_deliver, done, True, None)
             except RuntimeError:

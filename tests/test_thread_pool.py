@@ -41,3 +41,28 @@ def test_close_after_every_thread_left_resolves_at_once() -> None:
         await done
 
     asyncio.run(main())
+
+
+def test_a_thread_asked_to_leave_stays_for_a_call_queued_meanwhile() -> None:
+    """The pool's bound counts a leaving thread until it has left: a call queued while it finished is run by it,
+    not left without a thread."""
+
+    async def main() -> None:
+        pool = ThreadPool(1)
+        second_queued = threading.Event()
+
+        def first() -> str:
+            pool.leave_after_call()
+            assert second_queued.wait(timeout=60)
+            return threading.current_thread().name
+
+        one = asyncio.create_task(pool.run(first))
+        two = asyncio.create_task(pool.run(lambda: threading.current_thread().name))
+        await asyncio.sleep(0)  # both tasks took their first step: both calls are queued (a loop step, no timing)
+        second_queued.set()
+        names = await asyncio.gather(one, two)
+        assert names[0] == names[1] and pool.thread_count == 1
+        await pool.close()
+        pool.join()
+
+    asyncio.run(main())
