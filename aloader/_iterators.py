@@ -115,7 +115,7 @@ class AsyncLoaderIterator(_Consumer):
         if self._task is None:
             assert self._pipeline is not None
             self._task = asyncio.get_running_loop().create_task(
-                self._pipeline.run(self._channel), name="aloader-pipeline"
+                self._pipeline.run_ahead(self._channel), name="aloader-pipeline"
             )
         try:
             item = await self._channel.get()

@@ -201,6 +201,11 @@ class ThreadPool:
     async def run(self, fn: Callable[[], T], gated: bool = True) -> T:
         """Run ``fn()`` on a pool thread and return its result (or raise its exception); ``gated``: see
         ``run_and_deliver``."""
+        return await self.submit(fn, gated)
+
+    def submit(self, fn: Callable[[], T], gated: bool = True) -> asyncio.Future[T]:
+        """Queue ``fn()`` for a pool thread; the running loop's future gets its result (or exception). For a call
+        whose caller is not a task of its own (``run`` awaits it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -217,7 +222,7 @@ class ThreadPool:
             # returns from start() at once instead of waiting for the GIL while the call runs.
             thread.start()
         self._work.put((fn, loop, future, gated))
-        return await future
+        return future
 
     def _worker(self) -> None:
         while True:

@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 import aloader
 from aloader import _bridge, _cycles
 from aloader._core import fetch, lane, prelude
+from aloader._stats import Recorder
 from tests.conftest import Driver, torch_outcomes
 from tests.datasets import AsyncSquares, FailingSet, Rows, TurnsSlow
 
@@ -719,3 +720,36 @@ def test_a_run_waits_for_the_items_before_it() -> None:
     assert runs.next() == "c"
     runs.tell_finished()
     assert run.done
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ahead", [False, True], ids=["held", "ahead"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_defect_in_the_thread_holding_the_source_never_hangs(
+    loop: str, ahead: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``async for``: the lane's thread holding the source (``_Held`` in the pipeline, or ``prelude.Ahead`` before
+    it) hits a defect of ours (here: recording its stats) after the source was given back at the sampler's end,
+    within the same run. The run's batches and the source still reach the loop, once: the epoch ends (the held
+    run's batches all arrive; ahead of the pipeline the defect is raised after the batches made before it). Before,
+    the held source given back in that run was never sent, and the epoch hung."""
+    if not ahead:
+        monkeypatch.setattr(prelude.Prelude, "applies", staticmethod(lambda ctx, lane: False))
+    record = Recorder.made_with_source
+
+    def defect(self: Recorder, entries: Any, failed: list[bool]) -> None:
+        if threading.current_thread().name.startswith("aloader-lane"):
+            raise RuntimeError("a defect recording stats")
+        record(self, entries, failed)
+
+    monkeypatch.setattr(Recorder, "made_with_source", defect)
+    dataset = Rows(torch.arange(40))
+    loader = _in_lane(aloader.DataLoader(dataset, batch_size=4))  # 10 units: one run, ending at the sampler's end
+    outcomes = Driver(f"async-{loop}").outcomes(loader)
+    ok = [value[0].tolist() for kind, value in outcomes if kind == "ok"]
+    expected = [list(range(i, i + 4)) for i in range(0, 40, 4)]
+    if ahead:
+        assert ok == expected[: len(ok)]
+        assert outcomes[-1][0] == "err" and "a defect recording stats" in str(outcomes[-1][1])
+    else:
+        assert ok == expected

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import aloader
 from aloader._bridge import ThreadChannel
+from aloader._core import prelude
 from tests.conftest import Driver
 from tests.datasets import AsyncSquares, Rows
 
@@ -79,12 +80,18 @@ def test_aclose_and_async_context_manager(loop: str) -> None:
     Driver(f"async-{loop}").run_async(main)
 
 
-def test_async_drop_iterator_cancels_the_pipeline() -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["pipeline", "ahead"])
+def test_async_drop_iterator_cancels_the_pipeline(ahead: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropping an unclosed ``async for`` iterator stops its work: the pipeline's tasks (cancelled), or the lane's
+    thread making a fast epoch's batches ahead of the pipeline (a task of the loop waits for it)."""
+    if not ahead:
+        monkeypatch.setattr(prelude.Prelude, "applies", staticmethod(lambda ctx, lane: False))
+
     async def main() -> None:
         it = aiter(aloader.DataLoader(big(), batch_size=4))
         await anext(it)
         pipeline_tasks = asyncio.all_tasks() - {asyncio.current_task()}
-        assert len(pipeline_tasks) >= 1
+        assert len(pipeline_tasks) == (1 if ahead else 3)  # ahead: the pipeline's own task only
         del it
         # Dropping schedules cancellation; waiting for those very tasks (no sleep) shows they end and clean up.
         await asyncio.wait(pipeline_tasks)

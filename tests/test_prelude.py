@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 import aloader
 from aloader._core import prelude
+from aloader._core.schedule import Scheduler
 from tests.conftest import Driver, torch_outcomes
 from tests.datasets import AsyncSquares, FailingSet, Rows, TurnsSlow
 
@@ -96,6 +97,35 @@ def test_torchs_batches_order_and_errors_with_no_thread(
         if epoch == 1 and not driver.is_async:
             assert dataset.threads == {threading.current_thread().name}
             assert threads_seen == []
+
+
+def test_fast_units_start_no_pipeline_task(
+    driver: Driver, straight_back: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Units known to be fast: the pipeline's scheduler never runs. With ``for`` the consumer makes every batch;
+    with ``async for`` one thread of the lane's makes them all ahead of the pipeline (``prelude.Ahead``), never the
+    caller's loop, and leaves when the epoch ends (autouse leak check)."""
+    scheduled: list[object] = []
+    run = Scheduler.run
+
+    async def counted(self: Scheduler, back: Any = None) -> None:
+        scheduled.append(back)
+        await run(self, back)
+
+    monkeypatch.setattr(Scheduler, "run", counted)
+    dataset = _Where(300, {77})
+    reference = torch_outcomes(torch.utils.data.DataLoader(dataset, batch_size=8), ValueError)
+    loader = _known_fast(aloader.DataLoader(dataset, batch_size=8))
+    dataset.threads.clear()
+    got = [(kind, value.tolist() if kind == "ok" else type(value)) for kind, value in driver.outcomes(loader)]
+    assert got == reference
+    assert scheduled == []
+    assert loader.stats().batches == len(reference)
+    (maker,) = dataset.threads
+    if driver.is_async:
+        assert maker.startswith("aloader-lane")
+    else:
+        assert maker == threading.current_thread().name
 
 
 def test_a_new_loader_over_the_same_dataset_starts_with_its_speed(driver: Driver, straight_back: None) -> None:

@@ -42,7 +42,7 @@ from aloader._core.sink import HANDED_BACK, Emitter
 from aloader._stats import Stage
 from aloader._threads import DECLINED, FORK_GATE, ThreadPool, decline, run_and_deliver
 
-__all__ = ["LANE_UNITS", "Lane"]
+__all__ = ["HELD_RUNS", "LANE_UNITS", "Lane"]
 
 # Consecutive units that each take less than CHUNK_SECONDS are made in one thread call of about _LANE_SECONDS, at
 # most LANE_UNITS of them, until units average _LANE_EXIT_SECONDS.
@@ -53,7 +53,7 @@ _LANE_EXIT_SECONDS: Final = 0.008
 # size: about _HELD_SECONDS of work, at most _HELD_UNITS units. Each run wakes the loop once, and the lane's thread
 # then gives up the GIL to it: with runs of 16 units (6 ms) the loop's turns cost ``async for`` 9% of an in-memory
 # epoch against torch's loop, with runs of 64 (12 ms) 4%.
-_HELD_RUNS: Final = 2
+HELD_RUNS: Final = 2
 _HELD_SECONDS: Final = 0.012
 _HELD_UNITS: Final = 64
 
@@ -103,6 +103,12 @@ class Lane:
         if units > self._width:
             self._widen(units)
         return units
+
+    def held_run_units(self, most: int = _HELD_UNITS) -> int:
+        """The units of the next run of a thread holding the source (``_Held``, ``prelude.Ahead``): about
+        ``_HELD_SECONDS`` of work, at most ``most`` (a benign race: the speed is updated as units are made)."""
+        per_unit = self._ctx.speed.per_unit or _HELD_SECONDS
+        return max(1, min(most, int(_HELD_SECONDS / max(per_unit, 1e-9))))
 
     def _widen(self, units: int) -> None:
         """Size the window and the sink for calls of ``units`` (0: no lane, the plan's own sizes)."""
@@ -283,7 +289,7 @@ class Lane:
             # A trial (slow): by the lane thread's time per unit against the consumer's cycle with the loop.
             if slow and not self._emitter.hand_source(source, 0.0):
                 return None
-            self._widen(_HELD_UNITS)  # a window of _HELD_RUNS runs
+            self._widen(_HELD_UNITS)  # a window of HELD_RUNS runs
             held = _Held(self, source, _HELD_UNITS)
             await held.run()
         else:
@@ -484,7 +490,7 @@ class _Held:
     call there draws the units and makes their batches with ``_Drawn.make``, as the sync driver's consumer does,
     and hands them to the sink in runs of up to ``units`` (about ``_HELD_SECONDS`` of work: one wake of the loop a
     run), which the consumer yields in their turn: the loop does nothing per batch but hand it
-    over. ``_HELD_RUNS`` runs at most are made and not yet yielded (``credits``); the hold owns that many runs'
+    over. ``HELD_RUNS`` runs at most are made and not yet yielded (``credits``); the hold owns that many runs'
     window slots meanwhile, the first unit's included, so the window bounds memory as it does for the lane's
     calls."""
 
@@ -497,7 +503,7 @@ class _Held:
         self._units = units
         self._emitter = lane._emitter
         self._loop = asyncio.get_running_loop()
-        self._credits = threading.Semaphore(_HELD_RUNS)  # runs the thread may make before the consumer yields one
+        self._credits = threading.Semaphore(HELD_RUNS)  # runs the thread may make before the consumer yields one
         self._stopped = False
         self._pending = 0  # loop side: runs in the sink, not yet yielded
         self._ended = False  # loop side: the hold is over; a run yielded now frees its window slots
@@ -505,7 +511,7 @@ class _Held:
     async def run(self) -> None:
         """Hold the source until the thread gives it back (its future is then set)."""
         lane = self._lane
-        await lane._window.acquire(_HELD_RUNS * self._units - 1)  # the first unit has its slot
+        await lane._window.acquire(HELD_RUNS * self._units - 1)  # the first unit has its slot
         try:
             await lane.thread.run(self._make, gated=False)
         except asyncio.CancelledError:
@@ -524,6 +530,9 @@ class _Held:
         long call must not hold a fork up while it waits for a credit)."""
         source, credits, units, loop = self._source, self._credits, self._units, self._loop
         stats, emitter = self._lane._ctx.stats, self._emitter
+        first: int | None = None
+        outcomes: list[object] = []  # the run being made, not yet handed over
+        sent = False  # the source given back went to the loop with a run
         try:
             while True:
                 credits.acquire()
@@ -532,12 +541,10 @@ class _Held:
                 first = source.next
                 if first is None:
                     return
-                outcomes: list[object] = []
+                outcomes = []
                 entries: list[tuple[Stage, int, float]] = []  # the run's stage times, recorded at once
                 item: object = None
-                # About _HELD_SECONDS of work (a benign race: the speed is updated as units are made).
-                per_unit = self._lane._ctx.speed.per_unit or _HELD_SECONDS
-                count = max(1, min(units, int(_HELD_SECONDS / max(per_unit, 1e-9))))
+                count = self._lane.held_run_units(units)
                 with FORK_GATE.user_code():  # a run is ~10 milliseconds: a fork waits for it at most that long
                     while len(outcomes) < count:
                         started = time.perf_counter()
@@ -562,18 +569,22 @@ class _Held:
                         loop.call_soon_threadsafe(self._deliver, first, outcomes, back)
                     except RuntimeError:  # the loop is closed: the epoch is over
                         return
+                    outcomes, sent = [], back is not None
                 if back is not None:
                     if back[1] is not None:  # the sampler's end (or error): the epoch needs this thread no more
                         self._lane.thread.leave_after_call()
                     return
         except BaseException as exc:  # not a sample's failure (those are outcomes): never leave the scheduler waiting
+            # The source goes back once, with the batches of the run made so far (their units were drawn).
             next_seq = source.next
             if next_seq is not None:
                 source.give_back(next_seq, exc)
-                try:
-                    loop.call_soon_threadsafe(self._deliver, None, [], source.back)
-                except RuntimeError:  # the loop is closed: the epoch is over
-                    pass
+            elif sent:
+                return
+            try:
+                loop.call_soon_threadsafe(self._deliver, first, outcomes, source.back)
+            except RuntimeError:  # the loop is closed: the epoch is over
+                pass
 
     def _deliver(self, first: int | None, outcomes: list[object], back: Back | None) -> None:
         """Loop side: a run to the sink, yielded in its turn; then, with the last run, the source given back (the
@@ -599,7 +610,7 @@ class _Held:
         """Loop side, once the source is given back: free the window slots of the runs not in the sink (less the
         slot of a unit still to be finished on the loop, which the sink stage frees)."""
         self._ended = True
-        self._lane._window.release_many(self._units * (_HELD_RUNS - self._pending) - unfinished)
+        self._lane._window.release_many(self._units * (HELD_RUNS - self._pending) - unfinished)
 
 
 class _HeldRun:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from aloader._core.access import MapAccess
 from aloader._core.collate import Finisher
@@ -35,7 +35,7 @@ from aloader._core.lane import Back, Lane
 from aloader._core.order import Order, Window
 from aloader._core.outcomes import END, Failed
 from aloader._core.plan import Plan
-from aloader._core.prelude import Prelude
+from aloader._core.prelude import Ahead, AheadEnd, Prelude
 from aloader._core.schedule import Scheduler
 from aloader._core.sink import Emitter, Sink
 from aloader._core.workers import WorkerStage
@@ -120,6 +120,41 @@ class Pipeline:
         """The epoch ended (or was closed) while its consumer still made the batches: no loop ever started, and
         no thread or task of the pipeline's exists (its pools start threads only for calls)."""
         self.stats.end()
+
+    async def run_ahead(self, sink: Sink) -> None:
+        """``async for``: units known to be fast are made by the lane's thread ahead of the pipeline's tasks
+        (``prelude.Ahead``), which run only if those units need them (``run(sink, back)``); other units run the
+        pipeline at once. An epoch that stays fast creates no task but this one."""
+        prelude = self.prelude(sink.capacity)
+        if prelude is None:
+            await self.run(sink)
+            return
+        given_back: list[Back] = []
+
+        def deliver(outcomes: list[object], end: AheadEnd) -> None:
+            if outcomes:
+                sink.put_made(ahead, outcomes)
+            if end is END:
+                sink.put_final(END)
+            elif end is not None:
+                given_back.append(cast(Back, end))
+
+        ahead = Ahead(prelude, deliver)
+        cancelled = False
+        while not ahead.done.done():  # the thread's call is over: its thread has left the pool, or is leaving
+            try:
+                await asyncio.shield(ahead.done)
+            except asyncio.CancelledError:  # closed or dropped (or the loop shuts down): stop, and wait for it
+                cancelled = True
+                ahead.stop()
+        assert self._lane is not None
+        self._lane.thread.join()
+        if cancelled or not given_back:
+            self.stats.end()
+        if cancelled:
+            raise asyncio.CancelledError
+        if given_back:
+            await self.run(sink, given_back[0])
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)

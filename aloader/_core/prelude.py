@@ -21,17 +21,20 @@ sample that waits for others of its batch. Those start the loop at once and prob
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 from aloader._core.context import Context
-from aloader._core.lane import Back, Lane
+from aloader._core.lane import HELD_RUNS, Back, Lane
 from aloader._core.outcomes import END, Failed
 from aloader._core.plan import Speed
+from aloader._core.sink import HANDED_BACK
 from aloader.errors import with_context
 
-__all__ = ["Prelude", "learnt_speed"]
+__all__ = ["Ahead", "Prelude", "learnt_speed"]
 
 
 class Prelude:
@@ -40,12 +43,13 @@ class Prelude:
     the loop must go on from there (``Pipeline.run(sink, back)``), and the batch ``next`` returned with it (if any)
     is yielded first."""
 
-    __slots__ = ("_ctx", "_ended", "_source", "back")
+    __slots__ = ("_ctx", "_ended", "_source", "back", "lane")
 
     def __init__(self, ctx: Context, lane: Lane) -> None:
         source = ctx.plan.source
         assert not isinstance(source, AsyncIterator)
         self._ctx = ctx
+        self.lane = lane
         self._source = lane.source_before_loop(source.__next__)
         self._ended = False
         self.back: Back | None = None
@@ -91,6 +95,83 @@ class Prelude:
     def record(self) -> None:
         """The stats of batches made and not yet recorded (the iterator closes)."""
         self._source.record()
+
+
+# What a run of Ahead's thread ends with: nothing (more runs follow), END, or the source given back to the pipeline.
+AheadEnd = Back | object | None
+
+
+class Ahead:
+    """``async for``'s first batches over units known to be fast, made by the lane's thread before any task of the
+    pipeline exists: one call there makes them with :meth:`Prelude.next`, as the sync driver's consumer does, and
+    hands them over in runs (about 12 ms of work each, the whole of a short epoch), at most ``HELD_RUNS`` of them
+    made and not yet yielded (``credits``), as ``lane._Held`` does for the pipeline. ``deliver(outcomes, end)`` runs
+    on the loop for each run; ``end`` is None while more follow, :data:`END` after the epoch's last, or the source
+    given back (``Back``: a unit turned slow, or returned awaitables), from which the pipeline goes on
+    (``Pipeline.run(sink, back)``). An epoch that stays fast thus starts no task, window or order stage, and ends
+    with the run that carries its END; the thread leaves its pool once its call is over.
+
+    The caller's loop makes no batch: ``async for`` keeps it free."""
+
+    __slots__ = ("_credits", "_deliver", "_loop", "_prelude", "_stopped", "done")
+
+    def __init__(self, prelude: Prelude, deliver: Callable[[list[object], AheadEnd], None]) -> None:
+        self._prelude = prelude
+        self._deliver = deliver
+        self._loop = asyncio.get_running_loop()
+        self._credits = threading.Semaphore(HELD_RUNS)  # runs the thread may make before the consumer yields one
+        self._stopped = False
+        # Resolved once the thread's call is over (its thread then leaves the pool).
+        self.done: asyncio.Future[None] = prelude.lane.thread.submit(self._make, gated=False)
+
+    def yielded(self) -> None:
+        """A run was yielded: the thread may make another (``MadeRun``, with ``first``)."""
+        self._credits.release()
+
+    first = None  # a run's outcomes come before anything the pipeline makes after them: yielded as they come
+
+    def stop(self) -> None:
+        """Any thread: the epoch is over (closed, dropped); the thread stops after its run, or at once if it waits."""
+        self._stopped = True
+        self._credits.release()
+
+    def _make(self) -> None:
+        """The lane's thread: runs of batches until the epoch ends, the source is given back, or ``stop()``."""
+        prelude, credits, lane = self._prelude, self._credits, self._prelude.lane
+        lane.thread.leave_after_call()
+        end: AheadEnd = None
+        outcomes: list[object] = []  # the run being made, not yet handed over
+        try:
+            while end is None:
+                credits.acquire()
+                if self._stopped:
+                    return
+                outcomes = []
+                count = lane.held_run_units()
+                while len(outcomes) < count:
+                    item = prelude.next(False)
+                    if item is END:
+                        end = END
+                        break
+                    if item is not HANDED_BACK:  # awaitables: the pipeline finishes them (``back``)
+                        outcomes.append(item)
+                    if prelude.back is not None:
+                        end = prelude.back
+                        break
+                if end is not None:
+                    prelude.record()
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver, outcomes, end)
+                except RuntimeError:  # the loop is closed: the epoch is over
+                    return
+                outcomes = []
+        except BaseException as exc:  # not a sample's failure (those are outcomes): never leave the consumer waiting
+            prelude.record()
+            outcomes.append(Failed(exc))  # after the batches of the run made so far; then the epoch ends
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, outcomes, END)
+            except RuntimeError:
+                pass
 
 
 # The speed of the latest loader over each dataset (weakly keyed), for a new loader over it (a validation loop that
