@@ -129,7 +129,7 @@ class AsyncLoaderIterator(_Consumer):
             await self.aclose()
             raise
         if item is END:
-            await self.aclose()
+            await self.aclose(ended=True)
             raise StopAsyncIteration
         assert self._pipeline is not None
         self._pipeline.taken()
@@ -140,14 +140,16 @@ class AsyncLoaderIterator(_Consumer):
             raise error
         return self._count(item)
 
-    async def aclose(self) -> None:
-        """Stop all work of this iterator and wait until it has stopped. Idempotent."""
+    async def aclose(self, ended: bool = False) -> None:
+        """Stop all work of this iterator and wait until it has stopped. Idempotent. ``ended``: the consumer took
+        END, the pipeline's last item: its task is finishing by itself (nothing to cancel)."""
         self._closed = True
         self._channel.clear()
         self._close_bar()
         task = self._task
         if task is not None and not task.done():
-            task.cancel()
+            if not ended:
+                task.cancel()
             await asyncio.wait([task])
         self._pipeline = None
 

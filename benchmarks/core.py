@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import statistics
 import threading
@@ -117,8 +118,22 @@ def time_async(loader: aloader.DataLoader, limit: float | None = None) -> tuple[
     return asyncio.run(run())
 
 
+# A run that delivers nothing for this long has stalled (the epoch limit is only checked as batches arrive): the
+# benchmark then fails with every thread's stack on stderr (faulthandler) instead of waiting forever.
+STALL_SECONDS = 600.0
+
+
+def watched(fn: Callable[[], tuple[int, float]]) -> tuple[int, float]:
+    """``fn()``, or the process exits (code 1) with every thread's traceback after ``STALL_SECONDS``."""
+    faulthandler.dump_traceback_later(STALL_SECONDS, exit=True)
+    try:
+        return fn()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def best_of(repeats: int, fn: Callable[[], tuple[int, float]]) -> tuple[int, float]:
-    runs = [fn() for _ in range(repeats)]
+    runs = [watched(fn) for _ in range(repeats)]
     return runs[0][0], min(seconds for _, seconds in runs)
 
 
@@ -219,7 +234,7 @@ def interleaved(workload: str, rows: list[tuple[str, Callable[[], tuple[int, flo
     timings: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in rows}
     for _ in range(repeats):
         for name, fn in rows:
-            timings[name].append(fn())
+            timings[name].append(watched(fn))
     return [Result(workload, name, runs[0][0], statistics.median(s for _, s in runs)) for name, runs in timings.items()]
 
 

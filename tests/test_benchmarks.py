@@ -83,3 +83,21 @@ def test_remote_benchmark_quick_writes_objects_and_tar_sections(tmp_path: Path) 
     text = run_quick("remote", tmp_path, "bench", "bench-tar")
     assert "ceiling: bare concurrent reads" in text
     assert "aloader, TarShardDataset" in text
+
+
+def test_a_stalled_run_fails_the_benchmark_with_every_threads_stack() -> None:
+    """A loader that stops delivering (the epoch limit is only checked as batches arrive) does not hang the
+    benchmark: after ``STALL_SECONDS`` the process exits with code 1 and every thread's traceback."""
+    script = (
+        "import threading\n"
+        "import benchmarks.core as core\n"
+        "core.STALL_SECONDS = 0.5\n"
+        "print(core.watched(lambda: (1, 2.0)))\n"
+        "core.watched(lambda: (0, float(threading.Event().wait())))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+    )
+    assert result.returncode == 1
+    assert result.stdout.strip() == "(1, 2.0)"  # a run that ends in time is not touched
+    assert "Timeout" in result.stderr and "Thread" in result.stderr
