@@ -56,9 +56,8 @@ def test_a_thread_asked_to_leave_stays_for_a_call_queued_meanwhile() -> None:
             assert second_queued.wait(timeout=60)
             return threading.current_thread().name
 
-        one = asyncio.create_task(pool.run(first))
-        two = asyncio.create_task(pool.run(lambda: threading.current_thread().name))
-        await asyncio.sleep(0)  # both tasks took their first step: both calls are queued (a loop step, no timing)
+        one = pool.submit(first)
+        two = pool.submit(lambda: threading.current_thread().name)  # queued while the first call runs
         second_queued.set()
         names = await asyncio.gather(one, two)
         assert names[0] == names[1] and pool.thread_count == 1

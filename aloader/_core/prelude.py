@@ -115,6 +115,8 @@ class Ahead:
 
     __slots__ = ("_credits", "_deliver", "_loop", "_prelude", "_stopped", "done")
 
+    first = None  # as a ``MadeRun``: its outcomes come before anything the pipeline makes after them
+
     def __init__(self, prelude: Prelude, deliver: Callable[[list[object], AheadEnd], None]) -> None:
         self._prelude = prelude
         self._deliver = deliver
@@ -127,8 +129,6 @@ class Ahead:
     def yielded(self) -> None:
         """A run was yielded: the thread may make another (``MadeRun``, with ``first``)."""
         self._credits.release()
-
-    first = None  # a run's outcomes come before anything the pipeline makes after them: yielded as they come
 
     def stop(self) -> None:
         """Any thread: the epoch is over (closed, dropped); the thread stops after its run, or at once if it waits."""
@@ -158,9 +158,7 @@ class Ahead:
                     if prelude.back is not None:
                         end = prelude.back
                         break
-                if end is not None:
-                    prelude.record()
-                try:
+                try:  # (a source given back or ended has recorded its stats: ``_Drawn.step``)
                     self._loop.call_soon_threadsafe(self._deliver, outcomes, end)
                 except RuntimeError:  # the loop is closed: the epoch is over
                     return
