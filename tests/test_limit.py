@@ -185,3 +185,36 @@ def test_growth_past_the_doubling_needs_idle_cores_on_the_machine() -> None:
     rule = Adaptation(64)
     assert rule.window(0.1, idle=0.0) == 2  # calls mostly waiting (storage) double whatever the machine does
     assert [rule.window(0.1) for _ in range(5)] == [4, 8, 16, 32, 64]
+
+
+def test_growth_past_the_doubling_follows_the_idle_cores_in_proportion() -> None:
+    # A mixed dataset's start: the doubling stage ended at a few calls (the first samples compute their threads'
+    # set-up) with half the machine idle. The reading takes the limit to its part of the idle cores at once (at most
+    # double), not a quarter per 0.1 s: traced on the images bench, a quarter per reading took 0.7 s from 7 calls to 22
+    # with the machine 40-50% idle meanwhile.
+    rule = Adaptation(64)
+    rule.limit = 6
+    assert rule.window(0.45, idle=0.5) == 12
+    assert [rule.window(0.7) for _ in range(4)] == [12] * 4  # between two readings: held
+    rule = Adaptation(64)
+    rule.limit = 12
+    assert rule.window(0.6, idle=0.2) == 16  # 12 x (1 + 0.2 / 0.6)
+    rule = Adaptation(64)
+    rule.limit = 20
+    assert rule.window(0.8, idle=0.05) == 25  # near the target: the quarter step is the larger
+
+
+def test_a_busy_worker_beside_idle_readings_comes_down_an_eighth_per_reading_not_a_quarter_per_window() -> None:
+    # Once the machine's idle time is known, a worker whose share is fully busy (the GIL-free decode of its calls
+    # running beside each other) comes down as a saturated machine does, once per reading: a quarter per 20 ms window
+    # took a mixed dataset's worker from 28 calls to 10 in 60 ms, and the cores sat idle while it climbed back.
+    rule = Adaptation(64)
+    rule.limit = 28
+    rule.window(0.9, idle=0.04)
+    assert [rule.window(1.0) for _ in range(6)] == [28] * 6
+    assert rule.window(1.0, idle=0.04) == 25
+    assert [rule.window(1.0) for _ in range(3)] == [25] * 3
+    # Before the first reading (a CPU-bound dataset's first windows), a quarter per window, as before.
+    rule = Adaptation(64)
+    rule.limit = 8
+    assert [rule.window(1.0) for _ in range(3)] == [6, 5, 4]

@@ -8,12 +8,14 @@ makes one batch at a time, and the worker would hold more samples in memory). So
 and follows the process's CPU use, measured every 20 ms as a fraction of its share of the cores (:class:`Adaptation`):
 
 - under 35% (its samples mostly wait on storage), it doubles: a dataset that waits reaches 64 calls in ~0.15 s;
-- over 95%, it shrinks by a quarter (a CPU-bound dataset stays near one call at a time, in order, as torch's worker);
+- over 95%, it shrinks by a quarter per window until the machine's idle time is known, then by an eighth per
+  reading of it (a CPU-bound dataset stays near one call at a time, in order, as torch's worker);
 - in between, it follows the machine's idle time, read from ``/proc/stat`` (Linux) once per 0.1 s or more, a step
-  per reading: it grows by a quarter while under 85% of its share with at least 5% of all the machine's cores idle,
-  and shrinks by an eighth when a reading finds under 2% idle (the machine saturated). The doubling stage
-  overshoots (a mixed dataset's first GETs all wait, so the limit doubles to ``concurrency`` before decoding
-  starts), and this brings it back to what keeps the cores busy. Where the idle time cannot be read, the limit
+  per reading: while under 85% of its share with at least 5% of all the machine's cores idle, it grows to its part
+  of the idle cores at its present calls per busy share (``limit x (1 + idle / busy)``, at most double, at least a
+  quarter more), and it shrinks by an eighth when a reading finds under 2% idle (the machine saturated). The
+  doubling stage overshoots (a mixed dataset's first GETs all wait, so the limit doubles to ``concurrency`` before
+  decoding starts), and this brings it back to what keeps the cores busy. Where the idle time cannot be read, the limit
   grows by a quarter per window while under 85% of the share.
 
 The CPU use is smoothed over about 0.1 s (one window's varies far more than a step changes it), and the limit only
@@ -146,7 +148,15 @@ class Adaptation:
         limit = self.limit
         step = max(1, limit // 4)
         if smoothed > _SHRINK_ABOVE:
-            self.limit = max(1, limit - step)
+            # Before the machine's idle time is known (a CPU-bound dataset's first windows), a quarter less per
+            # window. After, an eighth per reading, as for a saturated machine: a worker whose calls decode beside each
+            # other (without the GIL) passes 95% of its share for a moment while the other workers wait, and a
+            # quarter per window took a mixed dataset's worker from 28 calls to 10 in 60 ms, the cores idle while it
+            # climbed back.
+            if self.idle is None:
+                self.limit = max(1, limit - step)
+            elif idle is not None:
+                self.limit = max(1, limit - max(1, limit // 8))
         elif waited and smoothed < _DOUBLE_BELOW:
             self.limit = min(self._max, 2 * limit)
         elif self.idle is None:  # the machine's idle time unknown: the process's own CPU use decides
@@ -157,7 +167,11 @@ class Adaptation:
         elif idle < _IDLE_TO_SHRINK:
             self.limit = max(1, limit - max(1, limit // 8))
         elif waited and smoothed < _GROW_BELOW and idle >= _IDLE_TO_GROW:
-            self.limit = min(self._max, limit + step)
+            # Its part of the idle cores (``idle`` of its share, the other workers' alike) at the calls per busy share
+            # it has now: limit x (1 + idle / busy), at most double, at least a quarter more. A mixed dataset's start
+            # (half the machine idle after the doubling stage) takes one reading instead of 0.7 s of quarter steps.
+            wanted = math.ceil(limit * (1 + idle / max(smoothed, _DOUBLE_BELOW)))
+            self.limit = min(self._max, 2 * limit, max(limit + step, wanted))
         if cap is not None:
             self.limit = min(self.limit, cap)
         return self.limit
