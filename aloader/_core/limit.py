@@ -147,16 +147,8 @@ class Adaptation:
             self.idle = idle
         limit = self.limit
         step = max(1, limit // 4)
-        if smoothed > _SHRINK_ABOVE:
-            # Before the machine's idle time is known (a CPU-bound dataset's first windows), a quarter less per
-            # window. After, an eighth per reading, as for a saturated machine: a worker whose calls decode beside each
-            # other (without the GIL) passes 95% of its share for a moment while the other workers wait, and a
-            # quarter per window took a mixed dataset's worker from 28 calls to 10 in 60 ms, the cores idle while it
-            # climbed back.
-            if self.idle is None:
-                self.limit = max(1, limit - step)
-            elif idle is not None:
-                self.limit = max(1, limit - max(1, limit // 8))
+        if smoothed > _SHRINK_ABOVE and self.idle is None:  # a CPU-bound dataset's first windows
+            self.limit = max(1, limit - step)
         elif waited and smoothed < _DOUBLE_BELOW:
             self.limit = min(self._max, 2 * limit)
         elif self.idle is None:  # the machine's idle time unknown: the process's own CPU use decides
@@ -164,7 +156,11 @@ class Adaptation:
                 self.limit = min(self._max, limit + step)
         elif idle is None:
             pass  # between two readings of the machine's idle time: a step per reading, up or down
-        elif idle < _IDLE_TO_SHRINK:
+        elif idle < _IDLE_TO_SHRINK or smoothed > _SHRINK_ABOVE:
+            # A saturated machine, or its share fully busy once the idle time is known: an eighth less per reading.
+            # A worker whose calls decode beside each other (without the GIL) passes 95% of its share for a moment
+            # while the other workers wait; a quarter less per window there took a mixed dataset's worker from 28
+            # calls to 10 in 60 ms, the cores idle while it climbed back.
             self.limit = max(1, limit - max(1, limit // 8))
         elif waited and smoothed < _GROW_BELOW and idle >= _IDLE_TO_GROW:
             # Its part of the idle cores (``idle`` of its share, the other workers' alike) at the calls per busy share
