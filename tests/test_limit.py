@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from aloader._core.limit import FETCH_ORDER, Adaptation, FetchSlots
+import pytest
+
+from aloader._core import limit
+from aloader._core.limit import FETCH_ORDER, Adaptation, FetchSlots, MachineIdle
 from aloader._stats import Recorder
 
 
@@ -218,3 +222,37 @@ def test_a_busy_worker_beside_idle_readings_comes_down_an_eighth_per_reading_not
     rule = Adaptation(64)
     rule.limit = 8
     assert [rule.window(1.0) for _ in range(3)] == [6, 5, 4]
+
+
+def test_an_unreadable_or_foreign_proc_stat_leaves_the_machines_idle_time_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An emulated /proc (a sandboxed kernel, a container runtime) may not follow the kernel's format. The worker's
+    # limit then follows its own CPU use. Before, a field that was not a number raised ValueError from the first
+    # reading, taken as the limit is built: every worker failed to start.
+    for content in ("cpu  12 0 9 oops 3 0 0 0 0 0\n", "cpu 1 2\n", "intr 5 6 7 8 9 10\n", ""):
+        stat = tmp_path / "stat"
+        stat.write_text(content)
+        monkeypatch.setattr(limit, "_PROC_STAT", str(stat))
+        machine = MachineIdle()
+        assert machine.fraction is None and machine.update(float("inf")) is None
+    monkeypatch.setattr(limit, "_PROC_STAT", str(tmp_path / "missing"))
+    assert MachineIdle().update(float("inf")) is None
+
+    async def main() -> int:
+        # An adaptive limit (a worker's) over such a /proc: every call still gets its slot.
+        slots = FetchSlots(8, Recorder(), "fetch", cpu_share=1.0)
+        done = 0
+
+        async def call() -> None:
+            nonlocal done
+            async with slots:
+                await asyncio.sleep(0)  # a loop step inside the slot, so the other calls queue behind it
+                done += 1
+
+        await asyncio.gather(*(call() for _ in range(32)))
+        return done
+
+    stat.write_text("cpu  12 0 9 oops 3 0 0 0 0 0\n")
+    monkeypatch.setattr(limit, "_PROC_STAT", str(stat))
+    assert asyncio.run(main()) == 32

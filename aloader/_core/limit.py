@@ -117,11 +117,11 @@ def _cpu_counters() -> tuple[int, int] | None:
     try:
         with open(_PROC_STAT, "rb") as stat:
             fields = stat.readline().split()
-    except OSError:
+        ticks = [int(field) for field in fields[1:]]
+    except (OSError, ValueError):  # unreadable, or not the kernel's format (an emulated /proc): not known
         return None
-    if len(fields) < 6 or fields[0] != b"cpu":
+    if len(ticks) < 5 or fields[0] != b"cpu":
         return None
-    ticks = [int(field) for field in fields[1:]]
     return sum(ticks), ticks[3] + ticks[4]
 
 
