@@ -230,10 +230,11 @@ def test_an_unreadable_or_foreign_proc_stat_leaves_the_machines_idle_time_unknow
     # An emulated /proc (a sandboxed kernel, a container runtime) may not follow the kernel's format. The worker's
     # limit then follows its own CPU use. Before, a field that was not a number raised ValueError from the first
     # reading, taken as the limit is built: every worker failed to start.
-    for content in ("cpu  12 0 9 oops 3 0 0 0 0 0\n", "cpu 1 2\n", "intr 5 6 7 8 9 10\n", ""):
-        stat = tmp_path / "stat"
+    foreign = "cpu  12 0 9 oops 3 0 0 0 0 0\n"
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(limit, "_PROC_STAT", str(stat))
+    for content in (foreign, "cpu 1 2\n", "intr 5 6 7 8 9 10\n", ""):
         stat.write_text(content)
-        monkeypatch.setattr(limit, "_PROC_STAT", str(stat))
         machine = MachineIdle()
         assert machine.fraction is None and machine.update(float("inf")) is None
     monkeypatch.setattr(limit, "_PROC_STAT", str(tmp_path / "missing"))
@@ -253,6 +254,6 @@ def test_an_unreadable_or_foreign_proc_stat_leaves_the_machines_idle_time_unknow
         await asyncio.gather(*(call() for _ in range(32)))
         return done
 
-    stat.write_text("cpu  12 0 9 oops 3 0 0 0 0 0\n")
+    stat.write_text(foreign)
     monkeypatch.setattr(limit, "_PROC_STAT", str(stat))
     assert asyncio.run(main()) == 32

@@ -83,7 +83,8 @@ _PROC_STAT: Final = "/proc/stat"
 
 class MachineIdle:
     """The fraction of the machine's CPU time that was idle, from ``/proc/stat`` (Linux), over the last 0.1 s or more;
-    None where it cannot be read (then the limit follows the process's own CPU use only)."""
+    None where it cannot be read or is not in the kernel's format (then the limit follows the process's own CPU use
+    only)."""
 
     __slots__ = ("_at", "_idle", "_total", "fraction")
 
